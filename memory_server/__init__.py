@@ -1,0 +1,10 @@
+"""memory_server: the kNN memory of memtrans as a torch-free library and a ZeroMQ daemon."""
+
+from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
+                     ServerUnavailable, SnapshotError, UnknownNamespace)
+from .store import MemoryStore, NamespaceConfig, Retrieval
+
+__all__ = [
+    "ConfigMismatch", "InvalidRequest", "LimitExceeded", "MemoryServerError", "MemoryStore",
+    "NamespaceConfig", "Retrieval", "ServerUnavailable", "SnapshotError", "UnknownNamespace",
+]

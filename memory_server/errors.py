@@ -1,0 +1,68 @@
+"""Error types shared by the store, the server and the client.
+
+Each error carries a stable ``code`` string: the server puts it in error replies and the client
+raises the matching class again, so a caller can tell "my request was wrong" from "the server is
+gone" without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class MemoryServerError(Exception):
+    """Base of every error of the memory service, raised in-process by the store too."""
+
+    code = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(MemoryServerError):
+    """The request was malformed or its arguments were out of range; nothing was changed."""
+
+    code = "invalid_request"
+
+
+class UnknownNamespace(MemoryServerError):
+    """The request named a namespace that was never opened (or was dropped or expired)."""
+
+    code = "unknown_namespace"
+
+
+class ConfigMismatch(MemoryServerError):
+    """A namespace was opened again with a configuration different from the one it has."""
+
+    code = "config_mismatch"
+
+
+class LimitExceeded(MemoryServerError):
+    """A configured limit (bytes, namespaces, memories, message size) would be passed."""
+
+    code = "limit_exceeded"
+
+
+class SnapshotError(MemoryServerError):
+    """A snapshot could not be written, or a snapshot on disk is missing, corrupt or foreign."""
+
+    code = "snapshot_error"
+
+
+class ServerUnavailable(MemoryServerError):
+    """A server did not answer within the timeout or could not be reached."""
+
+    code = "unavailable"
+
+
+ERRORS_BY_CODE: dict[str, type[MemoryServerError]] = {
+    cls.code: cls
+    for cls in (
+        MemoryServerError,
+        InvalidRequest,
+        UnknownNamespace,
+        ConfigMismatch,
+        LimitExceeded,
+        SnapshotError,
+        ServerUnavailable,
+    )
+}

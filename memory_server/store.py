@@ -1,0 +1,443 @@
+"""MemoryStore: the key/value memories of every namespace, each a ring buffer with an index.
+
+The in-process memory (``memtrans.KNNMemory``) and the memory server both use this class, so the
+two paths give the same results by construction. It is torch-free and thread-safe: operations on
+different memories run in parallel (faiss releases the GIL), operations on one memory are serialised
+by its lock, and the rows of one call are spread over ``threads`` worker threads.
+
+A memory is ``(namespace, layer, row)``. It keeps the newest ``max_memories`` entries it was given
+(true FIFO, however many times the ring wraps) and is created by the first ``add`` that names it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, UnknownNamespace
+from .index import INDEX_KINDS, FlatIndex, HNSWIndex, hnsw_segment_size, ring_size
+
+VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NamespaceConfig:
+    """What a client declares for its namespace; every memory in it is shaped by this."""
+
+    dim: int
+    """Key and value width (the model's ``dim_head``)."""
+    max_memories: int
+    """Live entries per memory; older ones are evicted first in, first out."""
+    num_layers: int
+    """Memorizing layers: valid layer numbers are ``0..num_layers-1``."""
+    num_rows: int
+    """Global batch rows: valid rows are ``0..num_rows-1``."""
+    index: str = "flat"
+    """``flat`` (exact inner product, the paper's choice) or ``hnsw`` (approximate)."""
+    value_dtype: str = "float32"
+    """How values are stored: ``float32`` or ``float16`` (keys are always float32)."""
+    hnsw_m: int = 32
+    """HNSW graph degree."""
+    hnsw_segments: int = 4
+    """HNSW eviction granularity: the ring is cut into this many graphs (plus one spare)."""
+    ef_search: int = 128
+    """HNSW search breadth (raised to k when k is larger); recall grows with it."""
+    ef_construction: int = 64
+    """HNSW build breadth."""
+
+    def __post_init__(self):
+        for name in ("dim", "max_memories", "num_layers", "num_rows", "hnsw_m", "hnsw_segments",
+                     "ef_search", "ef_construction"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequest(f"namespace config: {name} must be a positive integer, "
+                                     f"got {value!r}")
+        if self.index not in INDEX_KINDS:
+            raise InvalidRequest(f"namespace config: index must be one of {INDEX_KINDS}, "
+                                 f"got {self.index!r}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise InvalidRequest(f"namespace config: value_dtype must be one of "
+                                 f"{tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NamespaceConfig:
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"namespace config must be a map, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(key) for key in data if key not in known)
+        if unknown:
+            raise InvalidRequest(f"namespace config: unknown fields {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InvalidRequest(f"namespace config: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Memory:
+    """One ring buffer of keys and values with its index; entry ``seq`` lives in slot ``seq % ring``."""
+
+    def __init__(self, config: NamespaceConfig):
+        self.config = config
+        self.ring = ring_size(config.index, config.max_memories, config.hnsw_segments)
+        self.keys = np.empty((0, config.dim), dtype=np.float32)
+        self.values = np.empty((0, config.dim), dtype=VALUE_DTYPES[config.value_dtype])
+        self.total = 0
+        self.lock = threading.Lock()
+        if config.index == "flat":
+            self.index = FlatIndex(self.ring)
+        else:
+            self.index = HNSWIndex(config.dim, self.ring,
+                                   hnsw_segment_size(config.max_memories, config.hnsw_segments),
+                                   config.hnsw_m, config.ef_search, config.ef_construction)
+
+    @property
+    def live(self) -> int:
+        return min(self.total, self.config.max_memories)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.config.dim * (self.keys.itemsize + self.values.itemsize) \
+            + self.index.bytes_per_entry
+
+    def nbytes(self) -> int:
+        """Bytes this memory accounts for: its allocated slots and what its index keeps per slot."""
+        return self.keys.shape[0] * self.bytes_per_slot
+
+    def growth_bytes(self, n: int) -> int:
+        """Bytes the memory must allocate before it can take ``n`` more entries."""
+        return (self._capacity_for(n) - self.keys.shape[0]) * self.bytes_per_slot
+
+    def _capacity_for(self, n: int) -> int:
+        have = self.keys.shape[0]
+        need = min(self.ring, self.total + n)
+        if need <= have:
+            return have
+        # Grow geometrically so a memory that fills in small adds does not copy itself each time.
+        return min(self.ring, max(need, 2 * have, 256))
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if keys.shape[0] >= self.config.max_memories:
+            # Only the newest max_memories can be live: start afresh with exactly those.
+            keys, values = keys[-self.config.max_memories :], values[-self.config.max_memories :]
+            self.clear()
+        n = keys.shape[0]
+        capacity = self._capacity_for(n)
+        if capacity > self.keys.shape[0]:
+            self.keys = _grown(self.keys, capacity)
+            self.values = _grown(self.values, capacity)
+        slots = (self.total + np.arange(n)) % self.ring
+        self.keys[slots] = keys
+        self.values[slots] = values
+        self.index.write(self.total, keys)
+        self.total += n
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Ring slots of the top-``k`` live entries per query, best first; -1 where none."""
+        if self.total == 0:
+            return np.full((queries.shape[0], k), -1, dtype=np.int64)
+        lo = max(0, self.total - self.config.max_memories)
+        return self.index.search(self.keys, queries, k, lo, self.total)
+
+    def clear(self) -> None:
+        self.total = 0
+        self.index.reset()
+
+
+def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
+    grown = np.empty((capacity, *array.shape[1:]), dtype=array.dtype)
+    grown[: array.shape[0]] = array
+    return grown
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """Search results in compact form.
+
+    ``keys[0]`` and ``values[0]`` are zeros and stand for "no memory"; the other entries are the
+    distinct key/values retrieved, and ``positions[b, q, j]`` indexes them for the j-th neighbour of
+    query q of row b (0 where the memory had fewer than k live entries). Many queries retrieve the
+    same entries, so this is far smaller than the dense ``(b, q, k, 2, d)`` tensor.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    positions: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.positions > 0
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """The seed's form: key/values ``(b, q, k, 2, d)`` float32 (zeros where masked) and mask."""
+        kv = np.stack((self.keys, self.values.astype(np.float32, copy=False)), axis=1)
+        return kv[self.positions], self.mask
+
+
+@dataclass(slots=True)
+class _Namespace:
+    config: NamespaceConfig
+    memories: dict[tuple[int, int], Memory]
+    last_used: float
+
+
+class MemoryStore:
+    """All namespaces of one process. See the module docstring for the model of memories."""
+
+    def __init__(self, *, threads: int = 1, max_bytes: int | None = None,
+                 max_namespaces: int | None = None, max_memories_per_namespace: int | None = None):
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.max_bytes = max_bytes
+        self.max_namespaces = max_namespaces
+        self.max_memories_per_namespace = max_memories_per_namespace
+        self._namespaces: dict[str, _Namespace] = {}
+        self._lock = threading.Lock()
+        self._reserved_bytes = 0
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="memstore") if threads > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # namespaces
+
+    def open(self, namespace: str, config: NamespaceConfig) -> None:
+        """Declare a namespace; opening it again with the same config is a no-op."""
+        _check_namespace_name(namespace)
+        cells = config.num_layers * config.num_rows
+        if self.max_memories_per_namespace is not None and cells > self.max_memories_per_namespace:
+            raise LimitExceeded(
+                f"namespace {namespace!r} declares {config.num_layers} layers x {config.num_rows} "
+                f"rows = {cells} memories, over the limit max_memories_per_namespace="
+                f"{self.max_memories_per_namespace}")
+        with self._lock:
+            existing = self._namespaces.get(namespace)
+            if existing is not None:
+                if existing.config != config:
+                    raise ConfigMismatch(
+                        f"namespace {namespace!r} is already open with {existing.config.to_dict()}; "
+                        f"got {config.to_dict()}. Use a new namespace or drop this one first")
+                existing.last_used = time.monotonic()
+                return
+            if self.max_namespaces is not None and len(self._namespaces) >= self.max_namespaces:
+                raise LimitExceeded(
+                    f"cannot open namespace {namespace!r}: the server already holds "
+                    f"{len(self._namespaces)} namespaces, the limit max_namespaces="
+                    f"{self.max_namespaces}")
+            self._namespaces[namespace] = _Namespace(config, {}, time.monotonic())
+
+    def drop(self, namespace: str) -> None:
+        """Forget a namespace and free its memories."""
+        with self._lock:
+            ns = self._namespaces.pop(namespace, None)
+            if ns is None:
+                raise UnknownNamespace(f"cannot drop namespace {namespace!r}: it is not open")
+            self._reserved_bytes -= sum(m.nbytes() for m in ns.memories.values())
+
+    def config(self, namespace: str) -> NamespaceConfig:
+        return self._namespace(namespace).config
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return list(self._namespaces)
+
+    def expire(self, idle_seconds: float) -> list[str]:
+        """Drop namespaces unused for ``idle_seconds``; returns their names."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [n for n, ns in self._namespaces.items() if now - ns.last_used > idle_seconds]
+        for name in stale:
+            self.drop(name)
+        return stale
+
+    def _namespace(self, namespace: str) -> _Namespace:
+        with self._lock:
+            ns = self._namespaces.get(namespace)
+        if ns is None:
+            raise UnknownNamespace(f"namespace {namespace!r} is not open on this server; "
+                                   f"open it first (the client does so on its first request)")
+        ns.last_used = time.monotonic()
+        return ns
+
+    # memory operations
+
+    def add(self, namespace: str, layer: int, rows, keys: np.ndarray, values: np.ndarray) -> None:
+        """Append ``keys``/``values`` ``(b, n, dim)`` to the memories of ``rows`` ``(b,)`` in ``layer``."""
+        ns = self._namespace(namespace)
+        cfg = ns.config
+        rows = _check_rows(rows, cfg, layer)
+        _check_array("keys", keys, (len(rows), None, cfg.dim), finite=True)
+        _check_array("values", values, (len(rows), keys.shape[1], cfg.dim), finite=True)
+        if keys.shape[1] == 0:
+            return
+        memories = [self._memory(ns, layer, int(row)) for row in rows]
+        value_dtype = VALUE_DTYPES[cfg.value_dtype]
+        values = values.astype(value_dtype, copy=False)
+
+        def add_row(i: int) -> None:
+            memory = memories[i]
+            with memory.lock:
+                self._reserve(memory.growth_bytes(keys.shape[1]), namespace)
+                memory.add(keys[i], values[i])
+
+        self._map(add_row, range(len(rows)))
+
+    def search(self, namespace: str, layer: int, rows, queries: np.ndarray, k: int) -> Retrieval:
+        """Top-``k`` entries by inner product for ``queries`` ``(b, q, dim)`` in the memories of ``rows``."""
+        ns = self._namespace(namespace)
+        cfg = ns.config
+        rows = _check_rows(rows, cfg, layer)
+        _check_array("queries", queries, (len(rows), None, cfg.dim), finite=True)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.max_memories:
+            raise InvalidRequest(f"k must be an integer in [1, max_memories={cfg.max_memories}], "
+                                 f"got {k!r}")
+        with self._lock:
+            memories = [ns.memories.get((layer, int(row))) for row in rows]
+
+        def search_row(i: int):
+            memory = memories[i]
+            if memory is None:
+                return _empty_gather(cfg, queries.shape[1], k)
+            with memory.lock:
+                slots = memory.search(queries[i], k)
+                return _gather(memory, slots)
+
+        parts = self._map(search_row, range(len(rows)))
+        return _assemble(parts, cfg, len(rows), queries.shape[1], k)
+
+    def clear(self, namespace: str, rows, layers=None) -> None:
+        """Empty the memories of ``rows`` in ``layers`` (default: every layer)."""
+        ns = self._namespace(namespace)
+        cfg = ns.config
+        layers = range(cfg.num_layers) if layers is None else layers
+        rows = list(_check_rows(rows, cfg, 0))
+        for layer in layers:
+            _check_layer(layer, cfg)
+            with self._lock:
+                memories = [ns.memories.get((layer, int(row))) for row in rows]
+            for memory in memories:
+                if memory is not None:
+                    with memory.lock:
+                        memory.clear()
+
+    def stats(self) -> dict:
+        with self._lock:
+            spaces = dict(self._namespaces)
+        per_namespace = {}
+        for name, ns in spaces.items():
+            memories = list(ns.memories.values())
+            per_namespace[name] = {
+                "memories": len(memories),
+                "entries": sum(m.live for m in memories),
+                "bytes": sum(m.nbytes() for m in memories),
+                "rows": sorted({row for _, row in ns.memories}),
+                "config": ns.config.to_dict(),
+            }
+        return {
+            "namespaces": len(per_namespace),
+            "memories": sum(s["memories"] for s in per_namespace.values()),
+            "entries": sum(s["entries"] for s in per_namespace.values()),
+            "bytes": sum(s["bytes"] for s in per_namespace.values()),
+            "per_namespace": per_namespace,
+        }
+
+    # internals
+
+    def _memory(self, ns: _Namespace, layer: int, row: int) -> Memory:
+        with self._lock:
+            memory = ns.memories.get((layer, row))
+            if memory is None:
+                memory = ns.memories[(layer, row)] = Memory(ns.config)
+            return memory
+
+    def _reserve(self, nbytes: int, namespace: str) -> None:
+        if nbytes <= 0:
+            return
+        with self._lock:
+            if self.max_bytes is not None and self._reserved_bytes + nbytes > self.max_bytes:
+                raise LimitExceeded(
+                    f"add to namespace {namespace!r} needs {nbytes} more bytes but the server "
+                    f"holds {self._reserved_bytes} of max_bytes={self.max_bytes}; raise --max-bytes, "
+                    f"lower max_memories, or drop unused namespaces")
+            self._reserved_bytes += nbytes
+
+    def _map(self, fn, items):
+        items = list(items)
+        if self._pool is None or len(items) < 2:
+            return [fn(i) for i in items]
+        return list(self._pool.map(fn, items))
+
+
+def _check_namespace_name(namespace) -> None:
+    if not isinstance(namespace, str) or not 0 < len(namespace) <= 256:
+        raise InvalidRequest(f"namespace must be a non-empty string of at most 256 characters, "
+                             f"got {namespace!r}")
+
+
+def _check_layer(layer, cfg: NamespaceConfig) -> None:
+    if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) \
+            or not 0 <= layer < cfg.num_layers:
+        raise InvalidRequest(f"layer must be an integer in [0, {cfg.num_layers}), got {layer!r}")
+
+
+def _check_rows(rows, cfg: NamespaceConfig, layer) -> np.ndarray:
+    _check_layer(layer, cfg)
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu":
+        raise InvalidRequest(f"rows must be a non-empty 1-d integer array, got shape {rows.shape} "
+                             f"dtype {rows.dtype}")
+    if rows.min() < 0 or rows.max() >= cfg.num_rows:
+        raise InvalidRequest(f"rows must be in [0, num_rows={cfg.num_rows}), got "
+                             f"{rows.min()}..{rows.max()}")
+    if np.unique(rows).size != rows.size:
+        raise InvalidRequest(f"rows must be distinct, got {rows.tolist()}")
+    return rows
+
+
+def _check_array(name: str, array, shape: tuple, *, finite: bool) -> None:
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+        got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise InvalidRequest(f"{name} must be a float32 array, got {got}")
+    if array.ndim != len(shape) or any(s is not None and a != s for a, s in zip(array.shape, shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise InvalidRequest(f"{name} must have shape {want}, got {tuple(array.shape)}")
+    if finite and not np.isfinite(array).all():
+        raise InvalidRequest(f"{name} contains NaN or Inf")
+
+
+def _gather(memory: Memory, slots: np.ndarray):
+    """Distinct live entries among ``slots`` and 1-based positions into them (0 = none)."""
+    valid = slots >= 0
+    used = np.zeros(memory.keys.shape[0], dtype=bool)
+    used[slots[valid]] = True
+    distinct = np.flatnonzero(used)
+    remap = np.cumsum(used, dtype=np.int32)  # slot -> 1-based rank among the distinct slots
+    positions = np.where(valid, remap[np.where(valid, slots, 0)], 0).astype(np.int32)
+    return memory.keys[distinct], memory.values[distinct], positions
+
+
+def _empty_gather(cfg: NamespaceConfig, q: int, k: int):
+    return (np.empty((0, cfg.dim), np.float32),
+            np.empty((0, cfg.dim), VALUE_DTYPES[cfg.value_dtype]),
+            np.zeros((q, k), np.int32))
+
+
+def _assemble(parts, cfg: NamespaceConfig, b: int, q: int, k: int) -> Retrieval:
+    value_dtype = VALUE_DTYPES[cfg.value_dtype]
+    zeros_k = np.zeros((1, cfg.dim), np.float32)
+    zeros_v = np.zeros((1, cfg.dim), value_dtype)
+    keys = np.concatenate([zeros_k, *(p[0] for p in parts)])
+    values = np.concatenate([zeros_v, *(p[1] for p in parts)])
+    positions = np.empty((b, q, k), np.int32)
+    offset = 0
+    for i, (part_keys, _, part_positions) in enumerate(parts):
+        positions[i] = np.where(part_positions > 0, part_positions + offset, 0)
+        offset += part_keys.shape[0]
+    return Retrieval(keys, values, positions)

@@ -24,6 +24,20 @@ class InvalidRequest(MemoryServerError):
     code = "invalid_request"
 
 
+class ProtocolError(InvalidRequest):
+    """A message did not follow the wire format (see ``protocol.py``); nothing was changed.
+
+    ``request_id`` is the id of the offending request when it could be read, else None, so the
+    server can still address its error reply.
+    """
+
+    code = "protocol_error"
+
+    def __init__(self, message: str, request_id: int | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
 class UnknownNamespace(MemoryServerError):
     """The request named a namespace that was never opened (or was dropped or expired)."""
 
@@ -59,6 +73,7 @@ ERRORS_BY_CODE: dict[str, type[MemoryServerError]] = {
     for cls in (
         MemoryServerError,
         InvalidRequest,
+        ProtocolError,
         UnknownNamespace,
         ConfigMismatch,
         LimitExceeded,

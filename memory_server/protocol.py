@@ -1,0 +1,331 @@
+"""The wire format of the memory service: the one module that knows how messages are framed.
+
+Every request and every reply is one ZeroMQ multipart message::
+
+    frame 0        msgpack header (a map, schema below)
+    frame 1..n     one raw array per entry of header["arrays"], in that order: C-contiguous,
+                   little-endian bytes, exactly itemsize * prod(shape) long
+
+    request header {"v": PROTOCOL_VERSION, "id": int >= 0, "op": str, "args": map,
+                    "arrays": [[name, dtype, shape], ...]}
+    ok reply       {"v": PROTOCOL_VERSION, "id": int, "ok": true, "result": map,
+                    "arrays": [[name, dtype, shape], ...]}
+    error reply    {"v": PROTOCOL_VERSION, "id": int | nil, "ok": false, "code": str,
+                    "message": str}
+
+(the ROUTER socket of the server adds the peer's identity frame in front; that is the server's
+business, not the protocol's). A reply carries the id of its request, or nil when the request was
+too broken for its id to be read. ``code`` is one of ``errors.ERRORS_BY_CODE``.
+
+Arrays travel without copies: senders hand the arrays themselves to ZeroMQ (``copy=False``) and
+receivers view the received frames with ``np.frombuffer``. dtypes are limited to ``DTYPES``.
+
+Nothing but msgpack maps, lists, strings, integers, floats, booleans and nil is ever decoded (no
+pickle, no msgpack extension types), with explicit size limits, and a request must match the
+schema of its op in ``OPS`` exactly (no missing, extra or mistyped field, no missing or extra
+array) before anyone acts on it: the server is safe to expose to any bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from .errors import LimitExceeded, ProtocolError
+
+__all__ = [
+    "DTYPES", "MAX_MESSAGE_BYTES", "OPS", "PROTOCOL_VERSION", "MessageTooLarge", "ProtocolError",
+    "Reply", "Request", "decode_reply", "decode_request", "encode_error", "encode_reply",
+    "encode_request",
+]
+
+PROTOCOL_VERSION = 1
+
+MAX_MESSAGE_BYTES = 256 << 20
+"""Default cap on a request's total size (all frames). A batch-8 search of 4096 queries of width
+64 is 8 MiB; adds are smaller. The server's ``--max-message-bytes`` overrides it."""
+
+MAX_HEADER_BYTES = 1 << 20
+"""Cap on the header frame of a request; real headers are a few hundred bytes."""
+
+MAX_NDIM = 8
+MAX_ARRAYS = 16
+
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("float32", "float16", "int32", "int64", "bool")
+}
+"""Array dtypes the wire carries, by name; always little-endian."""
+
+Frame = bytes | bytearray | memoryview
+"""A received frame: any object exporting the buffer protocol (``zmq.Frame`` does)."""
+
+
+# Per-op request schema: the args it takes (name -> (required, check)) and the arrays it carries.
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_map(value) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_int_list(value) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+@dataclass(frozen=True, slots=True)
+class OpSchema:
+    args: Mapping[str, tuple[bool, Callable[[object], bool], str]] = field(default_factory=dict)
+    """Argument name -> (required, type check, the expected type in words)."""
+    arrays: tuple[str, ...] = ()
+    """Names of the arrays the op carries, all required."""
+
+
+_NAMESPACE = {"namespace": (True, _is_str, "a string")}
+_LAYER = {"layer": (True, _is_int, "an integer")}
+
+OPS: dict[str, OpSchema] = {
+    "ping": OpSchema(),
+    "open": OpSchema(args={**_NAMESPACE, "config": (True, _is_map, "a map")}),
+    "add": OpSchema(args={**_NAMESPACE, **_LAYER}, arrays=("rows", "keys", "values")),
+    "search": OpSchema(args={**_NAMESPACE, **_LAYER, "k": (True, _is_int, "an integer")},
+                       arrays=("rows", "queries")),
+    "clear": OpSchema(args={**_NAMESPACE, "layers": (False, _is_int_list, "a list of integers")},
+                      arrays=("rows",)),
+    "drop": OpSchema(args=_NAMESPACE),
+    "stats": OpSchema(),
+    "shutdown": OpSchema(),
+}
+
+
+class MessageTooLarge(ProtocolError, LimitExceeded):
+    """A request was over the server's message size limit (reported with code limit_exceeded)."""
+
+    code = LimitExceeded.code
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    op: str
+    args: dict
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: int | None
+    ok: bool
+    result: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    code: str = ""
+    message: str = ""
+
+
+# encoding
+
+def encode_request(request_id: int, op: str, args: dict | None = None,
+                   arrays: Mapping[str, np.ndarray] | None = None) -> list:
+    """Frames of a request; the arrays are passed through uncopied when already contiguous."""
+    header = {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args or {}}
+    return _encode(header, arrays or {})
+
+
+def encode_reply(request_id: int, result: dict | None = None,
+                 arrays: Mapping[str, np.ndarray] | None = None) -> list:
+    header = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result or {}}
+    return _encode(header, arrays or {})
+
+
+def encode_error(request_id: int | None, code: str, message: str) -> list:
+    return [msgpack.packb({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "code": code,
+                           "message": message}, use_bin_type=True)]
+
+
+def _encode(header: dict, arrays: Mapping[str, np.ndarray]) -> list:
+    specs, frames = [], []
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        dtype = DTYPES.get(array.dtype.name)
+        if dtype is None:
+            raise ProtocolError(f"array {name!r} has dtype {array.dtype}, which the wire does not "
+                                f"carry; use one of {sorted(DTYPES)}")
+        array = np.ascontiguousarray(array, dtype=dtype)
+        specs.append([name, array.dtype.name, list(array.shape)])
+        frames.append(array)
+    header["arrays"] = specs
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+# decoding
+
+def _unpack(frame: Frame, *, max_str_len: int, max_array_len: int, max_map_len: int):
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
+                               max_str_len=max_str_len, max_bin_len=max_str_len,
+                               max_array_len=max_array_len, max_map_len=max_map_len,
+                               max_ext_len=0)
+    except Exception as exc:  # msgpack raises ValueError subclasses, UnicodeDecodeError, ...
+        raise ProtocolError(f"header frame is not valid msgpack within the limits: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_request(frames: Sequence[Frame], *,
+                   max_message_bytes: int = MAX_MESSAGE_BYTES) -> Request:
+    """Parse and check a request; raises ``ProtocolError`` (``MessageTooLarge`` for size).
+
+    The error carries the request's id whenever the header could be read that far.
+    """
+    if not frames:
+        raise ProtocolError("empty message: expected a msgpack header frame")
+    size = sum(memoryview(f).nbytes for f in frames)
+    head = frames[0]
+    if memoryview(head).nbytes > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"header frame is {memoryview(head).nbytes} bytes, over the limit "
+                              f"of {MAX_HEADER_BYTES}")
+    header = _unpack(head, max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=256)
+    request_id = _read_id(header)
+    if size > max_message_bytes:
+        raise MessageTooLarge(f"message is {size} bytes, over the server's limit "
+                              f"max_message_bytes={max_message_bytes}; send smaller batches",
+                              request_id)
+    try:
+        _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header")
+        _check_version(header["v"])
+        if request_id is None:
+            raise ProtocolError(f"request id must be an integer in [0, 2**64), "
+                                f"got {header['id']!r}")
+        op = header["op"]
+        if not isinstance(op, str) or op not in OPS:
+            raise ProtocolError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
+        schema = OPS[op]
+        args = header["args"]
+        _check_args(op, args, schema)
+        arrays = _decode_arrays(header["arrays"], frames[1:])
+        if sorted(arrays) != sorted(schema.arrays):
+            raise ProtocolError(f"op {op!r} takes arrays {sorted(schema.arrays)}, "
+                                f"got {sorted(arrays)}")
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+    return Request(request_id, op, args, arrays)
+
+
+def decode_reply(frames: Sequence[Frame]) -> Reply:
+    """Parse and check a reply; raises ``ProtocolError`` if the server broke the format."""
+    if not frames:
+        raise ProtocolError("empty reply: expected a msgpack header frame")
+    header = _unpack(frames[0], max_str_len=1 << 24, max_array_len=1 << 24, max_map_len=1 << 20)
+    if not isinstance(header, dict) or "ok" not in header:
+        raise ProtocolError(f"reply header must be a map with an 'ok' field, got {header!r:.200}")
+    if header["ok"] is True:
+        _check_keys(header, ("v", "id", "ok", "result", "arrays"), "reply header")
+    else:
+        _check_keys(header, ("v", "id", "ok", "code", "message"), "error reply header")
+    _check_version(header["v"])
+    request_id = header["id"]
+    if not (request_id is None or (_is_int(request_id) and request_id >= 0)):
+        raise ProtocolError(f"reply id must be a non-negative integer or nil, got {request_id!r}")
+    if header["ok"] is not True:
+        if header["ok"] is not False or not (_is_str(header["code"]) and _is_str(header["message"])):
+            raise ProtocolError("error reply must have ok=false and string code and message")
+        if len(frames) != 1:
+            raise ProtocolError(f"error reply must be one frame, got {len(frames)}")
+        return Reply(request_id, False, code=header["code"], message=header["message"])
+    if not _is_map(header["result"]):
+        raise ProtocolError(f"reply result must be a map, got {type(header['result']).__name__}")
+    if request_id is None:
+        raise ProtocolError("ok reply must carry its request's id")
+    return Reply(request_id, True, header["result"], _decode_arrays(header["arrays"], frames[1:]))
+
+
+def _read_id(header) -> int | None:
+    """The request id if the header has a valid one, so even a rejected request gets its reply."""
+    if isinstance(header, dict):
+        request_id = header.get("id")
+        if _is_int(request_id) and 0 <= request_id < 1 << 64:
+            return request_id
+    return None
+
+
+def _check_keys(header, expected: tuple[str, ...], what: str) -> None:
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{what} must be a msgpack map, got {type(header).__name__}")
+    missing = [k for k in expected if k not in header]
+    extra = sorted(str(k) for k in header if k not in expected)
+    if missing or extra:
+        raise ProtocolError(f"{what} must have exactly the fields {list(expected)}; "
+                            f"missing {missing}, unexpected {extra}")
+
+
+def _check_version(version) -> None:
+    if not _is_int(version) or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported; this side speaks "
+                            f"version {PROTOCOL_VERSION}: upgrade the older of client and server")
+
+
+def _check_args(op: str, args, schema: OpSchema) -> None:
+    if not isinstance(args, dict):
+        raise ProtocolError(f"args of op {op!r} must be a map, got {type(args).__name__}")
+    extra = sorted(k for k in args if k not in schema.args)
+    if extra:
+        raise ProtocolError(f"op {op!r} got unexpected args {extra}; it takes "
+                            f"{sorted(schema.args)}")
+    for name, (required, check, expected) in schema.args.items():
+        if name not in args:
+            if required:
+                raise ProtocolError(f"op {op!r} requires arg {name!r} ({expected})")
+        elif not check(args[name]):
+            raise ProtocolError(f"arg {name!r} of op {op!r} must be {expected}, "
+                                f"got {args[name]!r:.200}")
+
+
+def _decode_arrays(specs, frames: Sequence[Frame]) -> dict[str, np.ndarray]:
+    if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
+        raise ProtocolError(f"'arrays' must be a list of at most {MAX_ARRAYS} "
+                            f"[name, dtype, shape] entries, got {specs!r:.200}")
+    if len(frames) != len(specs):
+        raise ProtocolError(f"header declares {len(specs)} arrays but {len(frames)} array frames "
+                            f"followed it")
+    arrays = {}
+    for spec, frame in zip(specs, frames):
+        name, dtype, shape = _check_spec(spec)
+        if name in arrays:
+            raise ProtocolError(f"array {name!r} is declared twice")
+        nbytes = dtype.itemsize * math.prod(shape)
+        size = memoryview(frame).nbytes
+        if size != nbytes:
+            raise ProtocolError(f"array {name!r} declared {dtype.name} {tuple(shape)} = {nbytes} "
+                                f"bytes, but its frame has {size} bytes")
+        array = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        if not array.flags.aligned:  # tiny frames can be stored unaligned inside a zmq message
+            array = array.copy()
+        if dtype.kind == "b" and array.view(np.uint8).max(initial=0) > 1:
+            raise ProtocolError(f"bool array {name!r} has bytes other than 0 and 1")
+        arrays[name] = array
+    return arrays
+
+
+def _check_spec(spec) -> tuple[str, np.dtype, list[int]]:
+    if not (isinstance(spec, list) and len(spec) == 3 and _is_str(spec[0])
+            and isinstance(spec[2], list)):
+        raise ProtocolError(f"each array spec must be [name, dtype, shape], got {spec!r:.200}")
+    name, dtype_name, shape = spec
+    dtype = DTYPES.get(dtype_name) if _is_str(dtype_name) else None
+    if dtype is None:
+        raise ProtocolError(f"array {name!r} has unsupported dtype {dtype_name!r}; "
+                            f"supported: {sorted(DTYPES)}")
+    if len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):
+        raise ProtocolError(f"array {name!r} shape must be at most {MAX_NDIM} integers in "
+                            f"[0, 2**40), got {shape!r:.200}")
+    return name, dtype, shape

@@ -1,0 +1,404 @@
+"""Document streams: each batch row reads one long document, segment after segment.
+
+This is how the Memorizing Transformer is trained (Wu et al. 2022, section 4): a row's kNN and
+Transformer-XL memories hold the earlier part of the document that row is reading, so a row must read
+its document in order, and its memories must be cleared when it moves on to the next document.
+
+Tokens are bytes: byte ``b`` is token ``b + 3``; ``PAD_ID``, ``SOS_ID`` and ``EOS_ID`` are 0, 1, 2,
+so ``NUM_TOKENS = 259``. A document of ``n`` bytes is the ``n + 2`` tokens ``SOS, bytes..., EOS``.
+
+Corpora (``load_corpus``):
+
+- a **directory**: every regular file under it, recursively, is one document, except hidden files
+  and directories (name starting with ``.``), empty files, and binary files (a NUL byte in the first
+  8000 bytes, git's rule). A file whose name ends in ``.gz`` is read through gzip.
+- a **single file** (plain, or ``.gz``): cut into documents of at most ``chunk_bytes`` bytes, each
+  ending at its window's last line break (or at the window's end if it has none). Any file works:
+  splitting at a separator would leave a file without separators as one document, which only one
+  row could read and none could validate on. The bytes are kept as given (no NUL check). A ``.gz``
+  file cannot be read at an offset without decompressing what comes before, so a single-``.gz``
+  corpus is decompressed into memory once per process; gunzip it to stream it from disk.
+- **default** (no path): the ``*.py`` files of the running interpreter's standard library
+  (``sysconfig.get_paths()["stdlib"]``), leaving out ``site-packages``, ``dist-packages`` and the
+  test directories (``test``, ``tests``, ``idle_test``): long code documents, like the paper's GitHub
+  set, on every machine with Python.
+
+The train / validation split is by document name (the path relative to the corpus root, plus
+``@offset`` for a piece of a single file): a document is in validation when the first 8 bytes of
+its BLAKE2b hash, read as a fraction of 2**64, are below ``val_fraction``. That is stable across
+machines, Python runs and corpus growth (adding a file never moves another one).
+
+Sharding (``DocumentStream``): with ``R = world_size * batch_size`` global rows, global row
+``g = rank * batch_size + local_row`` reads documents number ``g, g + R, g + 2R, ...`` of an endless
+sequence made of one shuffled copy of the corpus per epoch (the order of epoch ``e`` is fixed by
+hashing ``(seed, e, document index)``). Every document is read exactly once per epoch, by one row,
+and no two ranks share a document. A file is read when a row starts it, never earlier.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import mmap
+import os
+import sys
+import sysconfig
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAD_ID = 0
+SOS_ID = 1
+EOS_ID = 2
+BYTE_OFFSET = 3
+"""Byte ``b`` is token ``b + BYTE_OFFSET``."""
+NUM_TOKENS = 256 + BYTE_OFFSET
+
+SNIFF_BYTES = 8000
+"""A directory file with a NUL byte in its first this-many bytes is binary and skipped (git's rule)."""
+DEFAULT_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+"""Left out of the default corpus: installed packages are not the standard library, and test
+directories hold deliberately odd files (bad encodings, NUL bytes) rather than ordinary code."""
+
+
+class CorpusError(ValueError):
+    """The corpus or a stream setting cannot be used; the message says which path and what to do."""
+
+
+def encode(data: bytes) -> np.ndarray:
+    """Bytes to int64 tokens (``b + 3``), without SOS/EOS."""
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+
+
+def decode(tokens) -> bytes:
+    """Tokens (array, tensor or sequence) back to bytes, dropping PAD/SOS/EOS."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= NUM_TOKENS):
+        raise ValueError(f"tokens must be in [0, {NUM_TOKENS}), got values in "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    return (tokens[tokens >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8).tobytes()
+
+
+def _cannot_read(path: Path, exc: Exception) -> CorpusError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
+        reason = f"not a valid gzip file ({exc})"
+    return CorpusError(f"cannot read corpus file {path}: {reason}")
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+@functools.lru_cache(maxsize=1)
+def _gunzip(path: Path) -> bytes:
+    """The decompressed bytes of a single-``.gz`` corpus (see the module docstring)."""
+    return gzip.decompress(path.read_bytes())
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One document: a whole file, or the bytes ``[start, stop)`` of a (decompressed) file."""
+
+    path: Path
+    name: str
+    """Stable identity (path relative to the corpus root): decides the split, fingerprints a stream."""
+    start: int = 0
+    stop: int | None = None
+    """``None``: to the end of the file."""
+
+    def read(self) -> bytes:
+        try:
+            if self.path.name.endswith(".gz"):
+                if self.stop is None:
+                    return gzip.decompress(self.path.read_bytes())
+                return _gunzip(self.path)[self.start:self.stop]
+            if self.stop is None:
+                return self.path.read_bytes()
+            with self.path.open("rb") as f:
+                f.seek(self.start)
+                return f.read(self.stop - self.start)
+        except _READ_ERRORS as exc:
+            raise _cannot_read(self.path, exc) from None
+
+    def tokens(self) -> np.ndarray:
+        """``SOS, bytes..., EOS`` as int64 tokens."""
+        return np.concatenate(([SOS_ID], encode(self.read()), [EOS_ID])).astype(np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One step of a stream: ``seq_len`` tokens of each row's document.
+
+    ``labels`` are the next tokens, ``PAD_ID`` where the document has ended (ignore them in the
+    loss). ``reset[r]`` says row ``r`` starts a new document here: clear its kNN and XL memories
+    before using this segment.
+    """
+
+    x: torch.Tensor
+    """(batch, seq_len) int64 inputs."""
+    labels: torch.Tensor
+    """(batch, seq_len) int64 targets."""
+    reset: torch.Tensor
+    """(batch,) bool."""
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    """Document indices in the order of one epoch: a hash sort, the same on every machine."""
+    def key(i: int) -> bytes:
+        return hashlib.blake2b(f"{seed}:{epoch}:{i}".encode(), digest_size=8).digest()
+    return tuple(sorted(range(n), key=key))
+
+
+def _fingerprint(docs: Sequence[Document]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for doc in docs:
+        h.update(f"{doc.name}\0{doc.start}\0{doc.stop}\n".encode())
+    return h.hexdigest()
+
+
+class DocumentStream(Iterator[Segment]):
+    """Segments of ``seq_len`` tokens for this rank's ``batch_size`` rows; see the module docstring.
+
+    ``epochs=None`` streams forever. With ``epochs=k`` each document is read ``k`` times in all, a
+    row with nothing left is all ``PAD_ID`` (``reset`` false), and iteration stops once every row of
+    this rank is done (ranks may stop at different steps).
+
+    ``state_dict()`` is the position after the last segment returned (plain ints, JSON-safe);
+    ``load_state_dict`` on a stream built with the same documents and settings continues exactly.
+    """
+
+    def __init__(self, docs: Sequence[Document | str | os.PathLike], *, batch_size: int,
+                 seq_len: int = 512, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epochs: int | None = None):
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
+                            ("world_size", world_size)):
+            if not isinstance(value, int) or value < 1:
+                raise CorpusError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise CorpusError(f"rank must be in [0, {world_size}), got {rank!r}")
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+            raise CorpusError(f"epochs must be a positive integer or None, got {epochs!r}")
+        self.docs = tuple(d if isinstance(d, Document) else Document(Path(d), str(d)) for d in docs)
+        self.batch_size, self.seq_len, self.seed, self.epochs = batch_size, seq_len, seed, epochs
+        self.rank, self.world_size = rank, world_size
+        self.num_rows = world_size * batch_size
+        """Global rows ``R``: row ``g`` reads documents ``g, g + R, g + 2R, ...``."""
+        if len(self.docs) < self.num_rows:
+            raise CorpusError(f"{len(self.docs)} documents cannot feed {self.num_rows} rows "
+                              f"(world_size {world_size} x batch_size {batch_size}): every row "
+                              f"needs a document of its own; use fewer rows or more documents")
+        self._fingerprint = _fingerprint(self.docs)
+        self._started = [0] * batch_size
+        """Documents each local row has started; its current one is number ``started - 1``."""
+        self._offset = [0] * batch_size
+        """Next input position in the current document's tokens."""
+        self._tokens: list[np.ndarray | None] = [None] * batch_size
+
+    def _document(self, row: int, j: int) -> Document | None:
+        """The ``j``-th document of local ``row``, or ``None`` past the last epoch."""
+        n = len(self.docs)
+        position = self.rank * self.batch_size + row + j * self.num_rows
+        epoch = position // n
+        if self.epochs is not None and epoch >= self.epochs:
+            return None
+        return self.docs[_epoch_order(self.seed, epoch, n)[position % n]]
+
+    def __next__(self) -> Segment:
+        b, length = self.batch_size, self.seq_len
+        x = np.full((b, length), PAD_ID, dtype=np.int64)
+        labels = np.full((b, length), PAD_ID, dtype=np.int64)
+        reset = np.zeros(b, dtype=bool)
+        for row in range(b):
+            tokens = self._tokens[row]
+            if tokens is None or self._offset[row] >= len(tokens) - 1:
+                doc = self._document(row, self._started[row])
+                if doc is None:
+                    continue
+                tokens = self._tokens[row] = doc.tokens()
+                self._started[row] += 1
+                self._offset[row] = 0
+                reset[row] = True
+            start = self._offset[row]
+            k = min(length, len(tokens) - 1 - start)
+            x[row, :k] = tokens[start:start + k]
+            labels[row, :k] = tokens[start + 1:start + 1 + k]
+            self._offset[row] = start + k
+        if not (labels[:, 0] != PAD_ID).any():  # a row with a document has at least one label
+            raise StopIteration
+        return Segment(torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(reset))
+
+    def _settings(self) -> dict:
+        return {"corpus": self._fingerprint, "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "rank": self.rank, "world_size": self.world_size,
+                "seed": self.seed, "epochs": self.epochs}
+
+    def state_dict(self) -> dict:
+        return {**self._settings(), "started": list(self._started), "offset": list(self._offset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        settings = self._settings()
+        changed = [f"{key}: saved {state.get(key)!r}, now {value!r}"
+                   for key, value in settings.items() if state.get(key) != value]
+        if changed:
+            raise CorpusError("the saved data position belongs to a different stream ("
+                              + "; ".join(changed) + "); resume with the same corpus and settings")
+        self._started = [int(j) for j in state["started"]]
+        self._offset = [int(o) for o in state["offset"]]
+        self._tokens = [self._document(row, j - 1).tokens() if j else None
+                        for row, j in enumerate(self._started)]
+
+
+def _in_validation(name: str, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Corpus:
+    """The documents of a corpus, split into train and validation (see the module docstring)."""
+
+    root: Path
+    train: tuple[Document, ...]
+    val: tuple[Document, ...]
+    val_fraction: float
+    description: str
+    """One line for logs: what the corpus is, how big, how it was split."""
+
+    @property
+    def train_files(self) -> list[Path]:
+        return list(dict.fromkeys(doc.path for doc in self.train))
+
+    @property
+    def val_files(self) -> list[Path]:
+        return list(dict.fromkeys(doc.path for doc in self.val))
+
+    def train_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
+                     world_size: int = 1, seed: int = 0) -> DocumentStream:
+        """Endless training segments, reshuffled every epoch."""
+        return DocumentStream(self.train, batch_size=batch_size, seq_len=seq_len, rank=rank,
+                              world_size=world_size, seed=seed)
+
+    def val_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
+                   world_size: int = 1) -> DocumentStream:
+        """One pass over the validation documents, the same segments at every evaluation."""
+        rows = world_size * batch_size
+        if len(self.val) < rows:
+            raise CorpusError(f"{self.root}: the validation split has {len(self.val)} documents "
+                              f"but evaluation uses {rows} rows (world_size x batch_size); raise "
+                              f"val_fraction (now {self.val_fraction}) or evaluate with fewer rows")
+        return DocumentStream(self.val, batch_size=batch_size, seq_len=seq_len, rank=rank,
+                              world_size=world_size, seed=0, epochs=1)
+
+
+def _sniff(path: Path) -> bytes:
+    """The first ``SNIFF_BYTES`` bytes of a directory file (decompressed if ``.gz``)."""
+    try:
+        with path.open("rb") as f:
+            if path.name.endswith(".gz"):
+                with gzip.GzipFile(fileobj=f) as g:
+                    return g.read(SNIFF_BYTES)
+            return f.read(SNIFF_BYTES)
+    except _READ_ERRORS as exc:
+        raise _cannot_read(path, exc) from None
+
+
+def _scan_directory(root: Path, *, suffix: str = "",
+                    excluded_dirs: frozenset[str] = frozenset()) -> list[Document]:
+    """Every non-hidden, non-empty, non-binary regular file under ``root`` ending in ``suffix``."""
+    def fail(exc: OSError):
+        raise CorpusError(f"cannot list corpus directory {exc.filename}: {exc.strerror}")
+
+    docs, skipped = [], {"empty": 0, "binary": 0}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in excluded_dirs]
+        for filename in filenames:
+            path = Path(dirpath, filename)
+            if filename.startswith(".") or not filename.endswith(suffix) or not path.is_file():
+                continue
+            head = _sniff(path)
+            if not head or b"\0" in head:
+                skipped["empty" if not head else "binary"] += 1
+                continue
+            docs.append(Document(path, path.relative_to(root).as_posix()))
+    if not docs:
+        kind = f"{suffix} files" if suffix else "files"
+        raise CorpusError(f"no documents in corpus directory {root}: no readable {kind} with text "
+                          f"({skipped['empty']} empty and {skipped['binary']} binary files "
+                          f"skipped); point the corpus at a directory of text files")
+    return sorted(docs, key=lambda doc: doc.name)
+
+
+def _split_file(path: Path, chunk_bytes: int) -> list[Document]:
+    """A single file cut into pieces of at most ``chunk_bytes``, each ending at a line break."""
+    def pieces(data) -> list[Document]:
+        docs, start, size = [], 0, len(data)
+        while start < size:
+            stop = min(start + chunk_bytes, size)
+            if stop < size:
+                stop = data.rfind(b"\n", start, stop) + 1 or stop
+            docs.append(Document(path, f"{path.name}@{start}", start, stop))
+            start = stop
+        return docs
+
+    try:
+        if path.name.endswith(".gz"):
+            docs = pieces(_gunzip(path))
+        elif path.stat().st_size == 0:
+            docs = []
+        else:
+            with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                docs = pieces(data)
+    except _READ_ERRORS as exc:
+        raise _cannot_read(path, exc) from None
+    if not docs:
+        raise CorpusError(f"corpus file {path} is empty: no documents to train on")
+    return docs
+
+
+def load_corpus(path: str | os.PathLike | None = None, *, val_fraction: float = 0.05,
+                chunk_bytes: int = 65536) -> Corpus:
+    """A directory, a single (``.gz``) file, or by default the Python standard library's sources.
+
+    Raises ``CorpusError`` naming the path for a missing or unreadable corpus, one with no documents,
+    or a split that leaves train or validation empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise CorpusError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    if path is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        what = f"Python {sys.version_info.major}.{sys.version_info.minor} standard library"
+        if not root.is_dir():
+            raise CorpusError(f"the default corpus, the standard library at {root}, is not a "
+                              f"directory here; pass a corpus path")
+        docs = _scan_directory(root, suffix=".py", excluded_dirs=DEFAULT_EXCLUDED_DIRS)
+    else:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise CorpusError(f"corpus path {root} does not exist")
+        if root.is_dir():
+            what, docs = "directory", _scan_directory(root)
+        elif root.is_file():
+            what, docs = "file", _split_file(root, chunk_bytes)
+        else:
+            raise CorpusError(f"corpus path {root} is neither a regular file nor a directory")
+    val = tuple(doc for doc in docs if _in_validation(doc.name, val_fraction))
+    train = tuple(doc for doc in docs if not _in_validation(doc.name, val_fraction))
+    if not train:
+        raise CorpusError(f"{root}: all {len(docs)} documents fell in the validation split; "
+                          f"lower val_fraction (now {val_fraction})")
+    if val_fraction > 0 and not val:
+        raise CorpusError(f"{root}: none of its {len(docs)} documents fell in the validation "
+                          f"split; raise val_fraction (now {val_fraction}), add documents, or set "
+                          f"val_fraction=0 to train without validation")
+    description = (f"{what} {root}: {len(docs)} documents, {len(train)} train / {len(val)} "
+                   f"validation (val_fraction {val_fraction})")
+    return Corpus(root=root, train=train, val=val, val_fraction=val_fraction,
+                  description=description)

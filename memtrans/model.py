@@ -1,0 +1,430 @@
+"""The Memorizing Transformer (Wu et al., ICLR 2022, arXiv 2203.08913).
+
+A decoder-only transformer whose memorizing layers attend, in one softmax, over the local context
+and over the top-k key/values retrieved from a kNN memory of everything the layer saw earlier in
+the document. Parameter names and shapes match ``memorizing_transformers_pytorch`` 0.4.1, so its
+checkpoints load (``load_state_dict``).
+
+Memory traffic is overlapped with compute: a kNN layer sends its search as soon as its queries
+exist, computes local attention while the memory works, and only then waits. Retrieved memories
+arrive in compact form (distinct key/values plus positions, see ``memory_server.store.Retrieval``)
+and are read with gathers that never build the dense ``(b, h, n, k, 2, d)`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import einsum, nn
+
+from .memory import (DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY, KNNMemoryList, RemoteKNNMemory,
+                     servers_from_env)
+
+
+def l2norm(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=-1)
+
+
+def _unique(items) -> tuple:
+    return tuple(dict.fromkeys(items))
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else tuple(value) if isinstance(value, list) else (value,)
+
+
+class PreNormResidual(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, **kwargs):
+        out = self.fn(self.norm(x), **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] + x, *out[1:])
+        return out + x
+
+
+class T5RelativePositionBias(nn.Module):
+    """Learned bias per head for bucketed (log-spaced beyond ``num_buckets/2``) causal distances."""
+
+    def __init__(self, scale: float, num_buckets: int = 32, max_distance: int = 128, heads: int = 8):
+        super().__init__()
+        self.scale = scale
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    @staticmethod
+    def _bucket(relative_position, num_buckets: int, max_distance: int):
+        n = (-relative_position).clamp(min=0)
+        max_exact = num_buckets // 2
+        is_small = n < max_exact
+        large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                             * (num_buckets - max_exact)).long()
+        large = large.clamp(max=num_buckets - 1)
+        return torch.where(is_small, n, large)
+
+    def forward(self, i: int, j: int, *, device):
+        q_pos = torch.arange(j - i, j, dtype=torch.long, device=device)
+        k_pos = torch.arange(j, dtype=torch.long, device=device)
+        buckets = self._bucket(k_pos[None, :] - q_pos[:, None], self.num_buckets, self.max_distance)
+        return rearrange(self.relative_attention_bias(buckets), "i j h -> 1 h i j") * self.scale
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _causal_mask(i: int, j: int, device) -> torch.Tensor:
+    return torch.ones((i, j), dtype=torch.bool, device=device).triu(j - i + 1)
+
+
+def _split_xl(kv: torch.Tensor, xl_max_memories: int):
+    """(what falls out of the XL window, the new XL memory) of stacked key/values."""
+    if xl_max_memories > 0:
+        return kv[:, :-xl_max_memories], kv[:, -xl_max_memories:]
+    return kv, None
+
+
+class Attention(nn.Module):
+    """Causal multi-query attention (one key/value head) with optional Transformer-XL memory."""
+
+    def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
+                 xl_max_memories: int = 0):
+        super().__init__()
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.xl_max_memories = xl_max_memories
+        self.dropout = nn.Dropout(dropout)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, dim_head * 2, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x, *, xl_memory=None, rel_pos_bias=None):
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads) * self.scale
+        k, v = self.to_kv(x).chunk(2, dim=-1)
+        if xl_memory is not None:
+            k = torch.cat((xl_memory[..., 0, :], k), dim=-2)
+            v = torch.cat((xl_memory[..., 1, :], v), dim=-2)
+        sim = einsum("b h i d, b j d -> b h i j", q, k)
+        i, j = sim.shape[-2:]
+        if rel_pos_bias is not None:
+            sim = sim + rel_pos_bias[..., -i:, -j:]
+        sim = sim.masked_fill(_causal_mask(i, j, x.device), -torch.finfo(sim.dtype).max)
+        attn = self.dropout(sim.softmax(dim=-1))
+        out = rearrange(einsum("b h i j, b j d -> b h i d", attn, v), "b h n d -> b n (h d)")
+        _, new_xl = _split_xl(torch.stack((k, v), dim=-2).detach(), self.xl_max_memories)
+        return self.to_out(out), new_xl
+
+
+class _GatherDot(torch.autograd.Function):
+    """``q[..., :] . table[positions[..., j], :]`` without keeping the gathered rows for backward.
+
+    Forward gathers in chunks; backward is one ``embedding_bag`` (a weighted sum of table rows),
+    so memory stays O(queries * k) instead of O(queries * k * d).
+    """
+
+    CHUNK_ELEMENTS = 1 << 23
+
+    @staticmethod
+    def forward(ctx, q, table, positions):
+        d, k = q.shape[-1], positions.shape[-1]
+        flat_q, flat_p = q.reshape(-1, d), positions.reshape(-1, k)
+        out = torch.empty(flat_p.shape, dtype=q.dtype, device=q.device)
+        step = max(1, _GatherDot.CHUNK_ELEMENTS // (k * d))
+        for s in range(0, flat_p.shape[0], step):
+            gathered = table[flat_p[s : s + step]]
+            out[s : s + step] = torch.einsum("nd,nkd->nk", flat_q[s : s + step], gathered)
+        ctx.save_for_backward(table, flat_p)
+        ctx.q_shape = q.shape
+        return out.view(positions.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        table, flat_p = ctx.saved_tensors
+        grad_q = F.embedding_bag(flat_p, table, per_sample_weights=grad_out.reshape(flat_p.shape),
+                                 mode="sum")
+        return grad_q.view(ctx.q_shape), None, None
+
+
+class KNNAttention(nn.Module):
+    """Attention over the local context (and XL memory) plus the top-k of a kNN memory.
+
+    Cosine-similarity attention (l2-normalised queries and keys) with a learned per-head
+    temperature; retrieved memories and local keys share one softmax. Only key/values that leave
+    the XL window are added to the kNN memory.
+    """
+
+    def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
+                 num_retrieved_memories: int = 32, xl_max_memories: int = 0,
+                 attn_scale_init: float = 20, gate_output: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.scale = nn.Parameter(torch.ones(heads, 1, 1) * math.log(attn_scale_init))
+        self.xl_max_memories = xl_max_memories
+        self.num_retrieved_memories = num_retrieved_memories
+        self.dropout = nn.Dropout(dropout)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, dim_head * 2, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
+
+    def forward(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None):
+        return self.finish(self.begin(x, knn_memory=knn_memory, xl_memory=xl_memory,
+                                      add_knn_memory=add_knn_memory, rel_pos_bias=rel_pos_bias))
+
+    def begin(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None):
+        """Send the kNN search, compute local attention scores, send the add; nothing waits."""
+        q = l2norm(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads))
+        k, v = self.to_kv(x).chunk(2, dim=-1)
+        k = l2norm(k)
+        search = knn_memory.search_async(q, self.num_retrieved_memories)
+
+        if xl_memory is not None:
+            k = torch.cat((xl_memory[..., 0, :], k), dim=-2)
+            v = torch.cat((xl_memory[..., 1, :], v), dim=-2)
+        scale = self.scale.exp()
+        sim = einsum("b h i d, b j d -> b h i j", q, k) * scale
+        i, j = sim.shape[-2:]
+        if rel_pos_bias is not None:
+            sim = sim + rel_pos_bias[..., -i:, -j:]
+        sim = sim.masked_fill(_causal_mask(i, j, x.device), -torch.finfo(sim.dtype).max)
+
+        discarded, new_xl = _split_xl(torch.stack((k, v), dim=-2).detach(), self.xl_max_memories)
+        if add_knn_memory and discarded.shape[1] > 0:
+            knn_memory.add(discarded)
+        return dict(q=q, v=v, sim=sim, scale=scale, search=search, knn_memory=knn_memory,
+                    new_xl=new_xl)
+
+    def finish(self, state):
+        """Wait for the retrieved memories and combine them with the local attention."""
+        q, v, sim, scale = state["q"], state["v"], state["sim"], state["scale"]
+        retrieval = state["knn_memory"].retrieved(state["search"])
+        b, h, n, d = q.shape
+        k = self.num_retrieved_memories
+        device = q.device
+        positions = torch.from_numpy(retrieval.positions).to(device, torch.long).view(b, h, n, k)
+        mem_keys = torch.from_numpy(retrieval.keys).to(device, q.dtype)
+        mem_values = torch.from_numpy(retrieval.values).to(device, q.dtype)
+
+        mask_value = -torch.finfo(sim.dtype).max
+        sim_mem = _GatherDot.apply(q, mem_keys, positions) * scale
+        sim_mem = sim_mem.masked_fill(positions == 0, mask_value)
+
+        attn = self.dropout(torch.cat((sim_mem, sim), dim=-1).softmax(dim=-1))
+        mem_attn, local_attn = attn[..., :k], attn[..., k:]
+        local_out = einsum("b h i j, b j d -> b h i d", local_attn, v)
+        mem_out = F.embedding_bag(positions.reshape(-1, k), mem_values,
+                                  per_sample_weights=mem_attn.reshape(-1, k), mode="sum")
+        out = local_out + mem_out.view(b, h, n, d)
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        if self.output_gate is not None:
+            out = out * self.output_gate.tanh()
+        return out, state["new_xl"]
+
+
+class MemorizingTransformer(nn.Module):
+    """Decoder-only transformer with kNN-memory layers; arguments as in the seed package.
+
+    ``memorizing_layers`` and ``xl_memory_layers`` are 1-based layer numbers. With ``labels`` the
+    forward returns the loss (``pad_id`` ignored), else logits; plus the new XL memories when XL
+    memory is on. ``gate_knn_output`` adds a flamingo-style tanh gate (initialised closed) to the
+    kNN layers' output, for grafting memory onto a trained model.
+    """
+
+    def __init__(self, *, num_tokens: int, dim: int, depth: int, dim_head: int = 64, heads: int = 8,
+                 knn_attn_heads: int | None = None, attn_dropout: float = 0.0, ff_mult: int = 4,
+                 ff_dropout: float = 0.0, memorizing_layers=None, max_knn_memories: int = 250000,
+                 num_retrieved_memories: int = 32, clear_memories_on_sos_token_id: int | None = None,
+                 clear_memories_on_eos_token_id: int | None = None,
+                 knn_memories_directory: str = DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY,
+                 shift_knn_memories_down: int = 0, pad_id: int = 0, xl_max_memories: int = 0,
+                 xl_memory_layers=None, shift_xl_memories_down: int = 0,
+                 knn_memory_multiprocessing: bool = False, gate_knn_output: bool = False):
+        super().__init__()
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pad_id = pad_id
+        self.dim_head = dim_head
+        valid_layers = set(range(1, depth + 1))
+
+        memorizing_layers = _as_tuple((depth // 2,) if memorizing_layers is None else memorizing_layers)
+        self.memorizing_layers = _unique(l for l in memorizing_layers if l in valid_layers)
+        self.num_memory_layers = len(self.memorizing_layers)
+
+        if xl_max_memories > 0:
+            xl_layers = _as_tuple(tuple(range(1, depth + 1)) if xl_memory_layers is None
+                                  else xl_memory_layers)
+            self.xl_memory_layers = _unique(l for l in xl_layers if l in valid_layers)
+        else:
+            self.xl_memory_layers = ()
+        self.num_xl_memory_layers = len(self.xl_memory_layers)
+
+        self.max_knn_memories = max_knn_memories
+        self.knn_memories_directory = knn_memories_directory
+        self.clear_memories_on_sos_token_id = clear_memories_on_sos_token_id
+        self.clear_memories_on_eos_token_id = clear_memories_on_eos_token_id
+        self.shift_knn_memories_down = shift_knn_memories_down
+        self.shift_xl_memories_down = shift_xl_memories_down
+
+        knn_attn_heads = heads if knn_attn_heads is None else knn_attn_heads
+        self.rel_pos_bias = T5RelativePositionBias(scale=dim_head ** 0.5, heads=heads)
+        self.knn_rel_pos_bias = T5RelativePositionBias(scale=dim_head ** 0.5, heads=knn_attn_heads)
+
+        block = partial(PreNormResidual, dim)
+        self.layers = nn.ModuleList([])
+        for layer_num in range(1, depth + 1):
+            xl = xl_max_memories if layer_num in self.xl_memory_layers else 0
+            if layer_num in self.memorizing_layers:
+                attn = KNNAttention(dim=dim, dim_head=dim_head, heads=knn_attn_heads,
+                                    dropout=attn_dropout, num_retrieved_memories=num_retrieved_memories,
+                                    xl_max_memories=xl, gate_output=gate_knn_output)
+            else:
+                attn = Attention(dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout,
+                                 xl_max_memories=xl)
+            self.layers.append(nn.ModuleList([
+                block(attn), block(FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout))]))
+
+        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens))
+        self.knn_mem_kwargs = dict(dim=dim_head, max_memories=max_knn_memories,
+                                   multiprocessing=knn_memory_multiprocessing)
+
+    # memories
+
+    def create_knn_memories(self, *, batch_size: int, servers=None, namespace: str | None = None,
+                            index: str = "flat", value_dtype: str = "float32",
+                            ef_search: int = 128, timeout: float = 60.0) -> KNNMemoryList:
+        """kNN memories for ``batch_size`` rows of every memorizing layer.
+
+        On memory servers when ``servers`` (endpoints) are given or ``MEMTRANS_SERVERS`` is set,
+        else in this process. Under torch.distributed, rows are global (``rank * batch_size +
+        local_row``) and rank 0 picks the namespace and broadcasts it: call this on every rank.
+        """
+        servers = servers if servers is not None else servers_from_env()
+        options = dict(index=index, value_dtype=value_dtype, ef_search=ef_search)
+        if servers is None:
+            return KNNMemoryList.create_memories(
+                batch_size=batch_size, num_memory_layers=self.num_memory_layers,
+                memories_directory=self.knn_memories_directory)(**self.knn_mem_kwargs, **options)
+        rank, world_size = _distributed_rank()
+        return RemoteKNNMemory.create(
+            servers, dim=self.dim_head, max_memories=self.max_knn_memories, batch_size=batch_size,
+            num_layers=self.num_memory_layers, namespace=_shared_namespace(namespace), rank=rank,
+            world_size=world_size, timeout=timeout, **options)
+
+    @contextmanager
+    def knn_memories_context(self, **kwargs):
+        """``create_knn_memories(**kwargs)`` that frees the memories on exit."""
+        memories = self.create_knn_memories(**kwargs)
+        try:
+            yield memories
+        finally:
+            memories.cleanup()
+
+    @staticmethod
+    def clear_memory(knn_memories, token_ids: torch.Tensor, token_id: int) -> None:
+        """Clear the memories of the batch rows whose ``token_ids`` contain ``token_id``."""
+        rows = (token_ids == token_id).any(dim=-1).nonzero(as_tuple=True)[0].tolist()
+        if rows and len(knn_memories) > 0:
+            scoped = knn_memories[0].scoped_indices
+            knn_memories.clear_memory([scoped[r] for r in rows])
+
+    # forward
+
+    def forward(self, x, knn_memories, xl_memories=None, labels=None, add_knn_memory=True):
+        batch_size, seq_len = x.shape
+        device = x.device
+        token_ids = x
+        self._check_memories(knn_memories, batch_size)
+
+        if self.clear_memories_on_sos_token_id is not None:
+            self.clear_memory(knn_memories, token_ids, self.clear_memories_on_sos_token_id)
+
+        xl_memories = list(xl_memories) if xl_memories is not None else [None] * self.num_xl_memory_layers
+        if len(xl_memories) != self.num_xl_memory_layers:
+            raise ValueError(f"expected {self.num_xl_memory_layers} XL memories (one per XL layer), "
+                             f"got {len(xl_memories)}")
+        knn_memories_seq = list(knn_memories)
+        if knn_memories_seq and self.shift_knn_memories_down > 0:
+            s = self.shift_knn_memories_down
+            knn_memories_seq = knn_memories_seq[s:] + knn_memories_seq[:s]
+        if xl_memories and self.shift_xl_memories_down > 0:
+            s = self.shift_xl_memories_down
+            xl_memories = xl_memories[s:] + xl_memories[:s]
+
+        max_context = max([seq_len, *((m.shape[-3] if m is not None else 0) + seq_len
+                                      for m in xl_memories)])
+        rel_pos_bias = self.rel_pos_bias(seq_len, max_context, device=device)
+        knn_rel_pos_bias = self.knn_rel_pos_bias(seq_len, max_context, device=device)
+
+        h = self.token_emb(x)
+        knn_iter, xl_iter = iter(knn_memories_seq), iter(xl_memories)
+        new_xl_memories = []
+        for layer_num, (attn, ff) in enumerate(self.layers, start=1):
+            kwargs = {}
+            if layer_num in self.memorizing_layers:
+                kwargs = dict(rel_pos_bias=knn_rel_pos_bias, knn_memory=next(knn_iter),
+                              add_knn_memory=add_knn_memory)
+            else:
+                kwargs = dict(rel_pos_bias=rel_pos_bias)
+            if layer_num in self.xl_memory_layers:
+                kwargs["xl_memory"] = next(xl_iter)
+            h, xl_mem = attn(h, **kwargs)
+            if xl_mem is not None:
+                new_xl_memories.append(xl_mem)
+            h = ff(h)
+        logits = self.to_logits(h)
+
+        # After the memories were used: a row that ends its document here starts the next clean.
+        if self.clear_memories_on_eos_token_id is not None:
+            self.clear_memory(knn_memories, token_ids, self.clear_memories_on_eos_token_id)
+
+        has_xl = self.num_xl_memory_layers > 0
+        if labels is None:
+            return (logits, new_xl_memories) if has_xl else logits
+        loss = F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels, ignore_index=self.pad_id)
+        return (loss, new_xl_memories) if has_xl else loss
+
+    def _check_memories(self, knn_memories, batch_size: int) -> None:
+        if len(knn_memories) != self.num_memory_layers:
+            raise ValueError(f"expected {self.num_memory_layers} kNN memories (one per memorizing "
+                             f"layer {self.memorizing_layers}), got {len(knn_memories)}; create them "
+                             f"with model.create_knn_memories(batch_size=...)")
+        for memory in knn_memories:
+            if len(memory.scoped_indices) != batch_size:
+                raise ValueError(f"input has batch size {batch_size} but the kNN memories hold "
+                                 f"{len(memory.scoped_indices)} rows; create them with "
+                                 f"create_knn_memories(batch_size={batch_size}) or scope them with "
+                                 f"at_batch_indices")
+            if memory.dim != self.dim_head:
+                raise ValueError(f"kNN memory dim {memory.dim} does not match the model's dim_head "
+                                 f"{self.dim_head}")
+
+
+def _distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _shared_namespace(namespace: str | None) -> str | None:
+    """The caller's namespace, or under torch.distributed the one rank 0 picked."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return namespace
+    import uuid
+
+    chosen = [namespace or f"memtrans-{uuid.uuid4().hex[:12]}"]
+    torch.distributed.broadcast_object_list(chosen, src=0)
+    return chosen[0]

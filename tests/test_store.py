@@ -1,0 +1,212 @@
+"""MemoryStore: exact retrieval, true FIFO eviction, row isolation, limits and argument errors."""
+
+import numpy as np
+import pytest
+
+from memory_server import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryStore,
+                           NamespaceConfig, UnknownNamespace)
+
+
+def unit(rng, *shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_store(index="flat", max_memories=64, rows=3, layers=2, dim=16, **store_kwargs):
+    store = MemoryStore(**store_kwargs)
+    store.open("ns", NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=layers,
+                                     num_rows=rows, index=index))
+    return store
+
+
+def tagged_values(row, seqs, dim):
+    """Values that name their row and sequence number, to check what comes back."""
+    values = np.zeros((len(seqs), dim), np.float32)
+    values[:, 0] = row
+    values[:, 1] = seqs
+    return values
+
+
+def fill(store, rng, rows, steps, n, dim=16, layer=0):
+    keys_per_row = {r: [] for r in rows}
+    for step in range(steps):
+        keys = unit(rng, len(rows), n, dim)
+        seqs = np.arange(step * n, (step + 1) * n)
+        values = np.stack([tagged_values(r, seqs, dim) for r in rows])
+        store.add("ns", layer, np.array(rows), keys, values)
+        for i, r in enumerate(rows):
+            keys_per_row[r].append(keys[i])
+    return {r: np.concatenate(k) for r, k in keys_per_row.items()}
+
+
+def test_flat_search_equals_brute_force_after_many_wraps():
+    rng = np.random.default_rng(0)
+    store = make_store(max_memories=64)
+    history = fill(store, rng, [0, 1, 2], steps=23, n=29)  # 667 entries: ten wraps of the ring
+    queries = unit(rng, 3, 40, 16)
+    kv, mask = store.search("ns", 0, np.arange(3), queries, 10).dense()
+    assert mask.all()
+    for r in range(3):
+        live = history[r][-64:]
+        order = np.argsort(-(queries[r] @ live.T), axis=1, kind="stable")[:, :10]
+        np.testing.assert_array_equal(kv[r, :, :, 0], live[order])
+        first_live_seq = history[r].shape[0] - 64
+        np.testing.assert_array_equal(kv[r, :, :, 1, 1], first_live_seq + order)
+        assert (kv[r, :, :, 1, 0] == r).all()
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_fifo_every_live_entry_is_found_and_no_evicted_one(index):
+    rng = np.random.default_rng(1)
+    store = make_store(index=index, max_memories=100, rows=2)
+    history = fill(store, rng, [0, 1], steps=17, n=37)
+    total = history[0].shape[0]
+    for r in range(2):
+        live = history[r][-100:]
+        kv, mask = store.search("ns", 0, np.array([r]), live[None], 5).dense()
+        assert mask.all()
+        seqs = kv[0, :, :, 1, 1]
+        assert (seqs >= total - 100).all(), "an evicted entry was returned"
+        # A unit key's best inner-product match is itself.
+        np.testing.assert_array_equal(seqs[:, 0], np.arange(total - 100, total))
+
+
+def test_hnsw_recall_against_flat_above_floor():
+    rng = np.random.default_rng(2)
+    keys = unit(rng, 1, 8192, 32)
+    queries = unit(rng, 1, 256, 32)
+    found = {}
+    for index in ("flat", "hnsw"):
+        store = make_store(index=index, max_memories=8192, rows=1, dim=32)
+        store.add("ns", 0, np.array([0]), keys, keys)
+        kv, _ = store.search("ns", 0, np.array([0]), queries, 32).dense()
+        found[index] = kv[0, :, :, 0]
+    # Compare as sets of vectors per query: recall@32 of hnsw against the exact answer.
+    exact = {tuple(q.tobytes() for q in row) for row in found["flat"]}
+    hits = sum(len(set(a.tobytes() for a in h) & set(b.tobytes() for b in f))
+               for h, f in zip(found["hnsw"], found["flat"]))
+    recall = hits / (256 * 32)
+    assert exact and recall >= 0.9, f"hnsw recall@32 {recall:.3f} below the 0.9 floor"
+
+
+def test_clear_isolates_rows_and_memory_works_after_clear():
+    rng = np.random.default_rng(3)
+    store = make_store()
+    fill(store, rng, [0, 1, 2], steps=3, n=10)
+    store.clear("ns", [1])
+    queries = unit(rng, 3, 4, 16)
+    kv, mask = store.search("ns", 0, np.arange(3), queries, 5).dense()
+    assert mask[0].all() and mask[2].all() and not mask[1].any()
+    assert (kv[1] == 0).all()
+    assert (kv[0, ..., 1, 0] == 0).all() and (kv[2, ..., 1, 0] == 2).all()
+    # The seed's index stayed "untrained" after a reset and found nothing again.
+    store.add("ns", 0, np.array([1]), unit(rng, 1, 3, 16), tagged_values(1, [0, 1, 2], 16)[None])
+    _, mask = store.search("ns", 0, np.array([1]), queries[1:2], 5).dense()
+    assert mask[0, :, :3].all() and not mask[0, :, 3:].any()
+
+
+def test_clear_one_layer_leaves_the_other():
+    rng = np.random.default_rng(4)
+    store = make_store()
+    fill(store, rng, [0], steps=1, n=8, layer=0)
+    fill(store, rng, [0], steps=1, n=8, layer=1)
+    store.clear("ns", [0], layers=[0])
+    q = unit(rng, 1, 2, 16)
+    assert not store.search("ns", 0, np.array([0]), q, 3).mask.any()
+    assert store.search("ns", 1, np.array([0]), q, 3).mask.all()
+
+
+def test_add_longer_than_capacity_keeps_the_newest():
+    rng = np.random.default_rng(5)
+    store = make_store(max_memories=64, rows=1)
+    keys = unit(rng, 1, 150, 16)
+    store.add("ns", 0, np.array([0]), keys, tagged_values(0, np.arange(150), 16)[None])
+    kv, mask = store.search("ns", 0, np.array([0]), keys[:, -64:], 1).dense()
+    np.testing.assert_array_equal(kv[0, :, 0, 1, 1], np.arange(86, 150))
+
+
+def test_retrieval_is_compact():
+    rng = np.random.default_rng(6)
+    store = make_store(max_memories=64, rows=2)
+    fill(store, rng, [0, 1], steps=2, n=32)
+    retrieval = store.search("ns", 0, np.arange(2), unit(rng, 2, 500, 16), 16)
+    assert retrieval.keys.shape[0] <= 1 + 2 * 64
+    assert retrieval.positions.dtype == np.int32
+    assert (retrieval.keys[0] == 0).all()
+
+
+def test_float16_values():
+    store = MemoryStore()
+    store.open("ns", NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=1,
+                                     value_dtype="float16"))
+    keys = np.eye(4, dtype=np.float32)[None]
+    store.add("ns", 0, np.array([0]), keys, keys * 0.5)
+    kv, _ = store.search("ns", 0, np.array([0]), keys, 1).dense()
+    assert kv.dtype == np.float32
+    np.testing.assert_array_equal(kv[0, :, 0, 1], np.eye(4) * 0.5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s, q: s.add("ns", 0, np.array([0]), q[:, :, :8], q[:, :, :8]), r"keys must have shape \(1, \*, 16\)"),
+    (lambda s, q: s.add("ns", 0, np.array([0]), q * np.nan, q), "NaN or Inf"),
+    (lambda s, q: s.search("ns", 0, np.array([0]), q * np.inf, 2), "NaN or Inf"),
+    (lambda s, q: s.search("ns", 0, np.array([3]), q, 2), r"rows must be in \[0, num_rows=3\)"),
+    (lambda s, q: s.search("ns", 2, np.array([0]), q, 2), r"layer must be an integer in \[0, 2\)"),
+    (lambda s, q: s.search("ns", 0, np.array([0]), q, 0), r"k must be an integer in \[1, max_memories=64\]"),
+    (lambda s, q: s.search("ns", 0, np.array([0]), q, 65), "k must be"),
+    (lambda s, q: s.add("ns", 0, np.array([0, 0]), np.repeat(q, 2, 0), np.repeat(q, 2, 0)), "distinct"),
+    (lambda s, q: s.search("ns", 0, np.array([0]), q.astype(np.float64), 2), "float32"),
+])
+def test_bad_arguments_raise_and_change_nothing(call, match):
+    rng = np.random.default_rng(7)
+    store = make_store()
+    fill(store, rng, [0], steps=1, n=5)
+    before = store.stats()
+    with pytest.raises(InvalidRequest, match=match):
+        call(store, unit(rng, 1, 5, 16))
+    assert store.stats() == before
+
+
+def test_namespace_errors_and_limits():
+    store = MemoryStore(max_namespaces=1, max_memories_per_namespace=4, max_bytes=64 * 16 * 8 * 2)
+    config = NamespaceConfig(dim=16, max_memories=64, num_layers=2, num_rows=2)
+    store.open("a", config)
+    store.open("a", config)  # same config again: fine
+    with pytest.raises(ConfigMismatch, match="already open"):
+        store.open("a", NamespaceConfig(dim=8, max_memories=64, num_layers=2, num_rows=2))
+    with pytest.raises(LimitExceeded, match="max_namespaces=1"):
+        store.open("b", config)
+    with pytest.raises(UnknownNamespace, match="'zz'"):
+        store.search("zz", 0, np.array([0]), np.zeros((1, 1, 16), np.float32), 1)
+    store.drop("a")
+    with pytest.raises(LimitExceeded, match="max_memories_per_namespace=4"):
+        store.open("c", NamespaceConfig(dim=16, max_memories=64, num_layers=3, num_rows=2))
+    store.open("d", config)
+    ones = np.ones((1, 64, 16), np.float32)
+    store.add("d", 0, np.array([0]), ones, ones)
+    store.add("d", 1, np.array([0]), ones, ones)
+    with pytest.raises(LimitExceeded, match="max_bytes"):
+        store.add("d", 0, np.array([1]), ones, ones)
+    assert store.stats()["entries"] == 128
+
+
+def test_config_validation():
+    with pytest.raises(InvalidRequest, match="dim must be a positive integer"):
+        NamespaceConfig(dim=0, max_memories=4, num_layers=1, num_rows=1)
+    with pytest.raises(InvalidRequest, match="index must be one of"):
+        NamespaceConfig(dim=4, max_memories=4, num_layers=1, num_rows=1, index="ivf")
+    with pytest.raises(InvalidRequest, match="unknown fields"):
+        NamespaceConfig.from_dict({"dim": 4, "max_memories": 4, "num_layers": 1, "num_rows": 1,
+                                   "bogus": 1})
+
+
+def test_rows_in_parallel_give_the_same_result():
+    queries = unit(np.random.default_rng(9), 3, 7, 16)
+    results = []
+    for threads in (1, 3):
+        store = make_store(max_memories=50, rows=3, threads=threads)
+        fill(store, np.random.default_rng(8), [0, 1, 2], steps=4, n=30)
+        results.append(store.search("ns", 0, np.arange(3), queries, 4).dense())
+        store.close()
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])

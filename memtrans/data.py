@@ -1,8 +1,8 @@
 """Document streams: each batch row reads one long document, segment after segment.
 
 This is how the Memorizing Transformer is trained (Wu et al. 2022, section 4): a row's kNN and
-Transformer-XL memories hold the earlier part of the document that row is reading, so a row must read
-its document in order, and its memories must be cleared when it moves on to the next document.
+Transformer-XL memories hold the earlier part of the document that row is reading, so a row must
+read its document in order, and its memories must be cleared when it moves on to the next one.
 
 Tokens are bytes: byte ``b`` is token ``b + 3``; ``PAD_ID``, ``SOS_ID`` and ``EOS_ID`` are 0, 1, 2,
 so ``NUM_TOKENS = 259``. A document of ``n`` bytes is the ``n + 2`` tokens ``SOS, bytes..., EOS``.
@@ -20,8 +20,8 @@ Corpora (``load_corpus``):
   corpus is decompressed into memory once per process; gunzip it to stream it from disk.
 - **default** (no path): the ``*.py`` files of the running interpreter's standard library
   (``sysconfig.get_paths()["stdlib"]``), leaving out ``site-packages``, ``dist-packages`` and the
-  test directories (``test``, ``tests``, ``idle_test``): long code documents, like the paper's GitHub
-  set, on every machine with Python.
+  test directories (``test``, ``tests``, ``idle_test``): long code documents, like the paper's
+  GitHub set, on every machine with Python.
 
 The train / validation split is by document name (the path relative to the corpus root, plus
 ``@offset`` for a piece of a single file): a document is in validation when the first 8 bytes of
@@ -60,7 +60,7 @@ BYTE_OFFSET = 3
 NUM_TOKENS = 256 + BYTE_OFFSET
 
 SNIFF_BYTES = 8000
-"""A directory file with a NUL byte in its first this-many bytes is binary and skipped (git's rule)."""
+"""A directory file with a NUL byte in its first this many bytes is binary: skipped (git's rule)."""
 DEFAULT_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Left out of the default corpus: installed packages are not the standard library, and test
 directories hold deliberately odd files (bad encodings, NUL bytes) rather than ordinary code."""
@@ -84,14 +84,16 @@ def decode(tokens) -> bytes:
     return (tokens[tokens >= BYTE_OFFSET] - BYTE_OFFSET).astype(np.uint8).tobytes()
 
 
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+"""What reading a (gzip) file raises; ``gzip.BadGzipFile`` is an ``OSError``."""
+
+
 def _cannot_read(path: Path, exc: Exception) -> CorpusError:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
         reason = f"not a valid gzip file ({exc})"
+    else:
+        reason = getattr(exc, "strerror", None) or str(exc)
     return CorpusError(f"cannot read corpus file {path}: {reason}")
-
-
-_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,7 +108,8 @@ class Document:
 
     path: Path
     name: str
-    """Stable identity (path relative to the corpus root): decides the split, fingerprints a stream."""
+    """Stable identity (the path relative to the corpus root): decides the split and the
+    fingerprint a saved stream position is checked against."""
     start: int = 0
     stop: int | None = None
     """``None``: to the end of the file."""
@@ -127,7 +130,8 @@ class Document:
 
     def tokens(self) -> np.ndarray:
         """``SOS, bytes..., EOS`` as int64 tokens."""
-        return np.concatenate(([SOS_ID], encode(self.read()), [EOS_ID])).astype(np.int64)
+        return np.concatenate((np.array([SOS_ID]), encode(self.read()), np.array([EOS_ID])),
+                              dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,8 +369,8 @@ def load_corpus(path: str | os.PathLike | None = None, *, val_fraction: float = 
                 chunk_bytes: int = 65536) -> Corpus:
     """A directory, a single (``.gz``) file, or by default the Python standard library's sources.
 
-    Raises ``CorpusError`` naming the path for a missing or unreadable corpus, one with no documents,
-    or a split that leaves train or validation empty.
+    Raises ``CorpusError`` naming the path for a missing or unreadable corpus, one with no
+    documents, or a split that leaves train or validation empty.
     """
     if not 0 <= val_fraction < 1:
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction!r}")

@@ -149,6 +149,21 @@ class Memory:
         self.total = 0
         self.index.reset()
 
+    def export(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The allocated ring and the entry count: everything that defines this memory."""
+        return self.keys.copy(), self.values.copy(), self.total
+
+    def load(self, keys: np.ndarray, values: np.ndarray, total: int) -> None:
+        """Take an exported ring as it was, slot for slot, and rebuild the index from it."""
+        self.keys, self.values, self.total = keys, values, total
+        self.index.reset()
+        # Re-index in write order from the start of the segment holding the oldest live entry:
+        # exactly what the index held (the flat index holds nothing of its own).
+        lo = max(0, total - self.config.max_memories)
+        first = lo - (lo % self.ring) % getattr(self.index, "segment", self.ring)
+        if total > first:
+            self.index.write(first, keys[np.arange(first, total) % self.ring])
+
 
 def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
     grown = np.empty((capacity, *array.shape[1:]), dtype=array.dtype)
@@ -326,6 +341,54 @@ class MemoryStore:
                 if memory is not None:
                     with memory.lock:
                         memory.clear()
+
+    def export_namespace(self, namespace: str) -> dict:
+        """A namespace's config and every memory's ring, as plain data and numpy arrays."""
+        ns = self._namespace(namespace)
+        with self._lock:
+            items = sorted(ns.memories.items())
+        memories = []
+        for (layer, row), memory in items:
+            with memory.lock:
+                keys, values, total = memory.export()
+            memories.append({"layer": layer, "row": row, "total": total, "keys": keys,
+                             "values": values})
+        return {"config": ns.config.to_dict(), "memories": memories}
+
+    def import_namespace(self, namespace: str, state: dict) -> None:
+        """Replace ``namespace`` with an exported one (the same ring, slot for slot)."""
+        config = NamespaceConfig.from_dict(state["config"])
+        loaded = {}
+        for item in state["memories"]:
+            layer, row = int(item["layer"]), int(item["row"])
+            _check_rows(np.array([row]), config, layer)
+            memory = Memory(config)
+            keys = np.asarray(item["keys"], dtype=np.float32)
+            values = np.asarray(item["values"], dtype=VALUE_DTYPES[config.value_dtype])
+            total = int(item["total"])
+            if keys.shape != values.shape or keys.ndim != 2 or keys.shape[1] != config.dim \
+                    or keys.shape[0] != min(memory.ring, keys.shape[0]) \
+                    or not 0 <= min(total, memory.ring) <= keys.shape[0]:
+                raise InvalidRequest(f"memory (layer {layer}, row {row}) of namespace "
+                                     f"{namespace!r} has inconsistent shapes {keys.shape} / "
+                                     f"{values.shape} for {total} entries")
+            memory.load(keys, values, total)
+            loaded[(layer, row)] = memory
+        nbytes = sum(m.nbytes() for m in loaded.values())
+        with self._lock:
+            old = self._namespaces.pop(namespace, None)
+            freed = sum(m.nbytes() for m in old.memories.values()) if old else 0
+            self._reserved_bytes -= freed
+        try:
+            self._reserve(nbytes, namespace)
+        except LimitExceeded:
+            if old is not None:
+                with self._lock:
+                    self._namespaces[namespace] = old
+                    self._reserved_bytes += freed
+            raise
+        with self._lock:
+            self._namespaces[namespace] = _Namespace(config, loaded, time.monotonic())
 
     def stats(self) -> dict:
         with self._lock:

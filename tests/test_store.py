@@ -210,3 +210,23 @@ def test_rows_in_parallel_give_the_same_result():
         store.close()
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_export_import_gives_identical_searches(index):
+    rng = np.random.default_rng(10)
+    store = make_store(index=index, max_memories=100, rows=2)
+    fill(store, rng, [0, 1], steps=9, n=37)
+    state = store.export_namespace("ns")
+    other = MemoryStore()
+    other.import_namespace("ns", state)
+    queries = unit(rng, 2, 30, 16)
+    for a, b in zip(store.search("ns", 0, np.arange(2), queries, 8).dense(),
+                    other.search("ns", 0, np.arange(2), queries, 8).dense()):
+        np.testing.assert_array_equal(a, b)
+    # Both go on identically after the restore, across the next wrap.
+    more = unit(rng, 2, 50, 16)
+    for s in (store, other):
+        s.add("ns", 0, np.arange(2), more, more)
+    np.testing.assert_array_equal(store.search("ns", 0, np.arange(2), queries, 8).dense()[0],
+                                  other.search("ns", 0, np.arange(2), queries, 8).dense()[0])

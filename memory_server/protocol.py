@@ -17,6 +17,20 @@ Every request and every reply is one ZeroMQ multipart message::
 business, not the protocol's). A reply carries the id of its request, or nil when the request was
 too broken for its id to be read. ``code`` is one of ``errors.ERRORS_BY_CODE``.
 
+    op        args                     request arrays          ok reply
+    ping      -                        -                       {version, protocol}
+    open      namespace, config (map   -                       {}
+              of NamespaceConfig)
+    add       namespace, layer         rows int (b,), keys and {}
+                                       values float32 (b,n,d)
+    search    namespace, layer, k      rows int (b,), queries  arrays keys float32 (u+1,d),
+                                       float32 (b,q,d)         values (u+1,d), positions int32
+                                                               (b,q,k): a store.Retrieval
+    clear     namespace, [layers]      rows int (b,)           {}
+    drop      namespace                -                       {}
+    stats     -                        -                       store.stats() + requests, uptime
+    shutdown  -                        -                       {}, then the server stops
+
 Arrays travel without copies: senders hand the arrays themselves to ZeroMQ (``copy=False``) and
 receivers view the received frames with ``np.frombuffer``. dtypes are limited to ``DTYPES``.
 
@@ -160,7 +174,8 @@ def _encode(header: dict, arrays: Mapping[str, np.ndarray]) -> list:
         if dtype is None:
             raise ProtocolError(f"array {name!r} has dtype {array.dtype}, which the wire does not "
                                 f"carry; use one of {sorted(DTYPES)}")
-        array = np.ascontiguousarray(array, dtype=dtype)
+        if array.dtype != dtype or not array.flags.c_contiguous:
+            array = np.asarray(array, dtype=dtype, order="C")
         specs.append([name, array.dtype.name, list(array.shape)])
         frames.append(array)
     header["arrays"] = specs
@@ -237,7 +252,8 @@ def decode_reply(frames: Sequence[Frame]) -> Reply:
     if not (request_id is None or (_is_int(request_id) and request_id >= 0)):
         raise ProtocolError(f"reply id must be a non-negative integer or nil, got {request_id!r}")
     if header["ok"] is not True:
-        if header["ok"] is not False or not (_is_str(header["code"]) and _is_str(header["message"])):
+        if header["ok"] is not False or not (_is_str(header["code"])
+                                             and _is_str(header["message"])):
             raise ProtocolError("error reply must have ok=false and string code and message")
         if len(frames) != 1:
             raise ProtocolError(f"error reply must be one frame, got {len(frames)}")
@@ -307,7 +323,7 @@ def _decode_arrays(specs, frames: Sequence[Frame]) -> dict[str, np.ndarray]:
         if size != nbytes:
             raise ProtocolError(f"array {name!r} declared {dtype.name} {tuple(shape)} = {nbytes} "
                                 f"bytes, but its frame has {size} bytes")
-        array = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        array = np.frombuffer(frame, dtype=dtype).reshape(tuple(shape))
         if not array.flags.aligned:  # tiny frames can be stored unaligned inside a zmq message
             array = array.copy()
         if dtype.kind == "b" and array.view(np.uint8).max(initial=0) > 1:

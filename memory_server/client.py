@@ -1,0 +1,423 @@
+"""MemoryClient: the memories of many memory servers behind one numpy interface.
+
+Rows are sharded over servers (``row % len(servers)``): a batch call sends one request to every
+server that owns some of its rows, all at once, and gathers the replies back into batch order.
+Every op has an ``*_async`` form returning a ``concurrent.futures.Future`` and a blocking form.
+
+Threads: one I/O thread owns every socket (ZeroMQ sockets are not thread-safe). Callers encode
+their requests, put them on a queue and wake the I/O thread through a pipe its poller watches, so
+the client may be used from any number of threads. Requests sent by one client (from one thread,
+or ordered by the caller across threads) reach each server in order, and the server applies them
+to a memory in that order: a search sent right after an add sees the add.
+
+Arrays are sent without copying: do not modify an array passed to ``add_async`` or
+``search_async`` until its future is done.
+
+Faults (Lazy Pirate): a server that does not answer a request within ``timeout`` seconds fails
+that request with ``ServerUnavailable`` naming the server and the op. The client then closes that
+server's socket, fails the server's other outstanding requests the same way (their replies could
+no longer arrive) and opens a fresh socket, so later calls succeed once the server is back.
+Memories live in the server: after a server restart the namespace must be opened again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from .errors import ERRORS_BY_CODE, InvalidRequest, MemoryServerError, ProtocolError, \
+    ServerUnavailable
+from .protocol import Reply, decode_reply, encode_request
+from .store import NamespaceConfig, Retrieval
+
+log = logging.getLogger("memory_server.client")
+
+_GRACE = 5.0  # beyond the timeout, how long a blocking call waits for the I/O thread itself
+_POLL_MS = 1000  # upper bound on a poll when nothing is due
+
+
+@dataclass(slots=True)
+class _Call:
+    id: int
+    op: str
+    frames: list
+    future: Future
+    deadline: float = 0.0
+
+
+@dataclass(slots=True)
+class _Connection:
+    """A server's socket and its requests awaiting replies, oldest (earliest deadline) first."""
+
+    endpoint: str
+    socket: zmq.Socket
+    pending: dict[int, _Call] = field(default_factory=dict)
+
+
+class MemoryClient:
+    """Numpy client of one or more memory servers; see the module docstring."""
+
+    def __init__(self, servers: list[str] | str, *, timeout: float = 30.0):
+        servers = [servers] if isinstance(servers, str) else list(servers)
+        if not servers or not all(isinstance(s, str) and "://" in s for s in servers):
+            raise ValueError(f"servers must be a non-empty list of ZeroMQ endpoints like "
+                             f"tcp://127.0.0.1:5555, got {servers!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self.servers: tuple[str, ...] = tuple(servers)
+        self.timeout = float(timeout)
+        self._context = zmq.Context()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()  # no request enters the inbox once close() has begun
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._run, name="memory-client-io", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> MemoryClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ops
+
+    def ping_async(self) -> Future[list[float]]:
+        """Round-trip seconds to each server, in the order of ``servers``."""
+        start = time.monotonic()
+        futures = [self._submit(i, "ping") for i in range(len(self.servers))]
+        times = [0.0] * len(futures)
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda _, i=i: times.__setitem__(i, time.monotonic() - start))
+        return _gather(futures, lambda replies: times)
+
+    def open_async(self, namespace: str, config: NamespaceConfig) -> Future[None]:
+        """Declare ``namespace`` with ``config`` on every server (a no-op if already the same)."""
+        args = {"namespace": namespace, "config": config.to_dict()}
+        return _gather([self._submit(i, "open", args) for i in range(len(self.servers))], _none)
+
+    def add_async(self, namespace: str, layer: int, rows, keys: np.ndarray,
+                  values: np.ndarray) -> Future[None]:
+        """Append ``keys``/``values`` ``(b, n, dim)`` float32 to the memories of ``rows``."""
+        rows = _rows(rows)
+        _check_batch(rows, keys=keys, values=values)
+        args = {"namespace": namespace, "layer": _plain(layer)}
+        futures = [self._submit(server, "add", args, {"rows": _take(rows, idx),
+                                                      "keys": _take(keys, idx),
+                                                      "values": _take(values, idx)})
+                   for server, idx in self._shard(rows)]
+        return _gather(futures, _none)
+
+    def search_async(self, namespace: str, layer: int, rows, queries: np.ndarray,
+                     k: int) -> Future[Retrieval]:
+        """Top-``k`` memories by inner product for ``queries`` ``(b, q, dim)`` float32."""
+        rows = _rows(rows)
+        _check_batch(rows, queries=queries)
+        args = {"namespace": namespace, "layer": _plain(layer), "k": _plain(k)}
+        shards = self._shard(rows)
+        futures = [self._submit(server, "search", args, {"rows": _take(rows, idx),
+                                                         "queries": _take(queries, idx)})
+                   for server, idx in shards]
+        shape = (len(rows), np.shape(queries)[1], k)
+        return _gather(futures, lambda replies: _merge(shards, replies, shape))
+
+    def clear_async(self, namespace: str, rows,
+                    layers: Sequence[int] | None = None) -> Future[None]:
+        """Empty the memories of ``rows`` in ``layers`` (default: every layer)."""
+        rows = _rows(rows)
+        args = {"namespace": namespace}
+        if layers is not None:
+            args["layers"] = [_plain(layer) for layer in layers]
+        futures = [self._submit(server, "clear", args, {"rows": _take(rows, idx)})
+                   for server, idx in self._shard(rows)]
+        return _gather(futures, _none)
+
+    def drop_async(self, namespace: str) -> Future[None]:
+        """Free ``namespace`` on every server."""
+        args = {"namespace": namespace}
+        return _gather([self._submit(i, "drop", args) for i in range(len(self.servers))], _none)
+
+    def stats_async(self) -> Future[list[dict]]:
+        """Each server's stats (memories, entries, bytes, requests and latency per op, ...)."""
+        return _gather([self._submit(i, "stats") for i in range(len(self.servers))],
+                       lambda replies: [r.result for r in replies])
+
+    def ping(self) -> list[float]:
+        return self._wait(self.ping_async())
+
+    def open(self, namespace: str, config: NamespaceConfig) -> None:
+        self._wait(self.open_async(namespace, config))
+
+    def add(self, namespace: str, layer: int, rows, keys: np.ndarray, values: np.ndarray) -> None:
+        self._wait(self.add_async(namespace, layer, rows, keys, values))
+
+    def search(self, namespace: str, layer: int, rows, queries: np.ndarray, k: int) -> Retrieval:
+        return self._wait(self.search_async(namespace, layer, rows, queries, k))
+
+    def clear(self, namespace: str, rows, layers: Sequence[int] | None = None) -> None:
+        self._wait(self.clear_async(namespace, rows, layers))
+
+    def drop(self, namespace: str) -> None:
+        self._wait(self.drop_async(namespace))
+
+    def stats(self) -> list[dict]:
+        return self._wait(self.stats_async())
+
+    def shutdown_server(self, endpoint: str) -> None:
+        """Ask the server at ``endpoint`` (one of ``servers``) to finish its work and exit."""
+        if endpoint not in self.servers:
+            raise ValueError(f"{endpoint!r} is not one of this client's servers {self.servers}")
+        self._wait(_gather([self._submit(self.servers.index(endpoint), "shutdown")], _none))
+
+    def close(self) -> None:
+        """Fail what is outstanding, close the sockets (linger 0) and stop the I/O thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake()
+        self._thread.join(timeout=_GRACE)
+        if self._thread.is_alive():
+            log.error("memory client I/O thread did not stop; leaving its sockets open")
+            return
+        self._context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # caller side
+
+    def _submit(self, server: int, op: str, args: dict | None = None,
+                arrays: dict | None = None) -> Future[Reply]:
+        request_id = next(self._ids)
+        try:
+            frames = encode_request(request_id, op, args, arrays)
+        except TypeError as exc:  # msgpack cannot encode an argument
+            raise InvalidRequest(f"{op}: an argument cannot be sent: {exc}") from None
+        future: Future = Future()
+        future.set_running_or_notify_cancel()  # requests in flight cannot be taken back
+        with self._lock:
+            if self._closed:
+                raise MemoryServerError("this MemoryClient is closed")
+            self._inbox.put((server, _Call(request_id, op, frames, future)))
+            self._wake()
+        return future
+
+    def _wait(self, future: Future):
+        try:
+            return future.result(timeout=self.timeout + _GRACE)
+        except FutureTimeout:
+            raise ServerUnavailable(f"no answer from the memory client's I/O thread within "
+                                    f"{self.timeout + _GRACE:g} s") from None
+
+    def _shard(self, rows: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """(server, positions in the batch of the rows it owns); None means the whole batch."""
+        n = len(self.servers)
+        if n == 1:
+            return [(0, None)]
+        owner = rows % n
+        shards = [(s, np.flatnonzero(owner == s)) for s in range(n)]
+        return [(s, idx) for s, idx in shards if idx.size]
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full of wakeups already
+            pass
+
+    # I/O thread
+
+    def _run(self) -> None:
+        connections = [self._connect(endpoint) for endpoint in self.servers]
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        for conn in connections:
+            poller.register(conn.socket, zmq.POLLIN)
+        try:
+            while not self._closed:
+                events = dict(poller.poll(self._poll_ms(connections)))
+                if self._wake_r in events:
+                    _drain(self._wake_r)
+                self._send_queued(connections)
+                for conn in connections:
+                    if events.get(conn.socket):
+                        self._receive(conn)
+                self._expire(connections, poller)
+        except Exception:
+            log.exception("memory client I/O thread failed")
+        finally:
+            with self._lock:
+                self._closed = True
+            closed = MemoryServerError("the MemoryClient was closed before the reply came")
+            for conn in connections:
+                for call in conn.pending.values():
+                    call.future.set_exception(closed)
+                conn.socket.close(linger=0)
+            while not self._inbox.empty():
+                _, call = self._inbox.get()
+                call.future.set_exception(closed)
+
+    def _connect(self, endpoint: str) -> _Connection:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        return _Connection(endpoint, sock)
+
+    def _poll_ms(self, connections: list[_Connection]) -> int:
+        deadlines = [next(iter(c.pending.values())).deadline for c in connections if c.pending]
+        if not deadlines:
+            return _POLL_MS
+        return max(0, min(_POLL_MS, int((min(deadlines) - time.monotonic()) * 1000) + 1))
+
+    def _send_queued(self, connections: list[_Connection]) -> None:
+        while True:
+            try:
+                server, call = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            conn = connections[server]
+            try:
+                conn.socket.send_multipart(call.frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:  # Again: the queue to an unreachable server is full
+                call.future.set_exception(ServerUnavailable(
+                    f"{conn.endpoint}: cannot send {call.op}: {exc}; is the server running?"))
+                continue
+            call.frames = []  # ZeroMQ holds what it still needs
+            call.deadline = time.monotonic() + self.timeout
+            conn.pending[call.id] = call
+
+    def _receive(self, conn: _Connection) -> None:
+        while True:
+            try:
+                frames = conn.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                reply = decode_reply(frames)
+            except ProtocolError as exc:
+                log.warning("dropping a malformed reply from %s: %s", conn.endpoint, exc)
+                continue
+            call = conn.pending.pop(reply.id, None)
+            if call is None:
+                log.warning("dropping a reply from %s to no outstanding request (id %s): %s",
+                            conn.endpoint, reply.id, reply.message or "ok")
+            elif reply.ok:
+                call.future.set_result(reply)
+            else:
+                error = ERRORS_BY_CODE.get(reply.code, MemoryServerError)
+                call.future.set_exception(error(f"{conn.endpoint}: {reply.message}"))
+
+    def _expire(self, connections: list[_Connection], poller: zmq.Poller) -> None:
+        now = time.monotonic()
+        for i, conn in enumerate(connections):
+            if not conn.pending:
+                continue
+            first = next(iter(conn.pending.values()))
+            if first.deadline > now:
+                continue
+            first.future.set_exception(ServerUnavailable(
+                f"{conn.endpoint} did not answer {first.op} within {self.timeout:g} s; is the "
+                f"server running? The client reconnected and later calls will try again"))
+            for call in list(conn.pending.values())[1:]:
+                call.future.set_exception(ServerUnavailable(
+                    f"{conn.endpoint}: {call.op} abandoned: the connection was reset after a "
+                    f"{first.op} timed out ({self.timeout:g} s)"))
+            poller.unregister(conn.socket)
+            conn.socket.close(linger=0)
+            connections[i] = self._connect(conn.endpoint)
+            poller.register(connections[i].socket, zmq.POLLIN)
+            log.warning("%s did not answer within %g s; reconnected", conn.endpoint, self.timeout)
+
+
+def _gather(futures: list[Future], combine: Callable[[list[Reply]], object]) -> Future:
+    """One future for all ``futures``: ``combine`` of their replies, or the first one's error."""
+    out: Future = Future()
+    out.set_running_or_notify_cancel()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_):
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            out.set_exception(errors[0])
+            return
+        try:
+            out.set_result(combine([f.result() for f in futures]))
+        except Exception as exc:  # a reply that does not have what its op promises
+            out.set_exception(ProtocolError(f"malformed reply: {type(exc).__name__}: {exc}"))
+
+    for f in futures:
+        f.add_done_callback(done)
+    return out
+
+
+def _none(replies: list[Reply]) -> None:
+    return None
+
+
+def _merge(shards: list[tuple[int, np.ndarray | None]], replies: list[Reply],
+           shape: tuple[int, int, int]) -> Retrieval:
+    """One Retrieval in batch order from the per-server ones, sharing a single "none" entry 0."""
+    if len(replies) == 1 and shards[0][1] is None:
+        a = replies[0].arrays
+        return Retrieval(a["keys"], a["values"], a["positions"])
+    keys, values = [replies[0].arrays["keys"][:1]], [replies[0].arrays["values"][:1]]
+    positions = np.zeros(shape, np.int32)
+    offset = 0
+    for (_, idx), reply in zip(shards, replies):
+        a = reply.arrays
+        positions[idx] = np.where(a["positions"] > 0, a["positions"] + offset, 0)
+        keys.append(a["keys"][1:])
+        values.append(a["values"][1:])
+        offset += a["keys"].shape[0] - 1
+    return Retrieval(np.concatenate(keys), np.concatenate(values), positions)
+
+
+def _rows(rows) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu":
+        raise InvalidRequest(f"rows must be a non-empty 1-d integer array, got shape "
+                             f"{rows.shape} dtype {rows.dtype}")
+    return rows.astype(np.int64, copy=False)
+
+
+def _check_batch(rows: np.ndarray, **arrays) -> None:
+    for name, array in arrays.items():
+        shape = np.shape(array)
+        if len(shape) != 3 or shape[0] != len(rows):
+            raise InvalidRequest(f"{name} must have shape ({len(rows)}, n, dim) to match "
+                                 f"{len(rows)} rows, got {shape}")
+
+
+def _take(array, idx: np.ndarray | None):
+    return array if idx is None else np.asarray(array)[idx]
+
+
+def _plain(value):
+    """numpy integers as Python ints, which msgpack can encode."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

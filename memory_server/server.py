@@ -1,0 +1,486 @@
+"""The memory-server daemon: a ZeroMQ ROUTER socket in front of one ``MemoryStore``.
+
+Threads
+    - The I/O thread (the caller of ``Server.run``) owns the ROUTER socket, as ZeroMQ sockets are
+      not thread-safe. It receives and decodes requests, answers ``ping`` and ``shutdown`` itself,
+      hands every other request to the sequencer, and sends the replies workers leave on a queue
+      (workers wake it through a pipe that its poller watches).
+    - ``threads`` request workers run one request each.
+    - The store has its own pool of ``threads`` for the rows of one request. A separate pool,
+      because a request worker waits for its rows: on a shared pool, workers could take every
+      thread and wait forever for rows that have none left to run on.
+
+Ordering
+    The operations on one memory are applied in the order its client sent them; nothing else is
+    ordered. Requests are sequenced per *scope* = (client identity, namespace): ``add`` and
+    ``search`` run after the previous request of their scope that touched the same layer, ``clear``
+    after those that touched its layers, and ``open``, ``drop`` and ``clear`` of every layer are
+    barriers for the whole scope. So an add and the search right after it are in order (read your
+    writes), while other clients, other namespaces and other layers overlap. ``ping``, ``stats``
+    and ``shutdown`` touch no memory and are not ordered.
+
+Bad input
+    A request that breaks the wire format, names an unknown namespace or has out-of-range
+    arguments gets an error reply and changes nothing: the protocol checks the framing and schema,
+    the store checks the values before it writes. Unexpected exceptions become ``internal`` error
+    replies, logged with their traceback, and the server goes on serving.
+
+Shutdown
+    SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
+    reading, lets the requests it accepted finish, sends their replies and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import ipaddress
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import zmq
+
+from .errors import InvalidRequest, MemoryServerError, ProtocolError
+from .protocol import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request,
+                       decode_request, encode_error, encode_reply)
+from .store import MemoryStore, NamespaceConfig
+
+log = logging.getLogger("memory_server")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+_POLL_MS = 1000  # upper bound on a poll; wakeups normally come at once through the pipe
+_RECV_BATCH = 64  # requests read in a row before the I/O thread sends queued replies
+_CLOSE_LINGER_MS = 2000  # time the last replies get to leave at shutdown
+_LATENCY_WINDOW = 1024  # latencies kept per op for the percentiles in stats
+
+try:
+    VERSION = importlib.metadata.version("memtrans")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    VERSION = "unknown"
+
+
+class BindError(OSError):
+    """The server could not listen on its endpoint (in use, bad address, no permission)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerConfig:
+    """How a memory server listens and what it allows."""
+
+    bind: str = DEFAULT_BIND
+    """ZeroMQ endpoint to listen on: ``tcp://HOST:PORT`` or ``ipc://PATH``."""
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Request worker threads; the store gets as many again for the rows of one request."""
+    max_bytes: int | None = None
+    """Cap on the bytes the memories may hold; an add that would pass it is refused (None: no
+    cap)."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """Requests larger than this (all frames together) are refused with ``limit_exceeded``."""
+    max_pending: int = 1024
+    """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
+    high-water marks push back on clients instead of the queue growing without bound."""
+    insecure: bool = False
+    """Allow binding a non-loopback address without CURVE: anyone who can reach the port can read
+    and change every memory."""
+
+    def __post_init__(self):
+        if not isinstance(self.bind, str) or self.bind.partition("://")[0] not in ("tcp", "ipc",
+                                                                                  "inproc"):
+            raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555 or "
+                             f"ipc:///tmp/memory.sock, got {self.bind!r}")
+        for name in ("threads", "max_message_bytes", "max_pending", "max_bytes"):
+            value = getattr(self, name)
+            if name == "max_bytes" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not is_loopback(self.bind) and not self.insecure:
+            raise ValueError(
+                f"refusing to bind {self.bind}: it is reachable from other hosts and CURVE "
+                f"authentication is not available yet. Bind a loopback address "
+                f"(tcp://127.0.0.1:PORT) or pass --insecure to bind anyway, unencrypted and "
+                f"unauthenticated")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether only this host can reach ``endpoint`` (ipc and inproc always; tcp on loopback)."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface name or a host name: assume reachable from outside
+        return False
+
+
+class Server:
+    """A bound memory server; ``run()`` serves until ``stop()`` (or a ``shutdown`` request).
+
+    Use it as a context manager (``with Server(config) as server: server.run()``) so its wakeup
+    pipe is closed after ``run()``.
+    """
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        # A peer sending a single frame over this is disconnected without a reply; below it, the
+        # message is received and refused politely against max_message_bytes.
+        self._router.setsockopt(zmq.MAXMSGSIZE,
+                                min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1))
+        try:
+            self._router.bind(config.bind)
+        except zmq.ZMQError as exc:
+            self._router.close(linger=0)
+            self._context.term()
+            raise BindError(f"cannot bind {config.bind}: {exc.strerror}") from None
+        self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes)
+        self._sequencer = _Sequencer(
+            ThreadPoolExecutor(config.threads, thread_name_prefix="memory-server-request"))
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._pending = 0  # accepted and not yet answered; touched by the I/O thread only
+        self._metrics = _Metrics()
+        self._started = time.monotonic()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def stop(self) -> None:
+        """Ask the server to stop; safe from signal handlers and other threads."""
+        self._stopping = True
+        self._wake()
+
+    def run(self) -> None:
+        cfg = self.config
+        log.info("memory-server %s listening on %s (threads=%d, max_bytes=%s, "
+                 "max_message_bytes=%d, protocol v%d, pid %d)", VERSION, self.endpoint,
+                 cfg.threads, cfg.max_bytes, cfg.max_message_bytes, PROTOCOL_VERSION, os.getpid())
+        if not is_loopback(cfg.bind):
+            log.warning("INSECURE: listening on %s without CURVE: anyone who can reach this port "
+                        "can read and change every memory", self.endpoint)
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        reading = False
+        try:
+            while not (self._stopping and self._pending == 0):
+                want = not self._stopping and self._pending < cfg.max_pending
+                if want and not reading:
+                    poller.register(self._router, zmq.POLLIN)
+                elif reading and not want:
+                    poller.unregister(self._router)
+                reading = want
+                events = dict(poller.poll(_POLL_MS))
+                if self._wake_r in events:
+                    _drain(self._wake_r)
+                if events.get(self._router):
+                    self._receive()
+                self._send_replies()
+        finally:
+            self._close()
+        log.info("memory-server on %s stopped", self.endpoint)
+
+    # I/O thread
+
+    def _receive(self) -> None:
+        for _ in range(_RECV_BATCH):
+            if self._stopping or self._pending >= self.config.max_pending:
+                return
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            try:
+                self._accept(identity, frames[1:], time.monotonic())
+            except Exception as exc:  # a bug, not bad input: answer and keep serving
+                log.exception("internal error accepting a request")
+                self._send(identity, encode_error(None, "internal",
+                                                  f"internal server error: {exc!r}"))
+
+    def _accept(self, identity: bytes, body: list, received: float) -> None:
+        try:
+            request = decode_request(body, max_message_bytes=self.config.max_message_bytes)
+        except ProtocolError as exc:
+            log.info("rejected a malformed request (id %s): %s", exc.request_id, exc.message)
+            self._send(identity, encode_error(exc.request_id, exc.code, exc.message))
+            self._metrics.record("malformed", received, ok=False)
+            return
+        if request.op == "ping":
+            self._send(identity, encode_reply(request.id, {"version": VERSION,
+                                                           "protocol": PROTOCOL_VERSION}))
+            self._metrics.record("ping", received, ok=True)
+        elif request.op == "shutdown":
+            log.info("shutdown requested by a client")
+            self._send(identity, encode_reply(request.id))
+            self._metrics.record("shutdown", received, ok=True)
+            self.stop()
+        else:
+            self._pending += 1
+            scope, layers = _scope(identity, request)
+            self._sequencer.submit(scope, layers, partial(self._execute, identity, request,
+                                                          received))
+
+    def _send(self, identity: bytes, frames: list) -> None:
+        try:
+            self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # the peer's queue is full or it is gone: it will time out
+            log.warning("could not send a reply: %s", exc)
+
+    def _send_replies(self) -> None:
+        while True:
+            try:
+                identity, frames, op, received, ok = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            self._send(identity, frames)
+            self._pending -= 1
+            self._metrics.record(op, received, ok)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full of wakeups already
+            pass
+
+    def _close(self) -> None:
+        self._sequencer.close()
+        self.store.close()
+        self._router.close(linger=_CLOSE_LINGER_MS)
+        self._context.term()
+
+    # worker threads
+
+    def _execute(self, identity: bytes, request: Request, received: float) -> None:
+        """Run one request and queue its reply; never raises, so every request is answered."""
+        ok = False
+        try:
+            result, arrays = _HANDLERS[request.op](self, request.args, request.arrays)
+            frames = encode_reply(request.id, result, arrays)
+            ok = True
+        except MemoryServerError as exc:
+            frames = encode_error(request.id, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("internal error in %s request %d", request.op, request.id)
+            frames = encode_error(request.id, "internal",
+                                  f"internal server error in {request.op}: "
+                                  f"{type(exc).__name__}: {exc} (see the server log)")
+        self._replies.put((identity, frames, request.op, received, ok))
+        self._wake()
+
+    def _op_open(self, args: dict, arrays: dict):
+        self.store.open(args["namespace"], NamespaceConfig.from_dict(args["config"]))
+        return {}, {}
+
+    def _op_add(self, args: dict, arrays: dict):
+        self.store.add(args["namespace"], args["layer"], arrays["rows"], arrays["keys"],
+                       arrays["values"])
+        return {}, {}
+
+    def _op_search(self, args: dict, arrays: dict):
+        found = self.store.search(args["namespace"], args["layer"], arrays["rows"],
+                                  arrays["queries"], args["k"])
+        return {}, {"keys": found.keys, "values": found.values, "positions": found.positions}
+
+    def _op_clear(self, args: dict, arrays: dict):
+        layers = args.get("layers")
+        if layers is not None:
+            # The store checks each layer as it reaches it; check all first so a bad list
+            # clears nothing.
+            num_layers = self.store.config(args["namespace"]).num_layers
+            if not all(0 <= layer < num_layers for layer in layers):
+                raise InvalidRequest(f"layers must be integers in [0, {num_layers}), "
+                                     f"got {layers}")
+        self.store.clear(args["namespace"], arrays["rows"], layers)
+        return {}, {}
+
+    def _op_drop(self, args: dict, arrays: dict):
+        self.store.drop(args["namespace"])
+        return {}, {}
+
+    def _op_stats(self, args: dict, arrays: dict):
+        cfg = self.config
+        return {
+            **self.store.stats(),
+            "requests": self._metrics.snapshot(),
+            "uptime_s": time.monotonic() - self._started,
+            "version": VERSION,
+            "protocol": PROTOCOL_VERSION,
+            "config": {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
+                       "max_message_bytes": cfg.max_message_bytes},
+        }, {}
+
+
+_HANDLERS = {
+    "open": Server._op_open,
+    "add": Server._op_add,
+    "search": Server._op_search,
+    "clear": Server._op_clear,
+    "drop": Server._op_drop,
+    "stats": Server._op_stats,
+}
+
+
+def _scope(identity: bytes, request: Request):
+    """The sequencing scope of a request and the layers it touches (None: all of them)."""
+    namespace = request.args.get("namespace")
+    if namespace is None:
+        return None, None
+    if request.op in ("add", "search"):
+        return (identity, namespace), (request.args["layer"],)
+    if request.op == "clear" and "layers" in request.args:
+        return (identity, namespace), tuple(request.args["layers"])
+    return (identity, namespace), None
+
+
+def serve(config: ServerConfig) -> None:
+    """Bind, serve until SIGTERM/SIGINT or a ``shutdown`` request, finish in-flight work, return.
+
+    Raises ``BindError`` if the endpoint cannot be bound.
+    """
+    with Server(config) as server, _stop_on_signals(server):
+        server.run()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(server: Server):
+    """SIGTERM and SIGINT make ``server`` stop (when we are the main thread, which owns signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: server.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A signal may land on a worker thread while the I/O thread sits in poll: the wakeup fd
+    # makes the C-level handler wake the poll, and the Python handler then runs at once.
+    previous_fd = signal.set_wakeup_fd(server._wake_w)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+class _Task:
+    __slots__ = ("fn", "waiting", "dependents")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.waiting = 0  # unfinished tasks this one must wait for
+        self.dependents: list[_Task] = []
+
+
+@dataclass(slots=True)
+class _ScopeState:
+    tails: dict = field(default_factory=dict)
+    """Layer -> the last unfinished task that touched it since the last barrier."""
+    barrier: _Task | None = None
+    """The last unfinished task that touched every layer. Finished tasks are removed from both,
+    so whatever a new task finds here it must wait for."""
+
+
+class _Sequencer:
+    """Runs tasks on a pool, each after the earlier unfinished tasks of its scope that touch the
+    same layers (see Ordering in the module docstring); tasks without a scope run at once."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._scopes: dict[object, _ScopeState] = {}
+
+    def submit(self, scope, layers: tuple | None, fn) -> None:
+        task = _Task(fn)
+        if scope is not None:
+            with self._lock:
+                state = self._scopes.setdefault(scope, _ScopeState())
+                if layers is None:
+                    before = [*state.tails.values(), state.barrier]
+                    state.tails, state.barrier = {}, task
+                else:
+                    before = [state.tails.get(layer, state.barrier) for layer in layers]
+                    state.tails.update(dict.fromkeys(layers, task))
+                for earlier in {id(t): t for t in before if t is not None}.values():
+                    earlier.dependents.append(task)
+                    task.waiting += 1
+                if task.waiting:
+                    return
+        self._pool.submit(self._run, scope, task)
+
+    def _run(self, scope, task: _Task) -> None:
+        try:
+            task.fn()
+        finally:
+            with self._lock:
+                ready = []
+                for later in task.dependents:
+                    later.waiting -= 1
+                    if later.waiting == 0:
+                        ready.append(later)
+                state = self._scopes.get(scope)
+                if state is not None:
+                    state.tails = {k: t for k, t in state.tails.items() if t is not task}
+                    if state.barrier is task:
+                        state.barrier = None
+                    if not state.tails and state.barrier is None:
+                        del self._scopes[scope]
+            for later in ready:
+                self._pool.submit(self._run, scope, later)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _Metrics:
+    """Per-op request counts, error counts and recent latencies (receipt to reply), for stats."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ops: dict[str, tuple[list[int], deque]] = {}
+
+    def record(self, op: str, received: float, ok: bool) -> None:
+        latency = time.monotonic() - received
+        with self._lock:
+            counts, latencies = self._ops.setdefault(op, ([0, 0], deque(maxlen=_LATENCY_WINDOW)))
+            counts[0] += 1
+            counts[1] += not ok
+            latencies.append(latency)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            ops = {op: (list(counts), list(latencies)) for op, (counts, latencies) in
+                   self._ops.items()}
+        out = {}
+        for op, ((count, errors), latencies) in ops.items():
+            p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+            out[op] = {"count": count, "errors": errors, "p50_ms": float(p50),
+                       "p99_ms": float(p99)}
+        return out

@@ -1,0 +1,271 @@
+"""The trainer as real processes (`python -m memtrans.train`, torchrun): runs with every memory
+mode, exact resume, local memory servers started and stopped, and bad input that stops with one
+clear message."""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from memory_server.client import MemoryClient
+from servers import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16",
+        "--memorizing-layers", "2", "--seq-len", "64", "--batch-size", "2", "--max-memories", "96",
+        "--num-retrieved", "8", "--xl-max-memories", "64", "--warmup-steps", "0",
+        "--lr", "3e-3", "--eval-batches", "4", "--log-every", "1", "--val-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """30 standard-library files: a small slice of the default corpus (at least 4 validation
+    documents, for 2 ranks x 2 rows)."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)[:30]
+    for path in files:
+        shutil.copy(path, root / path.name)
+    return root
+
+
+def run(*args, env=None, timeout=100) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memtrans.train", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memtrans-train: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def processes_with(text: str) -> list[int]:
+    """Pids whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def inproc_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "inproc"
+    result = run("--data", str(corpus), "--memory", "inproc", "--steps", "8", "--eval-every", "4",
+                 "--out", str(out), *TINY)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_inproc_run_logs_losses_validation_and_checkpoint(inproc_run):
+    train = records(inproc_run, "train")
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(math.isfinite(r["train_bpb"]) and r["tokens_per_s"] > 0 for r in train)
+    evals = records(inproc_run, "eval")
+    assert [r["step"] for r in evals] == [4, 8]
+    for r in evals:
+        assert math.isfinite(r["val_bpb_memory"]) and math.isfinite(r["val_bpb_no_memory"])
+    # 4 segments of 64 with a 64-token XL window: the last two segments retrieve something.
+    assert evals[-1]["val_bpb_memory"] != evals[-1]["val_bpb_no_memory"]
+    assert (inproc_run / "checkpoint.pt").is_file()
+    assert not list(inproc_run.glob("*.tmp"))
+
+
+def test_resume_continues_exactly(corpus, inproc_run, tmp_path):
+    """4 steps, then --resume to 8: the same per-step losses as the uninterrupted 8 steps (the
+    kNN ring of 96 entries wraps by then, so the memory state is carried over for real)."""
+    out = tmp_path / "resumed"
+    first = run("--data", str(corpus), "--memory", "inproc", "--steps", "4", "--eval-every", "4",
+                "--out", str(out), *TINY)
+    assert first.returncode == 0, first.stderr
+    second = run("--resume", str(out), "--steps", "8")
+    assert second.returncode == 0, second.stderr
+    resumed = [(r["step"], r["train_bpb"]) for r in records(out, "train")]
+    whole = [(r["step"], r["train_bpb"]) for r in records(inproc_run, "train")]
+    assert resumed == whole
+    assert records(out, "eval") == records(inproc_run, "eval")
+
+
+def test_memory_off_trains_without_retrieval(corpus, tmp_path):
+    out = tmp_path / "off"
+    result = run("--data", str(corpus), "--memory", "off", "--steps", "3", "--out", str(out), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert all(math.isfinite(r["train_bpb"]) for r in records(out, "train"))
+    (evaluation,) = records(out, "eval")
+    assert evaluation["val_bpb_memory"] is None and math.isfinite(evaluation["val_bpb_no_memory"])
+
+
+def test_remote_starts_and_stops_local_server(corpus, tmp_path):
+    out = tmp_path / "remote"
+    env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
+    result = run("--data", str(corpus), "--steps", "4", "--out", str(out), *TINY, env=env)
+    assert result.returncode == 0, result.stderr
+    (endpoint,) = re.findall(r"memory remote on (tcp://\S+)", result.stdout)
+    assert all(math.isfinite(r["train_bpb"]) for r in records(out, "train"))
+    assert (out / "memory-server-0.log").is_file()
+    assert processes_with(endpoint) == []
+
+
+def test_interrupt_stops_local_server(corpus, tmp_path):
+    """Ctrl-C mid-run: exit 130, the auto-started server is gone, the checkpoint is kept."""
+    out = tmp_path / "interrupted"
+    env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
+    proc = subprocess.Popen([sys.executable, "-m", "memtrans.train", "--data", str(corpus),
+                             "--steps", "10000", "--checkpoint-every", "2", "--eval-every", "0",
+                             "--out", str(out), *TINY], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    (endpoint,) = re.findall(r"memory remote on (tcp://\S+)", stdout)
+    assert processes_with(endpoint) == []
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_missing_corpus(tmp_path):
+    assert_clean_error(run("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")),
+                       "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "empty.txt").write_bytes(b"")
+    assert_clean_error(run("--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "out")),
+                       "no documents")
+
+
+def test_endpoint_that_never_answers(corpus, tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    result = run("--data", str(corpus), "--memory-servers", endpoint, "--memory-timeout", "1",
+                 "--steps", "2", "--out", str(tmp_path / "out"), *TINY)
+    assert_clean_error(result, endpoint)
+
+
+def test_bad_setting(corpus, tmp_path):
+    result = run("--data", str(corpus), "--memorizing-layers", "5", *TINY[:4])
+    assert_clean_error(result, "memorizing_layers")
+
+
+def test_checkpoint_of_another_config_is_refused_and_kept(inproc_run):
+    checkpoint = inproc_run / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    log_before = (inproc_run / "log.jsonl").read_text()
+    assert_clean_error(run("--resume", str(inproc_run), "--steps", "12", "--dim", "64"),
+                       "dim: checkpoint 32, now 64")
+    assert checkpoint.read_bytes() == before
+    assert (inproc_run / "log.jsonl").read_text() == log_before
+
+
+def test_fresh_run_does_not_overwrite_a_checkpoint(corpus, inproc_run):
+    result = run("--data", str(corpus), "--memory", "inproc", "--steps", "2",
+                 "--out", str(inproc_run), *TINY)
+    assert_clean_error(result, "already holds a checkpoint")
+
+
+def test_resume_of_remote_run_is_refused(corpus, tmp_path):
+    out = tmp_path / "remote"
+    env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
+    result = run("--data", str(corpus), "--steps", "1", "--eval-every", "0", "--out", str(out),
+                 *TINY, env=env)
+    assert result.returncode == 0, result.stderr
+    assert_clean_error(run("--resume", str(out), "--steps", "2", env=env), "snapshot")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_torchrun_two_ranks_two_servers(corpus, tmp_path, memory_server):
+    """2 ranks (gloo) on 2 memory servers: both ranks' global rows reach the servers."""
+    servers = [s.endpoint for s in memory_server(2)]
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "memtrans.train",
+         "--data", str(corpus), "--memory-servers", ",".join(servers), "--steps", "12",
+         "--eval-every", "6", "--out", str(out), *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows: set[int] = set()
+    with MemoryClient(servers, timeout=5) as client:
+        while proc.poll() is None:
+            for stats in client.stats():
+                for namespace in stats["per_namespace"].values():
+                    rows.update(namespace["rows"])
+            time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert rows == {0, 1, 2, 3}  # rank 0: rows 0, 1; rank 1: rows 2, 3
+    assert all(math.isfinite(r["train_bpb"]) for r in records(out, "train"))
+    assert [r["step"] for r in records(out, "eval")] == [6, 12]
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_generate_reads_priming_document_then_samples(inproc_run, corpus):
+    prime = sorted(corpus.iterdir())[0]
+    result = subprocess.run([sys.executable, "-m", "memtrans.generate", "--checkpoint",
+                             str(inproc_run), "--prime", str(prime), "--length", "20"],
+                            capture_output=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert 0 < len(result.stdout) <= 21
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_launch_local_script(corpus, tmp_path):
+    """launch/local.sh: 2 servers, 2 ranks, a few steps; the servers are gone afterwards."""
+    base = free_port()
+    while not all(_port_free(base + i) for i in range(2)):
+        base = free_port()
+    script = Path(__file__).resolve().parents[1] / "launch" / "local.sh"
+    env = {**os.environ, "NPROC": "2", "NSERVERS": "2", "BASE_PORT": str(base),
+           "PYTHON": sys.executable, "LOG_DIR": str(tmp_path)}
+    out = tmp_path / "run"
+    result = subprocess.run(["bash", str(script), "--data", str(corpus), "--steps", "3",
+                             "--eval-every", "0", "--out", str(out), *TINY],
+                            env=env, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr
+    assert all(math.isfinite(r["train_bpb"]) for r in records(out, "train"))
+    for i in range(2):
+        assert processes_with(f"tcp://127.0.0.1:{base + i}") == []
+
+
+def _port_free(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -2,9 +2,11 @@
 
 from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
                      ServerUnavailable, SnapshotError, UnknownNamespace)
+from .client import MemoryClient
 from .store import MemoryStore, NamespaceConfig, Retrieval
 
 __all__ = [
-    "ConfigMismatch", "InvalidRequest", "LimitExceeded", "MemoryServerError", "MemoryStore",
+    "ConfigMismatch", "InvalidRequest", "LimitExceeded", "MemoryClient", "MemoryServerError",
+    "MemoryStore",
     "NamespaceConfig", "Retrieval", "ServerUnavailable", "SnapshotError", "UnknownNamespace",
 ]

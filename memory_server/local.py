@@ -78,16 +78,19 @@ class ServerProcess:
                            f"{timeout} s:\n{self.output()}")
 
 
-def launch(*flags: str, port: int | None = None, prefix: tuple[str, ...] = ()) -> ServerProcess:
-    """Start a server on ``127.0.0.1:port`` (a free one by default) without waiting for it.
+def launch(*flags: str, port: int | None = None, host: str = "127.0.0.1",
+           prefix: tuple[str, ...] = ()) -> ServerProcess:
+    """Start a server on ``host:port`` (a free port by default) without waiting for it.
 
-    ``prefix`` goes before the command, e.g. ``("taskset", "-c", "0")`` to pin it to a core.
+    ``host`` must include loopback (it is reached on 127.0.0.1). ``prefix`` goes before the
+    command, e.g. ``("taskset", "-c", "0")`` to pin it to a core.
     """
-    endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+    port = port or free_port()
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "memory_server", "--bind", endpoint,
-                             *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return ServerProcess(endpoint, proc, log)
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "memory_server", "--bind",
+                             f"tcp://{host}:{port}", *flags],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return ServerProcess(f"tcp://127.0.0.1:{port}", proc, log)
 
 
 def start_servers(count: int, *flags: str, prefix: tuple[str, ...] = (),

@@ -13,6 +13,7 @@ without its files on disk: memories live in RAM here or on the servers.
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,8 +170,7 @@ class KNNMemory:
         queries = self._check(queries, "queries", (len(self.scoped_indices), ..., self.dim))
         flat = queries.detach().to("cpu", torch.float32).reshape(queries.shape[0], -1, self.dim)
         future = self.backend.search_async(self.layer, self._rows(), flat.numpy(), topk)
-        adds_before, self._pending_adds = self._pending_adds, []
-        return PendingSearch(future, adds_before)
+        return PendingSearch(future, self._take_pending_adds())
 
     def retrieved(self, pending: PendingSearch) -> Retrieval:
         """Wait for a search; an error of an add sent before it is raised here."""
@@ -198,8 +198,23 @@ class KNNMemory:
 
     def collect_adds(self) -> None:
         """Wait for every add sent so far and raise the first error among them."""
-        pending, self._pending_adds = self._pending_adds, []
-        _raise_first_error(pending)
+        _raise_first_error(self._take_pending_adds())
+
+    def _take_pending_adds(self) -> list[Future]:
+        # In place: row-group views share this list with the memory they were made from.
+        pending = list(self._pending_adds)
+        self._pending_adds.clear()
+        return pending
+
+    def row_group(self, batch_rows) -> KNNMemory:
+        """A view of some of the scoped batch rows (positions in the batch), for micro-batches.
+
+        It shares the backend and the list of adds under way, so errors are still collected.
+        """
+        view = copy.copy(self)
+        view.scoped_indices = [self.scoped_indices[r] for r in batch_rows]
+        view._owns_backend = False
+        return view
 
     def clear(self, batch_indices=None) -> None:
         """Empty the memories of ``batch_indices`` (absolute rows, default all)."""

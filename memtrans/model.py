@@ -343,14 +343,22 @@ class MemorizingTransformer(nn.Module):
 
     # forward
 
-    def forward(self, x, knn_memories, xl_memories=None, labels=None, add_knn_memory=True):
+    def forward(self, x, knn_memories, xl_memories=None, labels=None, add_knn_memory=True,
+                micro_batches: int = 1):
+        """Logits (or loss with ``labels``), plus the new XL memories when XL memory is on.
+
+        ``micro_batches > 1`` splits the batch into that many row groups run in turn: while one
+        group waits for its kNN search, the others compute. The numbers are those of one batch.
+        """
         batch_size, seq_len = x.shape
         device = x.device
-        token_ids = x
         self._check_memories(knn_memories, batch_size)
+        if not isinstance(micro_batches, int) or not 1 <= micro_batches <= batch_size:
+            raise ValueError(f"micro_batches must be an integer in [1, batch size {batch_size}], "
+                             f"got {micro_batches!r}")
 
         if self.clear_memories_on_sos_token_id is not None:
-            self.clear_memory(knn_memories, token_ids, self.clear_memories_on_sos_token_id)
+            self.clear_memory(knn_memories, x, self.clear_memories_on_sos_token_id)
 
         xl_memories = list(xl_memories) if xl_memories is not None else [None] * self.num_xl_memory_layers
         if len(xl_memories) != self.num_xl_memory_layers:
@@ -366,36 +374,50 @@ class MemorizingTransformer(nn.Module):
 
         max_context = max([seq_len, *((m.shape[-3] if m is not None else 0) + seq_len
                                       for m in xl_memories)])
-        rel_pos_bias = self.rel_pos_bias(seq_len, max_context, device=device)
-        knn_rel_pos_bias = self.knn_rel_pos_bias(seq_len, max_context, device=device)
+        biases = (self.rel_pos_bias(seq_len, max_context, device=device),
+                  self.knn_rel_pos_bias(seq_len, max_context, device=device))
 
-        h = self.token_emb(x)
-        knn_iter, xl_iter = iter(knn_memories_seq), iter(xl_memories)
-        new_xl_memories = []
-        for layer_num, (attn, ff) in enumerate(self.layers, start=1):
-            kwargs = {}
-            if layer_num in self.memorizing_layers:
-                kwargs = dict(rel_pos_bias=knn_rel_pos_bias, knn_memory=next(knn_iter),
-                              add_knn_memory=add_knn_memory)
-            else:
-                kwargs = dict(rel_pos_bias=rel_pos_bias)
-            if layer_num in self.xl_memory_layers:
-                kwargs["xl_memory"] = next(xl_iter)
-            h, xl_mem = attn(h, **kwargs)
-            if xl_mem is not None:
-                new_xl_memories.append(xl_mem)
-            h = ff(h)
+        groups = [g.tolist() for g in torch.arange(batch_size).tensor_split(micro_batches)]
+        runs = [self._run_rows(x[rows], rows, knn_memories_seq, xl_memories, biases, add_knn_memory,
+                               whole_batch=micro_batches == 1) for rows in groups]
+        results = _round_robin(runs)
+        h = torch.cat([r[0] for r in results])
+        new_xl_memories = [torch.cat(parts) for parts in zip(*(r[1] for r in results))]
         logits = self.to_logits(h)
 
         # After the memories were used: a row that ends its document here starts the next clean.
         if self.clear_memories_on_eos_token_id is not None:
-            self.clear_memory(knn_memories, token_ids, self.clear_memories_on_eos_token_id)
+            self.clear_memory(knn_memories, x, self.clear_memories_on_eos_token_id)
 
         has_xl = self.num_xl_memory_layers > 0
         if labels is None:
             return (logits, new_xl_memories) if has_xl else logits
         loss = F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels, ignore_index=self.pad_id)
         return (loss, new_xl_memories) if has_xl else loss
+
+    def _run_rows(self, x, rows, knn_memories, xl_memories, biases, add_knn_memory, whole_batch):
+        """The layers for one row group, as a generator that yields while its kNN search runs."""
+        rel_pos_bias, knn_rel_pos_bias = biases
+        if not whole_batch:
+            knn_memories = [m.row_group(rows) for m in knn_memories]
+            xl_memories = [m[rows] if m is not None else None for m in xl_memories]
+        knn_iter, xl_iter = iter(knn_memories), iter(xl_memories)
+        new_xl_memories = []
+        h = self.token_emb(x)
+        for layer_num, (attn, ff) in enumerate(self.layers, start=1):
+            xl_memory = next(xl_iter) if layer_num in self.xl_memory_layers else None
+            if layer_num in self.memorizing_layers:
+                state = attn.fn.begin(attn.norm(h), knn_memory=next(knn_iter), xl_memory=xl_memory,
+                                      add_knn_memory=add_knn_memory, rel_pos_bias=knn_rel_pos_bias)
+                yield
+                out, xl_mem = attn.fn.finish(state)
+                h = out + h
+            else:
+                h, xl_mem = attn(h, xl_memory=xl_memory, rel_pos_bias=rel_pos_bias)
+            if xl_mem is not None:
+                new_xl_memories.append(xl_mem)
+            h = ff(h)
+        return h, new_xl_memories
 
     def _check_memories(self, knn_memories, batch_size: int) -> None:
         if len(knn_memories) != self.num_memory_layers:
@@ -411,6 +433,20 @@ class MemorizingTransformer(nn.Module):
             if memory.dim != self.dim_head:
                 raise ValueError(f"kNN memory dim {memory.dim} does not match the model's dim_head "
                                  f"{self.dim_head}")
+
+
+def _round_robin(runs: list) -> list:
+    """Step generators in turn until all return; their return values, in order."""
+    results = [None] * len(runs)
+    active = list(range(len(runs)))
+    while active:
+        for i in list(active):
+            try:
+                next(runs[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results
 
 
 def _distributed_rank() -> tuple[int, int]:

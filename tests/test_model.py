@@ -218,3 +218,21 @@ def test_seed_readme_examples_run(tmp_path, monkeypatch):
     with model.knn_memories_context(batch_size=2) as memories:
         assert len(memories) == 2
     assert list(tmp_path.iterdir()) == [], "memories left files on disk"
+
+
+def test_micro_batches_give_the_same_numbers():
+    model = model_of(xl_max_memories=6, max_knn_memories=40)
+    whole = model.create_knn_memories(batch_size=5)
+    split = model.create_knn_memories(batch_size=5)
+    xl_a = xl_b = None
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randint(3, 64, (5, 16))
+            a, xl_a = model(x, knn_memories=whole, xl_memories=xl_a, labels=x)
+            b, xl_b = model(x, knn_memories=split, xl_memories=xl_b, labels=x, micro_batches=3)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+            for m, n in zip(xl_a, xl_b):
+                torch.testing.assert_close(m, n, atol=1e-6, rtol=1e-6)
+    assert entries(whole) == entries(split) > 0
+    with pytest.raises(ValueError, match="micro_batches must be an integer in"):
+        model(x, knn_memories=whole, micro_batches=6)

@@ -1,7 +1,9 @@
-"""The ``memory-server`` command: parse flags, configure logging, serve until SIGTERM/SIGINT.
+"""The ``memory-server`` command: parse flags, configure logging, serve until SIGTERM/SIGINT;
+and its ``keygen`` and ``status`` subcommands.
 
-Exit status: 0 after a clean shutdown, 2 for bad flags or an endpoint that cannot be bound (with a
-one-line message on stderr, no traceback).
+Exit status: 0 after a clean shutdown, 2 for bad flags, an endpoint that cannot be bound or a
+``--restore`` snapshot that cannot be loaded (with a one-line message on stderr, no traceback).
+``status`` exits 1 when the server does not answer; ``keygen`` 2 when a key file exists already.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import os
 import re
 import sys
 
+from . import auth, health
+from .errors import MemoryServerError
+from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
 from .server import DEFAULT_BIND, BindError, ServerConfig, serve
 
@@ -37,10 +42,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in 1..65535, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memory-server",
-        description="Serve memtrans kNN memories over ZeroMQ. SIGTERM or SIGINT stops it cleanly.")
+        description="Serve memtrans kNN memories over ZeroMQ. SIGTERM or SIGINT stops it cleanly.",
+        epilog="Other commands: `memory-server keygen --out DIR` makes a CURVE key pair; "
+               "`memory-server status ENDPOINT` prints a running server's stats.")
     parser.add_argument("--bind", default=DEFAULT_BIND,
                         help="ZeroMQ endpoint to listen on (default: %(default)s)")
     parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1,
@@ -54,22 +78,113 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                         help="logging threshold (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory for snapshots of namespaces (the snapshot and restore "
+                             "ops); without it they are refused")
+    parser.add_argument("--restore", action="append", default=[], metavar="NAMESPACE:TAG",
+                        help="load this snapshot from --data-dir before serving (repeatable)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback address without CURVE authentication "
                              "(traffic is unencrypted and anyone who can connect can change "
                              "memories)")
+    curve = parser.add_argument_group(
+        "CURVE authentication (required to bind a non-loopback address without --insecure)")
+    curve.add_argument("--curve-secret-key", metavar="FILE",
+                       help="the server's secret key file (NAME.key_secret from `memory-server "
+                            "keygen`); its public key is derived from it")
+    curve.add_argument("--curve-allow", metavar="FILE_OR_DIR",
+                       help="client public key file (NAME.key), or a directory of them: only "
+                            "these clients can connect")
+    limits = parser.add_argument_group("limits (each refused with an error naming its flag)")
+    limits.add_argument("--max-namespaces", type=_positive_int, default=None,
+                        help="namespaces open at once (default: no cap)")
+    limits.add_argument("--max-memories-per-namespace", type=_positive_int, default=None,
+                        help="cap on num_layers x num_rows a namespace may declare "
+                             "(default: no cap)")
+    limits.add_argument("--namespace-ttl", type=_positive_float, default=None, metavar="SECONDS",
+                        help="drop a namespace after this many seconds without requests "
+                             "(default: never)")
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--metrics-port", type=_port, default=None,
+                         help="serve Prometheus metrics on this HTTP port (needs "
+                              f"{INSTALL_HINT})")
+    metrics.add_argument("--metrics-host", default="127.0.0.1",
+                         help="address of the metrics port (default: %(default)s)")
     return parser
 
 
+def build_keygen_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memory-server keygen",
+        description="Write a CURVE key pair: NAME.key (public: give it to the other side) and "
+                    "NAME.key_secret (mode 0600: keep it).")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    parser.add_argument("--name", default="server",
+                        help="file name stem, e.g. server or client-0 (default: %(default)s)")
+    return parser
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memory-server status",
+        description="Print a running server's stats; exit 1 if it does not answer.")
+    parser.add_argument("endpoint", help="the server, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--timeout", type=_positive_float, default=5.0,
+                        help="seconds to wait for the answer (default: %(default)s)")
+    parser.add_argument("--server-key", metavar="FILE",
+                        help="the server's public key file, for a CURVE server")
+    parser.add_argument("--client-key", metavar="FILE",
+                        help="this client's secret key file (NAME.key_secret), for a CURVE server")
+    return parser
+
+
+def keygen_main(argv: list[str]) -> int:
+    args = build_keygen_parser().parse_args(argv)
+    try:
+        public, secret = auth.keygen(args.out, args.name)
+    except OSError as exc:
+        print(f"memory-server keygen: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    args = build_status_parser().parse_args(argv)
+    logging.getLogger("memory_server.client").setLevel(logging.ERROR)  # the error below says it
+    try:
+        stats = health.fetch_stats(args.endpoint, args.timeout, server_key=args.server_key,
+                                   client_key=args.client_key)
+    except (ValueError, MemoryServerError) as exc:
+        print(f"memory-server status: error: {exc}", file=sys.stderr)
+        return 1
+    print(health.format_stats(args.endpoint, stats))
+    return 0
+
+
+_COMMANDS = {"keygen": keygen_main, "status": status_main}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``memory-server keygen ...`` and ``memory-server status ...`` are subcommands; anything
+    else (``memory-server --bind ...``) serves, as it always has."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _COMMANDS:
+        return _COMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig(bind=args.bind, threads=args.threads, max_bytes=args.max_bytes,
-                              max_message_bytes=args.max_message_bytes, insecure=args.insecure)
+                              max_message_bytes=args.max_message_bytes, insecure=args.insecure,
+                              data_dir=args.data_dir, restore=tuple(args.restore),
+                              curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
+                              max_namespaces=args.max_namespaces,
+                              max_memories_per_namespace=args.max_memories_per_namespace,
+                              namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
+                              metrics_host=args.metrics_host)
         serve(config)
-    except (ValueError, BindError) as exc:
+    except (ValueError, BindError, MemoryServerError) as exc:
         print(f"memory-server: error: {exc}", file=sys.stderr)
         return 2
     return 0

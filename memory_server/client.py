@@ -17,7 +17,13 @@ Faults (Lazy Pirate): a server that does not answer a request within ``timeout``
 that request with ``ServerUnavailable`` naming the server and the op. The client then closes that
 server's socket, fails the server's other outstanding requests the same way (their replies could
 no longer arrive) and opens a fresh socket, so later calls succeed once the server is back.
-Memories live in the server: after a server restart the namespace must be opened again.
+Memories live in the server: after a server restart the namespace must be opened again, or
+restored from a snapshot (``snapshot``/``restore``: each server keeps its own shard).
+
+Security: with ``server_public_key`` every socket (and every socket opened on reconnect) is a
+CURVE client: encrypted, and accepted only by a server that allows this client's public key. A
+server that refuses the key sends nothing; the call fails with ``ServerUnavailable`` at its
+timeout.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from . import auth
+from .auth import KeySource
 from .errors import ERRORS_BY_CODE, InvalidRequest, MemoryServerError, ProtocolError, \
     ServerUnavailable
 from .protocol import Reply, decode_reply, encode_request
@@ -68,7 +76,12 @@ class _Connection:
 class MemoryClient:
     """Numpy client of one or more memory servers; see the module docstring."""
 
-    def __init__(self, servers: list[str] | str, *, timeout: float = 30.0):
+    def __init__(self, servers: list[str] | str, *, timeout: float = 30.0,
+                 server_public_key: KeySource | Sequence[KeySource] | None = None,
+                 public_key: KeySource | None = None, secret_key: KeySource | None = None):
+        """``server_public_key`` (one for all servers, or one per server) turns CURVE on; it
+        needs this client's ``secret_key`` (``public_key`` is derived from it when omitted).
+        Keys are Z85 strings or key files from ``memory-server keygen``."""
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers or not all(isinstance(s, str) and "://" in s for s in servers):
             raise ValueError(f"servers must be a non-empty list of ZeroMQ endpoints like "
@@ -77,6 +90,7 @@ class MemoryClient:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         self.servers: tuple[str, ...] = tuple(servers)
         self.timeout = float(timeout)
+        self._curve = _curve_options(self.servers, server_public_key, public_key, secret_key)
         self._context = zmq.Context()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -156,6 +170,30 @@ class MemoryClient:
         return _gather([self._submit(i, "stats") for i in range(len(self.servers))],
                        lambda replies: [r.result for r in replies])
 
+    def snapshot_async(self, namespace: str, tag: str) -> Future[list[dict]]:
+        """Each server writes its shard of ``namespace`` to its data directory, as
+        ``shard_tag(tag, i, n)``, after every request this client sent before; one result each."""
+        n = len(self.servers)
+        return _gather([self._submit(i, "snapshot", {"namespace": namespace,
+                                                     "tag": shard_tag(tag, i, n)})
+                        for i in range(n)], lambda replies: [r.result for r in replies])
+
+    def restore_async(self, namespace: str, tag: str, *, servers: Sequence[str] | None = None,
+                      if_missing: bool = False) -> Future[list[dict]]:
+        """Replace ``namespace`` on each server (or only on ``servers``) by its shard of the
+        snapshot ``tag``; with ``if_missing``, only on servers where it is not open."""
+        n = len(self.servers)
+        chosen = range(n) if servers is None else [self._index(s) for s in servers]
+        return _gather([self._submit(i, "restore", {"namespace": namespace,
+                                                    "tag": shard_tag(tag, i, n),
+                                                    "if_missing": if_missing})
+                        for i in chosen], lambda replies: [r.result for r in replies])
+
+    def snapshots_async(self) -> Future[list[list[dict]]]:
+        """The snapshot files in each server's data directory."""
+        return _gather([self._submit(i, "snapshots") for i in range(len(self.servers))],
+                       lambda replies: [r.result["snapshots"] for r in replies])
+
     def ping(self) -> list[float]:
         return self._wait(self.ping_async())
 
@@ -177,11 +215,25 @@ class MemoryClient:
     def stats(self) -> list[dict]:
         return self._wait(self.stats_async())
 
+    def snapshot(self, namespace: str, tag: str) -> list[dict]:
+        return self._wait(self.snapshot_async(namespace, tag))
+
+    def restore(self, namespace: str, tag: str, *, servers: Sequence[str] | None = None,
+                if_missing: bool = False) -> list[dict]:
+        return self._wait(self.restore_async(namespace, tag, servers=servers,
+                                             if_missing=if_missing))
+
+    def snapshots(self) -> list[list[dict]]:
+        return self._wait(self.snapshots_async())
+
     def shutdown_server(self, endpoint: str) -> None:
         """Ask the server at ``endpoint`` (one of ``servers``) to finish its work and exit."""
+        self._wait(_gather([self._submit(self._index(endpoint), "shutdown")], _none))
+
+    def _index(self, endpoint: str) -> int:
         if endpoint not in self.servers:
             raise ValueError(f"{endpoint!r} is not one of this client's servers {self.servers}")
-        self._wait(_gather([self._submit(self.servers.index(endpoint), "shutdown")], _none))
+        return self.servers.index(endpoint)
 
     def close(self) -> None:
         """Fail what is outstanding, close the sockets (linger 0) and stop the I/O thread."""
@@ -273,6 +325,9 @@ class MemoryClient:
     def _connect(self, endpoint: str) -> _Connection:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            server_keys, keys = self._curve
+            auth.make_curve_client(sock, server_keys[endpoint], keys)
         sock.connect(endpoint)
         return _Connection(endpoint, sock)
 
@@ -340,6 +395,33 @@ class MemoryClient:
             connections[i] = self._connect(conn.endpoint)
             poller.register(connections[i].socket, zmq.POLLIN)
             log.warning("%s did not answer within %g s; reconnected", conn.endpoint, self.timeout)
+
+
+def shard_tag(tag: str, server: int, num_servers: int) -> str:
+    """The snapshot tag of server ``server``'s shard: distinct per shard, so servers may share a
+    data directory, and naming the server count, so a restore onto another count finds nothing."""
+    return f"{tag}.shard-{server}-of-{num_servers}"
+
+
+def _curve_options(servers: tuple[str, ...], server_public_key, public_key, secret_key):
+    """(server endpoint -> its public key, this client's key pair), or None without CURVE."""
+    if server_public_key is None:
+        if secret_key is not None or public_key is not None:
+            raise ValueError("a client key pair was given without server_public_key: CURVE needs "
+                             "the server's public key too")
+        return None
+    if secret_key is None:
+        raise ValueError("server_public_key needs this client's secret_key (a .key_secret file "
+                         "from `memory-server keygen` whose public key the server allows)")
+    if isinstance(server_public_key, (bytes, str, os.PathLike)):
+        server_public_key = [server_public_key] * len(servers)
+    server_public_key = list(server_public_key)
+    if len(server_public_key) != len(servers):
+        raise ValueError(f"server_public_key must be one key, or one per server "
+                         f"({len(servers)}), got {len(server_public_key)}")
+    server_keys = {endpoint: auth.load_key(key, "server_public_key")
+                   for endpoint, key in zip(servers, server_public_key)}
+    return server_keys, auth.load_key_pair(secret_key, public_key, "secret_key")
 
 
 def _gather(futures: list[Future], combine: Callable[[list[Reply]], object]) -> Future:

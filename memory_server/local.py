@@ -6,6 +6,7 @@ is stopped with SIGTERM (a clean shutdown), then SIGKILL if it does not exit in 
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -63,6 +64,17 @@ class ServerProcess:
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Ping until the server answers; raise with its output if it exits or time runs out."""
         deadline = time.monotonic() + timeout
+        # Unanswered pings are expected while the server starts: keep the client's reconnect
+        # warnings out of the user's log meanwhile.
+        client_log = logging.getLogger("memory_server.client")
+        level = client_log.level
+        client_log.setLevel(logging.ERROR)
+        try:
+            self._ping_until(deadline, timeout)
+        finally:
+            client_log.setLevel(level)
+
+    def _ping_until(self, deadline: float, timeout: float) -> None:
         with MemoryClient(self.endpoint, timeout=0.5) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -29,6 +29,11 @@ too broken for its id to be read. ``code`` is one of ``errors.ERRORS_BY_CODE``.
     clear     namespace, [layers]      rows int (b,)           {}
     drop      namespace                -                       {}
     stats     -                        -                       store.stats() + requests, uptime
+    snapshot  namespace, tag           -                       {path, bytes, memories}
+    restore   namespace, tag,          -                       {restored, [memories]}
+              [if_missing]
+    snapshots -                        -                       {snapshots: [{namespace, tag,
+                                                               path, bytes, mtime}, ...]}
     shutdown  -                        -                       {}, then the server stops
 
 Arrays travel without copies: senders hand the arrays themselves to ZeroMQ (``copy=False``) and
@@ -118,6 +123,10 @@ OPS: dict[str, OpSchema] = {
                       arrays=("rows",)),
     "drop": OpSchema(args=_NAMESPACE),
     "stats": OpSchema(),
+    "snapshot": OpSchema(args={**_NAMESPACE, "tag": (True, _is_str, "a string")}),
+    "restore": OpSchema(args={**_NAMESPACE, "tag": (True, _is_str, "a string"),
+                              "if_missing": (False, lambda v: isinstance(v, bool), "a boolean")}),
+    "snapshots": OpSchema(),
     "shutdown": OpSchema(),
 }
 
@@ -212,8 +221,8 @@ def decode_request(frames: Sequence[Frame], *,
     request_id = _read_id(header)
     if size > max_message_bytes:
         raise MessageTooLarge(f"message is {size} bytes, over the server's limit "
-                              f"max_message_bytes={max_message_bytes}; send smaller batches",
-                              request_id)
+                              f"max_message_bytes={max_message_bytes} (--max-message-bytes); "
+                              f"send smaller batches", request_id)
     try:
         _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header")
         _check_version(header["v"])

@@ -14,16 +14,32 @@ Ordering
     The operations on one memory are applied in the order its client sent them; nothing else is
     ordered. Requests are sequenced per *scope* = (client identity, namespace): ``add`` and
     ``search`` run after the previous request of their scope that touched the same layer, ``clear``
-    after those that touched its layers, and ``open``, ``drop`` and ``clear`` of every layer are
-    barriers for the whole scope. So an add and the search right after it are in order (read your
-    writes), while other clients, other namespaces and other layers overlap. ``ping``, ``stats``
-    and ``shutdown`` touch no memory and are not ordered.
+    after those that touched its layers, and ``open``, ``drop``, ``snapshot``, ``restore`` and
+    ``clear`` of every layer are barriers for the whole scope. So an add and the search right
+    after it are in order (read your writes), and a snapshot holds every add its client sent
+    before it, while other clients, other namespaces and other layers overlap. ``ping``,
+    ``stats``, ``snapshots`` and ``shutdown`` touch no memory and are not ordered.
+
+Snapshots
+    With ``--data-dir``, ``snapshot`` copies a namespace out of the store (each memory under its
+    lock) and writes it atomically (``snapshot.py``); ``restore`` and ``--restore NAMESPACE:TAG``
+    (loaded before the first request is read) verify a whole file before they replace the
+    namespace with it. Requests of other clients may overlap a snapshot: a client that needs a
+    consistent cut across clients (the trainer's ranks) makes the others wait until it returns.
 
 Bad input
     A request that breaks the wire format, names an unknown namespace or has out-of-range
     arguments gets an error reply and changes nothing: the protocol checks the framing and schema,
     the store checks the values before it writes. Unexpected exceptions become ``internal`` error
     replies, logged with their traceback, and the server goes on serving.
+
+Security and limits
+    A loopback bind needs nothing. Any other bind needs CURVE (``--curve-secret-key`` and
+    ``--curve-allow``; see ``auth.py``): a ZAP handler admits only the listed client keys, so a
+    stranger's handshake fails and it never reaches the I/O thread. ``--insecure`` binds without
+    it, with a loud warning. Limits (bytes, message size, namespaces, memories per namespace) are
+    refused with ``limit_exceeded`` replies naming the flag; with ``--namespace-ttl`` a thread
+    drops idle namespaces and a later request for one is told it expired.
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
@@ -41,7 +57,7 @@ import queue
 import signal
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,7 +65,9 @@ from functools import partial
 import numpy as np
 import zmq
 
-from .errors import InvalidRequest, MemoryServerError, ProtocolError
+from . import auth, metrics, snapshot
+from .errors import (InvalidRequest, MemoryServerError, ProtocolError, SnapshotError,
+                     UnknownNamespace)
 from .protocol import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request,
                        decode_request, encode_error, encode_reply)
 from .store import MemoryStore, NamespaceConfig
@@ -89,27 +107,69 @@ class ServerConfig:
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
+    data_dir: str | None = None
+    """Directory of ``snapshot`` files (``snapshot.py``); None: ``snapshot``/``restore`` are
+    refused."""
+    restore: tuple[str, ...] = ()
+    """``NAMESPACE:TAG`` snapshots loaded from ``data_dir`` before the first request is served."""
     insecure: bool = False
     """Allow binding a non-loopback address without CURVE: anyone who can reach the port can read
     and change every memory."""
+    curve_secret_key: str | None = None
+    """The server's CURVE secret key (a ``.key_secret`` file from ``memory-server keygen``, or
+    Z85); with it every connection is encrypted and only ``curve_allow`` clients get in."""
+    curve_allow: str | None = None
+    """Client public keys allowed to connect: a ``.key`` file or a directory of them."""
+    max_namespaces: int | None = None
+    """Cap on namespaces open at once; an ``open`` past it is refused (None: no cap)."""
+    max_memories_per_namespace: int | None = None
+    """Cap on ``num_layers * num_rows`` a namespace may declare (None: no cap)."""
+    namespace_ttl: float | None = None
+    """Seconds a namespace may go unused before it is dropped (None: never)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this HTTP port (needs prometheus-client)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics port listens on."""
 
     def __post_init__(self):
         if not isinstance(self.bind, str) or self.bind.partition("://")[0] not in ("tcp", "ipc",
                                                                                   "inproc"):
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555 or "
                              f"ipc:///tmp/memory.sock, got {self.bind!r}")
-        for name in ("threads", "max_message_bytes", "max_pending", "max_bytes"):
+        if self.restore and self.data_dir is None:
+            raise ValueError("--restore needs --data-dir: the directory holding the snapshots")
+        for item in self.restore:
+            namespace, sep, tag = item.rpartition(":")
+            if not sep:
+                raise ValueError(f"--restore takes NAMESPACE:TAG, got {item!r}")
+            try:
+                snapshot.snapshot_path(self.data_dir, namespace, tag)  # checks both names
+            except InvalidRequest as exc:
+                raise ValueError(f"--restore {item!r}: {exc.message}") from None
+        for name in ("threads", "max_message_bytes", "max_pending", "max_bytes", "max_namespaces",
+                     "max_memories_per_namespace", "metrics_port"):
             value = getattr(self, name)
-            if name == "max_bytes" and value is None:
+            if value is None and name not in ("threads", "max_message_bytes", "max_pending"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not is_loopback(self.bind) and not self.insecure:
+        if self.namespace_ttl is not None and not (isinstance(self.namespace_ttl, (int, float))
+                                                   and self.namespace_ttl > 0):
+            raise ValueError(f"namespace_ttl must be positive seconds, got {self.namespace_ttl!r}")
+        if (self.curve_secret_key is None) != (self.curve_allow is None):
+            raise ValueError("CURVE needs both --curve-secret-key (the server's key) and "
+                             "--curve-allow (the clients' public keys); make keys with "
+                             "`memory-server keygen`")
+        if not is_loopback(self.bind) and not self.curve and not self.insecure:
             raise ValueError(
-                f"refusing to bind {self.bind}: it is reachable from other hosts and CURVE "
-                f"authentication is not available yet. Bind a loopback address "
-                f"(tcp://127.0.0.1:PORT) or pass --insecure to bind anyway, unencrypted and "
-                f"unauthenticated")
+                f"refusing to bind {self.bind}: it is reachable from other hosts. Pass "
+                f"--curve-secret-key and --curve-allow (keys from `memory-server keygen`) to "
+                f"encrypt and authenticate, bind a loopback address (tcp://127.0.0.1:PORT), or "
+                f"pass --insecure to bind anyway, unencrypted and unauthenticated")
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -135,8 +195,19 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        if config.metrics_port is not None:
+            metrics.require()
+        # Keys are read before any socket exists, so a bad key file leaves nothing to clean up.
+        keys = auth.load_key_pair(config.curve_secret_key, what="--curve-secret-key") \
+            if config.curve else None
+        allowed = auth.load_allowed(config.curve_allow) if config.curve else frozenset()
+        self._allowed_keys = len(allowed)
         self._context = zmq.Context()
+        self._auth = auth.start_authenticator(self._context, allowed) if keys else None
         self._router = self._context.socket(zmq.ROUTER)
+        self.public_key: bytes | None = keys.public if keys else None
+        if keys:
+            auth.make_curve_server(self._router, keys)
         # A peer sending a single frame over this is disconnected without a reply; below it, the
         # message is received and refused politely against max_message_bytes.
         self._router.setsockopt(zmq.MAXMSGSIZE,
@@ -145,10 +216,14 @@ class Server:
             self._router.bind(config.bind)
         except zmq.ZMQError as exc:
             self._router.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
             self._context.term()
             raise BindError(f"cannot bind {config.bind}: {exc.strerror}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes)
+        self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
+                                 max_namespaces=config.max_namespaces,
+                                 max_memories_per_namespace=config.max_memories_per_namespace)
         self._sequencer = _Sequencer(
             ThreadPoolExecutor(config.threads, thread_name_prefix="memory-server-request"))
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -158,7 +233,11 @@ class Server:
         self._stopping = False
         self._pending = 0  # accepted and not yet answered; touched by the I/O thread only
         self._metrics = _Metrics()
+        self._restore_lock = threading.Lock()
         self._started = time.monotonic()
+        self._expired = _ExpiredNames()
+        self._idle_stop = threading.Event()
+        self._background: list = []  # the TTL thread and the metrics HTTP server, while running
 
     def __enter__(self) -> Server:
         return self
@@ -177,13 +256,21 @@ class Server:
         log.info("memory-server %s listening on %s (threads=%d, max_bytes=%s, "
                  "max_message_bytes=%d, protocol v%d, pid %d)", VERSION, self.endpoint,
                  cfg.threads, cfg.max_bytes, cfg.max_message_bytes, PROTOCOL_VERSION, os.getpid())
-        if not is_loopback(cfg.bind):
-            log.warning("INSECURE: listening on %s without CURVE: anyone who can reach this port "
-                        "can read and change every memory", self.endpoint)
+        if cfg.curve:
+            log.info("CURVE on: encrypted, %d client keys allowed, server public key %s",
+                     self._allowed_keys, self.public_key.decode())
+        elif not is_loopback(cfg.bind):
+            log.warning("INSECURE (--insecure): listening on %s WITHOUT CURVE: anyone who can "
+                        "reach this port can read and change every memory, and traffic is "
+                        "unencrypted", self.endpoint)
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         reading = False
         try:
+            for item in cfg.restore:  # before any request: a client sees the restored memories
+                namespace, _, tag = item.rpartition(":")
+                self._restore(namespace, tag)
+            self._start_background()
             while not (self._stopping and self._pending == 0):
                 want = not self._stopping and self._pending < cfg.max_pending
                 if want and not reading:
@@ -264,10 +351,43 @@ class Server:
         except BlockingIOError:  # the pipe is full of wakeups already
             pass
 
+    def _start_background(self) -> None:
+        cfg = self.config
+        if cfg.namespace_ttl is not None:
+            thread = threading.Thread(target=self._expire_idle, name="memory-server-ttl",
+                                      daemon=True)
+            thread.start()
+            self._background.append(thread)
+        if cfg.metrics_port is not None:
+            try:
+                http = metrics.serve_metrics(cfg.metrics_port, cfg.metrics_host, self.stats)
+            except OSError as exc:
+                raise BindError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: "
+                                f"{exc.strerror or exc}") from None
+            self._background.append(http)
+            log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host,
+                     cfg.metrics_port)
+
+    def _expire_idle(self) -> None:
+        """Drop namespaces idle for --namespace-ttl, checking a few times per TTL."""
+        ttl = self.config.namespace_ttl
+        while not self._idle_stop.wait(min(ttl / 4, 10.0)):
+            for name in self.store.expire(ttl):
+                self._expired.add(name)
+                log.info("namespace %r expired after %g s idle (--namespace-ttl)", name, ttl)
+
     def _close(self) -> None:
+        self._idle_stop.set()
+        for item in self._background:
+            if isinstance(item, threading.Thread):
+                item.join()
+            else:
+                item.shutdown()
         self._sequencer.close()
         self.store.close()
         self._router.close(linger=_CLOSE_LINGER_MS)
+        if self._auth is not None:
+            self._auth.stop()
         self._context.term()
 
     # worker threads
@@ -279,6 +399,10 @@ class Server:
             result, arrays = _HANDLERS[request.op](self, request.args, request.arrays)
             frames = encode_reply(request.id, result, arrays)
             ok = True
+        except UnknownNamespace as exc:
+            frames = encode_error(request.id, exc.code,
+                                  self._expired.explain(request.args.get("namespace"), exc.message,
+                                                        self.config.namespace_ttl))
         except MemoryServerError as exc:
             frames = encode_error(request.id, exc.code, exc.message)
         except Exception as exc:
@@ -291,6 +415,7 @@ class Server:
 
     def _op_open(self, args: dict, arrays: dict):
         self.store.open(args["namespace"], NamespaceConfig.from_dict(args["config"]))
+        self._expired.discard(args["namespace"])
         return {}, {}
 
     def _op_add(self, args: dict, arrays: dict):
@@ -304,22 +429,60 @@ class Server:
         return {}, {"keys": found.keys, "values": found.values, "positions": found.positions}
 
     def _op_clear(self, args: dict, arrays: dict):
-        layers = args.get("layers")
-        if layers is not None:
-            # The store checks each layer as it reaches it; check all first so a bad list
-            # clears nothing.
-            num_layers = self.store.config(args["namespace"]).num_layers
-            if not all(0 <= layer < num_layers for layer in layers):
-                raise InvalidRequest(f"layers must be integers in [0, {num_layers}), "
-                                     f"got {layers}")
-        self.store.clear(args["namespace"], arrays["rows"], layers)
+        self.store.clear(args["namespace"], arrays["rows"], args.get("layers"))
         return {}, {}
 
     def _op_drop(self, args: dict, arrays: dict):
         self.store.drop(args["namespace"])
         return {}, {}
 
+    def _op_snapshot(self, args: dict, arrays: dict):
+        namespace, tag = args["namespace"], args["tag"]
+        data_dir = self._data_dir("snapshot")
+        snapshot.snapshot_path(data_dir, namespace, tag)  # a bad name fails before the copy
+        state = self.store.export_namespace(namespace)
+        info = snapshot.write_snapshot(data_dir, namespace, tag, state)
+        log.info("snapshot of namespace %r written to %s (%d bytes)", namespace, info.path,
+                 info.bytes)
+        return {"path": str(info.path), "bytes": info.bytes,
+                "memories": len(state["memories"])}, {}
+
+    def _op_restore(self, args: dict, arrays: dict):
+        namespace, tag = args["namespace"], args["tag"]
+        self._data_dir("restore")
+        with self._restore_lock:  # if_missing: of two concurrent restores, one loads
+            if args.get("if_missing") and namespace in self.store.namespaces():
+                return {"restored": False}, {}
+            return {"restored": True, **self._restore(namespace, tag)}, {}
+
+    def _op_snapshots(self, args: dict, arrays: dict):
+        data_dir = self._data_dir("snapshots")
+        return {"snapshots": [info.to_dict() for info in snapshot.list_snapshots(data_dir)]}, {}
+
+    def _restore(self, namespace: str, tag: str) -> dict:
+        """Load a snapshot into the store, replacing the namespace; all or nothing."""
+        state = snapshot.read_snapshot(self.config.data_dir, namespace, tag)
+        try:
+            self.store.import_namespace(namespace, state)
+        except InvalidRequest as exc:
+            path = snapshot.snapshot_path(self.config.data_dir, namespace, tag)
+            raise SnapshotError(f"snapshot {path} is refused: {exc.message}; nothing was "
+                                f"loaded") from None
+        log.info("namespace %r restored from snapshot %r (%d memories)", namespace, tag,
+                 len(state["memories"]))
+        return {"memories": len(state["memories"])}
+
+    def _data_dir(self, op: str) -> str:
+        if self.config.data_dir is None:
+            raise InvalidRequest(f"{op} needs a data directory: start the server with "
+                                 f"--data-dir DIR")
+        return self.config.data_dir
+
     def _op_stats(self, args: dict, arrays: dict):
+        return self.stats(), {}
+
+    def stats(self) -> dict:
+        """What the ``stats`` op, ``memory-server status`` and the metrics port report."""
         cfg = self.config
         return {
             **self.store.stats(),
@@ -328,8 +491,11 @@ class Server:
             "version": VERSION,
             "protocol": PROTOCOL_VERSION,
             "config": {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
-                       "max_message_bytes": cfg.max_message_bytes},
-        }, {}
+                       "max_message_bytes": cfg.max_message_bytes,
+                       "max_namespaces": cfg.max_namespaces,
+                       "max_memories_per_namespace": cfg.max_memories_per_namespace,
+                       "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve},
+        }
 
 
 _HANDLERS = {
@@ -339,6 +505,9 @@ _HANDLERS = {
     "clear": Server._op_clear,
     "drop": Server._op_drop,
     "stats": Server._op_stats,
+    "snapshot": Server._op_snapshot,
+    "restore": Server._op_restore,
+    "snapshots": Server._op_snapshots,
 }
 
 
@@ -457,6 +626,35 @@ class _Sequencer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class _ExpiredNames:
+    """Recently expired namespaces, so a late request hears why its namespace is gone."""
+
+    _KEEP = 4096  # names remembered; the oldest are forgotten first
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._names: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names[name] = None
+            self._names.move_to_end(name)
+            while len(self._names) > self._KEEP:
+                self._names.popitem(last=False)
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._names.pop(name, None)
+
+    def explain(self, name, message: str, ttl: float | None) -> str:
+        with self._lock:
+            expired = name in self._names
+        if not expired:
+            return message
+        return (f"namespace {name!r} expired after {ttl:g} s without requests (the server's "
+                f"--namespace-ttl) and its memories were dropped; open it again to start afresh")
 
 
 class _Metrics:

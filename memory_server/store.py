@@ -112,11 +112,14 @@ class Memory:
 
     def growth_bytes(self, n: int) -> int:
         """Bytes the memory must allocate before it can take ``n`` more entries."""
-        return (self._capacity_for(n) - self.keys.shape[0]) * self.bytes_per_slot
+        total = self.total
+        if n >= self.config.max_memories:  # add() starts afresh with the newest max_memories
+            total, n = 0, self.config.max_memories
+        return (self._capacity_for(n, total) - self.keys.shape[0]) * self.bytes_per_slot
 
-    def _capacity_for(self, n: int) -> int:
+    def _capacity_for(self, n: int, total: int) -> int:
         have = self.keys.shape[0]
-        need = min(self.ring, self.total + n)
+        need = min(self.ring, total + n)
         if need <= have:
             return have
         # Grow geometrically so a memory that fills in small adds does not copy itself each time.
@@ -128,7 +131,7 @@ class Memory:
             keys, values = keys[-self.config.max_memories :], values[-self.config.max_memories :]
             self.clear()
         n = keys.shape[0]
-        capacity = self._capacity_for(n)
+        capacity = self._capacity_for(n, self.total)
         if capacity > self.keys.shape[0]:
             self.keys = _grown(self.keys, capacity)
             self.values = _grown(self.values, capacity)
@@ -231,7 +234,8 @@ class MemoryStore:
             raise LimitExceeded(
                 f"namespace {namespace!r} declares {config.num_layers} layers x {config.num_rows} "
                 f"rows = {cells} memories, over the limit max_memories_per_namespace="
-                f"{self.max_memories_per_namespace}")
+                f"{self.max_memories_per_namespace} (memory-server --max-memories-per-namespace); "
+                f"use fewer rows or layers per server, or more servers")
         with self._lock:
             existing = self._namespaces.get(namespace)
             if existing is not None:
@@ -245,7 +249,8 @@ class MemoryStore:
                 raise LimitExceeded(
                     f"cannot open namespace {namespace!r}: the server already holds "
                     f"{len(self._namespaces)} namespaces, the limit max_namespaces="
-                    f"{self.max_namespaces}")
+                    f"{self.max_namespaces} (memory-server --max-namespaces); drop finished "
+                    f"namespaces or raise the limit")
             self._namespaces[namespace] = _Namespace(config, {}, time.monotonic())
 
     def drop(self, namespace: str) -> None:
@@ -292,14 +297,24 @@ class MemoryStore:
         _check_array("values", values, (len(rows), keys.shape[1], cfg.dim), finite=True)
         if keys.shape[1] == 0:
             return
+        n = keys.shape[1]
         memories = [self._memory(ns, layer, int(row)) for row in rows]
         value_dtype = VALUE_DTYPES[cfg.value_dtype]
         values = values.astype(value_dtype, copy=False)
+        # All rows or none: reserve the growth of every row before writing any, so an add refused
+        # by max_bytes leaves no row written.
+        planned = []
+        for memory in memories:
+            with memory.lock:
+                planned.append(memory.growth_bytes(n))
+        self._reserve(sum(planned), namespace)
 
         def add_row(i: int) -> None:
             memory = memories[i]
             with memory.lock:
-                self._reserve(memory.growth_bytes(keys.shape[1]), namespace)
+                # Another client's add to this memory may have come in between: keep the books
+                # exact (this may pass max_bytes by that one add's growth).
+                self._adjust(memory.growth_bytes(n) - planned[i])
                 memory.add(keys[i], values[i])
 
         self._map(add_row, range(len(rows)))
@@ -333,8 +348,13 @@ class MemoryStore:
         cfg = ns.config
         layers = range(cfg.num_layers) if layers is None else layers
         rows = list(_check_rows(rows, cfg, 0))
+        try:  # all checked before any is cleared: a bad list clears nothing
+            for layer in layers:
+                _check_layer(layer, cfg)
+        except InvalidRequest:
+            raise InvalidRequest(f"layers must be integers in [0, {cfg.num_layers}), got "
+                                 f"{list(layers)}") from None
         for layer in layers:
-            _check_layer(layer, cfg)
             with self._lock:
                 memories = [ns.memories.get((layer, int(row))) for row in rows]
             for memory in memories:
@@ -430,6 +450,11 @@ class MemoryStore:
                     f"holds {self._reserved_bytes} of max_bytes={self.max_bytes}; raise --max-bytes, "
                     f"lower max_memories, or drop unused namespaces")
             self._reserved_bytes += nbytes
+
+    def _adjust(self, nbytes: int) -> None:
+        if nbytes:
+            with self._lock:
+                self._reserved_bytes += nbytes
 
     def _map(self, fn, items):
         items = list(items)

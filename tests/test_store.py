@@ -230,3 +230,30 @@ def test_export_import_gives_identical_searches(index):
         s.add("ns", 0, np.arange(2), more, more)
     np.testing.assert_array_equal(store.search("ns", 0, np.arange(2), queries, 8).dense()[0],
                                   other.search("ns", 0, np.arange(2), queries, 8).dense()[0])
+
+
+def test_clear_with_one_bad_layer_clears_nothing():
+    store = make_store(rows=2, layers=2)
+    fill(store, np.random.default_rng(11), [0, 1], steps=1, n=5, layer=0)
+    before = store.stats()
+    with pytest.raises(InvalidRequest, match="layer"):
+        store.clear("ns", np.arange(2), layers=[0, 99])
+    assert store.stats() == before and store.stats()["entries"] == 10
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_add_refused_by_max_bytes_writes_no_row(threads):
+    """Each row alone fits; all of them do not: the add is refused whole, even with rows written
+    in parallel."""
+    probe = make_store(rows=3, max_memories=256)
+    keys = unit(np.random.default_rng(12), 3, 256, 16)
+    probe.add("ns", 0, np.arange(1), keys[:1], keys[:1])
+    one_row = probe.stats()["bytes"]
+    store = make_store(rows=3, max_memories=256, max_bytes=2 * one_row, threads=threads)
+    with pytest.raises(LimitExceeded, match="max_bytes"):
+        store.add("ns", 0, np.arange(3), keys, keys)
+    stats = store.stats()
+    assert (stats["entries"], stats["bytes"]) == (0, 0)
+    store.add("ns", 0, np.arange(2), keys[:2], keys[:2])  # nothing was left reserved
+    assert store.stats()["entries"] == 2 * 256
+    store.close()

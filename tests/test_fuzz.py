@@ -1,0 +1,339 @@
+"""Fuzzing a live server: 100,000 generated malformed requests over a raw DEALER socket.
+
+Every request is broken on purpose (so none may change anything): random bytes, truncated
+headers, a wrong type in each header field and each argument, missing and extra fields, bad array
+specs, huge declared shapes, frame-count and frame-size mismatches, oversized messages, and
+well-formed requests with out-of-range values. Requests are pipelined in windows; each must get an
+error reply within a bounded wait, the server must stay up, and every memory (stats and the full
+search results of a pre-filled namespace) must be the same before and after.
+"""
+
+import random
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from memory_server import MemoryClient, NamespaceConfig
+from memory_server.errors import ERRORS_BY_CODE
+from memory_server.protocol import OPS, PROTOCOL_VERSION, decode_reply
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+REQUESTS = 100_000
+WINDOW = 256
+REPLY_TIMEOUT_MS = 10_000
+MAX_MESSAGE = 64 << 10
+NS = "fuzz"
+CONFIG = NamespaceConfig(dim=8, max_memories=32, num_layers=2, num_rows=4)
+
+# Values of each wire type, to put where another type belongs.
+VALUES = {
+    "nil": None, "bool": True, "float": 1.5, "negative": -7, "huge": 2**64 - 1, "str": "x",
+    "bin": b"\x00\xff", "list": [1, "a"], "map": {"a": 1}, "empty list": [], "empty map": {},
+}
+WRONG_FOR = {  # for each expected type, the values that are not of it
+    "int": ["nil", "bool", "float", "str", "bin", "list", "map", "empty list", "empty map"],
+    "str": ["nil", "bool", "float", "negative", "bin", "list", "map", "empty list"],
+    "map": ["nil", "bool", "float", "negative", "str", "bin", "list", "empty list"],
+    "int list": ["nil", "bool", "float", "negative", "str", "bin", "map", "empty map", "list"],
+}
+
+
+def _arg_type(expected: str) -> str:
+    return {"a string": "str", "an integer": "int", "a map": "map",
+            "a list of integers": "int list"}[expected]
+
+
+class Fuzzer:
+    """Makes malformed requests; ``kind`` names what is broken (for failure messages)."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.np = np.random.default_rng(seed)
+        self.kinds = [getattr(self, name) for name in dir(self) if name.startswith("k_")]
+
+    def request(self) -> tuple[str, list[bytes]]:
+        if self.rng.random() < 0.0005:
+            return "oversized", self.oversized()
+        kind = self.rng.choice(self.kinds)
+        return kind.__name__[2:], kind()
+
+    # a valid request to break
+
+    def valid(self, op: str | None = None) -> tuple[dict, list[bytes]]:
+        op = op or self.rng.choice(["add", "search", "clear"])
+        rows = np.array(self.rng.sample(range(CONFIG.num_rows), self.rng.randint(1, 3)))
+        n, d = self.rng.randint(1, 4), CONFIG.dim
+        args, arrays = {"namespace": NS}, {"rows": rows}
+        if op in ("add", "search"):
+            args["layer"] = self.rng.randrange(CONFIG.num_layers)
+        if op == "add":
+            arrays["keys"] = arrays["values"] = self.np.standard_normal((len(rows), n, d),
+                                                                        dtype=np.float32)
+        elif op == "search":
+            args["k"] = self.rng.randint(1, CONFIG.max_memories)
+            arrays["queries"] = self.np.standard_normal((len(rows), n, d), dtype=np.float32)
+        elif op == "clear" and self.rng.random() < 0.5:
+            args["layers"] = [0]
+        specs = [[name, a.dtype.name, list(a.shape)] for name, a in arrays.items()]
+        header = {"v": PROTOCOL_VERSION, "id": self.rng.randrange(1 << 32), "op": op,
+                  "args": args, "arrays": specs}
+        return header, [a.tobytes() for a in arrays.values()]
+
+    def wrong(self, expected: str):
+        return VALUES[self.rng.choice(WRONG_FOR[expected])]
+
+    @staticmethod
+    def pack(header) -> bytes:
+        return msgpack.packb(header, use_bin_type=True)
+
+    # kinds of breakage: each guarantees the request is invalid
+
+    def k_random_bytes(self):
+        return [self.rng.randbytes(self.rng.choice([0, 1, 7, 64, 2000]))
+                for _ in range(self.rng.randint(1, 4))]
+
+    def k_truncated_header(self):
+        header, frames = self.valid()
+        packed = self.pack(header)
+        return [packed[: self.rng.randrange(len(packed))], *frames]
+
+    def k_header_not_a_map(self):
+        value = self.rng.choice([v for k, v in VALUES.items() if "map" not in k])
+        return [self.pack(value), *self.valid()[1]]
+
+    def k_wrong_top_level_type(self):
+        header, frames = self.valid()
+        field = self.rng.choice(["v", "id", "op", "args", "arrays"])
+        header[field] = {"v": self.wrong("int"), "id": self.wrong("int"),
+                         "op": self.wrong("str"), "args": self.wrong("map"),
+                         "arrays": self.wrong("int list")}[field]
+        if field == "v" and self.rng.random() < 0.3:
+            header["v"] = PROTOCOL_VERSION + self.rng.randint(1, 5)
+        return [self.pack(header), *frames]
+
+    def k_missing_or_extra_top_level_field(self):
+        header, frames = self.valid()
+        if self.rng.random() < 0.5:
+            del header[self.rng.choice(list(header))]
+        else:
+            header[self.rng.choice(["x", "ok", "result", "ID", ""])] = 1
+        return [self.pack(header), *frames]
+
+    def k_unknown_op(self):
+        header, frames = self.valid()
+        header["op"] = self.rng.choice(["", "Add", "snapshot!", "shutdown ", "x" * 300, "pin"])
+        return [self.pack(header), *frames]
+
+    def k_wrong_arg_type(self):
+        op = self.rng.choice(["add", "search", "clear", "open", "drop"])
+        header, frames = self.valid(op if op in ("add", "search", "clear") else None)
+        header["op"] = op
+        if op in ("open", "drop"):
+            header["arrays"], frames = [], []
+            header["args"] = {"namespace": NS, **({"config": CONFIG.to_dict()} if op == "open"
+                                                  else {})}
+        name, (_, _, expected) = self.rng.choice(list(OPS[op].args.items()))
+        header["args"][name] = self.wrong(_arg_type(expected))
+        return [self.pack(header), *frames]
+
+    def k_missing_or_extra_arg(self):
+        header, frames = self.valid()
+        required = [n for n, (req, _, _) in OPS[header["op"]].args.items() if req]
+        if self.rng.random() < 0.5:
+            del header["args"][self.rng.choice(required)]
+        else:
+            header["args"][self.rng.choice(["extra", "rows", "keys", "k2"])] = 1
+        return [self.pack(header), *frames]
+
+    def k_args_on_argless_ops(self):
+        op = self.rng.choice(["ping", "stats", "shutdown"])
+        header = {"v": PROTOCOL_VERSION, "id": 1, "op": op, "args": {"namespace": NS},
+                  "arrays": []}
+        if self.rng.random() < 0.5:  # or an array it does not take
+            header["args"] = {}
+            header["arrays"] = [["rows", "int64", [1]]]
+            return [self.pack(header), np.zeros(1, np.int64).tobytes()]
+        return [self.pack(header)]
+
+    def k_bad_array_spec(self):
+        header, frames = self.valid()
+        i = self.rng.randrange(len(header["arrays"]))
+        spec = header["arrays"][i]
+        choice = self.rng.randrange(8)
+        if choice == 0:
+            header["arrays"][i] = self.rng.choice([None, "rows", 3, spec[:2], spec + [1], {}])
+        elif choice == 1:
+            spec[1] = self.rng.choice(["float64", "object", "<f4", "", 5, None, "complex64"])
+        elif choice == 2:
+            spec[2] = self.rng.choice([None, 3, "3", {"a": 1}, [1.5], [-1], [True], [1] * 9])
+        elif choice == 3:
+            spec[0] = self.wrong("str")
+        elif choice == 4:
+            header["arrays"].append(list(spec))  # declared twice
+            frames.append(frames[i])
+        elif choice == 5:
+            del header["arrays"][i]  # a required array missing
+            del frames[i]
+        elif choice == 6:
+            header["arrays"].append(["extra", "int32", [1]])
+            frames.append(b"\0" * 4)
+        else:
+            header["arrays"] = [list(spec)] * 17  # over MAX_ARRAYS
+            frames = [frames[i]] * 17
+        return [self.pack(header), *frames]
+
+    def k_huge_declared_shape(self):
+        header, frames = self.valid()
+        spec = self.rng.choice(header["arrays"])
+        spec[2] = self.rng.choice([[1 << 39, 1 << 39], [1 << 40], [2**31, 2**31, 8],
+                                   [1, 1 << 39, 8], [1 << 20] * 8])
+        return [self.pack(header), *frames]
+
+    def k_frame_count_mismatch(self):
+        header, frames = self.valid()
+        if self.rng.random() < 0.5:
+            frames = frames[: self.rng.randrange(len(frames))]
+        else:
+            frames = frames + [self.rng.randbytes(8)] * self.rng.randint(1, 3)
+        return [self.pack(header), *frames]
+
+    def k_wrong_frame_size(self):
+        header, frames = self.valid()
+        i = self.rng.randrange(len(frames))
+        delta = self.rng.choice([-4, -1, 1, 3, 4, 100])
+        frames[i] = frames[i][:delta] if delta < 0 else frames[i] + b"\0" * delta
+        return [self.pack(header), *frames]
+
+    def k_nan_or_inf(self):
+        header, frames = self.valid(self.rng.choice(["add", "search"]))
+        array = np.frombuffer(frames[1], np.float32).copy()
+        array[self.rng.randrange(array.size)] = self.rng.choice([np.nan, np.inf, -np.inf])
+        frames[1] = array.tobytes()
+        return [self.pack(header), *frames]
+
+    def k_out_of_range_values(self):
+        header, frames = self.valid()
+        args, op = header["args"], header["op"]
+        choice = self.rng.randrange(6)
+        if choice == 0:
+            args["namespace"] = self.rng.choice(["nope", "", "fuzz ", "x" * 1000])
+        elif choice == 1 and op != "clear":
+            args["layer"] = self.rng.choice([-1, CONFIG.num_layers, 2**40])
+        elif choice == 2 and op == "search":
+            args["k"] = self.rng.choice([0, -3, CONFIG.max_memories + 1])
+        elif choice == 3 and op == "clear":
+            args["layers"] = [0, self.rng.choice([-1, CONFIG.num_layers, 99])]
+        elif choice == 4:  # rows out of range, repeated, or not integers
+            rows = self.rng.choice([np.array([0, CONFIG.num_rows]), np.array([-1]),
+                                    np.array([1, 1]), np.array([0.0], np.float32)])
+            header["arrays"][0] = ["rows", rows.dtype.name, list(rows.shape)]
+            frames[0] = rows.tobytes()
+        else:  # width other than the namespace's dim
+            if op == "clear":
+                return self.k_frame_count_mismatch()
+            b, n = header["arrays"][1][2][:2]
+            bad = np.ones((b, n, CONFIG.dim + 1), np.float32)
+            for j in range(1, len(frames)):
+                header["arrays"][j][2] = list(bad.shape)
+                frames[j] = bad.tobytes()
+        return [self.pack(header), *frames]
+
+    def k_bad_open_or_drop(self):
+        config = CONFIG.to_dict()
+        choice = self.rng.randrange(4)
+        if choice == 0:
+            config[self.rng.choice(list(config))] = self.rng.choice([0, -1, "flat?", None, 1.5])
+            if config == CONFIG.to_dict():
+                config["dim"] = 0
+        elif choice == 1:
+            config["unknown"] = 1
+        elif choice == 2:
+            config["dim"] = CONFIG.dim * 2  # the namespace exists with another config
+        else:
+            header = {"v": PROTOCOL_VERSION, "id": 3, "op": "drop",
+                      "args": {"namespace": "never-opened"}, "arrays": []}
+            return [self.pack(header)]
+        header = {"v": PROTOCOL_VERSION, "id": 2, "op": "open",
+                  "args": {"namespace": NS, "config": config}, "arrays": []}
+        return [self.pack(header)]
+
+    def k_bool_array_with_bad_bytes(self):
+        header, frames = self.valid()
+        header["arrays"][0][1] = "bool"
+        header["arrays"][0][2] = [len(frames[0])]
+        frames[0] = bytes([2]) * len(frames[0])
+        return [self.pack(header), *frames]
+
+    def k_hostile_msgpack(self):
+        choice = self.rng.randrange(4)
+        if choice == 0:  # deep nesting
+            return [b"\x91" * self.rng.choice([100, 5000]) + b"\x00"]
+        if choice == 1:  # non-string map keys
+            return [self.pack({1: 2, 3: 4})]
+        if choice == 2:  # an ext type, and a declared length past the end
+            return [self.rng.choice([b"\xd4\x01\x00", b"\xdb\xff\xff\xff\xff", b"\xdd\x00\x01"])]
+        return [self.pack({"v": 1, "id": 1, "op": "search", "args": {"namespace": "a" * 70000},
+                           "arrays": []})]
+
+    def oversized(self):
+        header, frames = self.valid("add")
+        return [self.pack(header), *frames, b"\0" * (MAX_MESSAGE + 1)]
+
+
+def fingerprint(client: MemoryClient) -> tuple:
+    """Everything the memories hold: totals, per-namespace stats and full search results."""
+    stats = client.stats()[0]
+    totals = {k: stats[k] for k in ("namespaces", "memories", "entries", "bytes",
+                                    "per_namespace")}
+    queries = np.random.default_rng(7).standard_normal((CONFIG.num_rows, 5, CONFIG.dim),
+                                                       dtype=np.float32)
+    found = []
+    for layer in range(CONFIG.num_layers):
+        r = client.search(NS, layer, np.arange(CONFIG.num_rows), queries, CONFIG.max_memories)
+        found.append((r.keys.tobytes(), r.values.tobytes(), r.positions.tobytes()))
+    return totals, found
+
+
+def test_100k_malformed_requests_all_answered_and_nothing_changes(memory_server):
+    (server,) = memory_server(1, "--max-message-bytes", str(MAX_MESSAGE), "--log-level", "WARNING")
+    rng = np.random.default_rng(0)
+    with MemoryClient(server.endpoint, timeout=20) as client:
+        client.open(NS, CONFIG)
+        for layer in range(CONFIG.num_layers):
+            keys = rng.standard_normal((CONFIG.num_rows, 40, CONFIG.dim), dtype=np.float32)
+            client.add(NS, layer, np.arange(CONFIG.num_rows), keys, -keys)
+        before = fingerprint(client)
+
+        fuzzer = Fuzzer(seed=1234)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        codes: dict[str, int] = {}
+        try:
+            sent = 0
+            while sent < REQUESTS:
+                window = [fuzzer.request() for _ in range(min(WINDOW, REQUESTS - sent))]
+                for _, frames in window:
+                    sock.send_multipart(frames)
+                for i in range(len(window)):
+                    assert sock.poll(REPLY_TIMEOUT_MS), (
+                        f"no reply within {REPLY_TIMEOUT_MS} ms after {sent + i} replies; this "
+                        f"window sent {[k for k, _ in window]}; alive: "
+                        f"{server.proc.poll() is None}\n{server.output()[-3000:]}")
+                    reply = decode_reply(sock.recv_multipart())
+                    assert not reply.ok and reply.code in ERRORS_BY_CODE, reply
+                    assert reply.code != "internal", reply.message
+                    codes[reply.code] = codes.get(reply.code, 0) + 1
+                sent += len(window)
+        finally:
+            sock.close()
+
+        assert server.proc.poll() is None, server.output()[-3000:]
+        assert sum(codes.values()) == REQUESTS
+        assert {"protocol_error", "invalid_request", "unknown_namespace",
+                "config_mismatch", "limit_exceeded"} <= set(codes), codes
+        assert fingerprint(client) == before
+        assert client.stats()[0]["requests"]["malformed"]["count"] >= REQUESTS // 2

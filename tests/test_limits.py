@@ -1,0 +1,98 @@
+"""Server limits (each refused with an error naming its flag), namespace expiry, and health:
+`memory-server status` and the Prometheus metrics port."""
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from memory_server import LimitExceeded, MemoryClient, NamespaceConfig, UnknownNamespace
+from servers import free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+SMALL = NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=2)
+
+
+def test_each_limit_names_its_flag(memory_server):
+    (server,) = memory_server(1, "--max-namespaces", "2", "--max-memories-per-namespace", "4",
+                              "--max-bytes", "1M", "--max-message-bytes", "256K")
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.open("a", SMALL)
+        client.open("b", SMALL)
+        with pytest.raises(LimitExceeded, match="--max-namespaces"):
+            client.open("c", SMALL)
+        client.drop("b")
+        with pytest.raises(LimitExceeded, match="--max-memories-per-namespace"):
+            client.open("b", NamespaceConfig(dim=4, max_memories=8, num_layers=3, num_rows=2))
+        wide = NamespaceConfig(dim=256, max_memories=1024, num_layers=1, num_rows=4)
+        client.open("wide", wide)
+        keys = np.ones((4, 15, 256), np.float32)  # one row would fit in 1M, four do not
+        with pytest.raises(LimitExceeded, match="--max-bytes"):
+            client.add("wide", 0, np.arange(4), keys, keys)
+        with pytest.raises(LimitExceeded, match="--max-message-bytes"):
+            big = np.ones((1, 200, 256), np.float32)
+            client.add("wide", 0, [0], big, big)
+        stats = client.stats()[0]
+        assert (stats["namespaces"], stats["entries"], stats["bytes"]) == (2, 0, 0)
+
+
+def test_idle_namespace_expires_and_says_so(memory_server):
+    (server,) = memory_server(1, "--namespace-ttl", "0.5")
+    keys = np.ones((1, 2, 4), np.float32)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.open("busy", SMALL)
+        client.open("idle", SMALL)
+        client.add("idle", 0, [0], keys, keys)
+        deadline = time.monotonic() + 10
+        while "idle" in client.stats()[0]["per_namespace"]:
+            client.search("busy", 0, [0], keys, 1)  # keeps "busy" in use
+            assert time.monotonic() < deadline, "idle namespace never expired"
+            time.sleep(0.1)
+        assert "busy" in client.stats()[0]["per_namespace"]
+        with pytest.raises(UnknownNamespace, match="expired after 0.5 s.*--namespace-ttl"):
+            client.search("idle", 0, [0], keys, 1)
+        client.open("idle", SMALL)  # opening it again starts afresh
+        assert not client.search("idle", 0, [0], keys, 1).mask.any()
+    assert "expired" in server.output()
+
+
+def _status(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memory_server", "status", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_status_and_metrics_report_the_same_server(memory_server):
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    port = free_port()
+    (server,) = memory_server(1, "--metrics-port", str(port))
+    keys = np.ones((2, 3, 4), np.float32)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.open("ns", SMALL)
+        client.add("ns", 0, [0, 1], keys, keys)
+        client.search("ns", 0, [0, 1], keys, 2)
+    result = _status(server.endpoint)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for words in ("namespaces 1", "memories 2", "entries 6", "bytes", "up 00:00:"):
+        assert words in out, out
+    assert any(line.split()[:3] == ["search", "1", "0"] for line in out.splitlines()), out
+    assert "p50 ms" in out and "p99 ms" in out
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "memtrans_entries 6.0" in text and "memtrans_namespaces 1.0" in text
+    assert 'memtrans_requests_total{op="add"} 1.0' in text
+    assert 'memtrans_request_latency_seconds{op="search",quantile="0.99"}' in text
+    assert "memtrans_uptime_seconds" in text
+
+
+def test_status_of_a_silent_endpoint_fails_clearly():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = _status(endpoint, "--timeout", "0.5")
+    assert result.returncode == 1 and time.monotonic() - start < 20
+    assert f"{endpoint} did not answer within 0.5 s" in result.stderr
+    assert "Traceback" not in result.stderr

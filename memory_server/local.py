@@ -61,8 +61,11 @@ class ServerProcess:
             self.proc.kill()
         self.proc.wait(STOP_TIMEOUT)
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Ping until the server answers; raise with its output if it exits or time runs out."""
+    def wait_ready(self, timeout: float = READY_TIMEOUT, **client_options) -> None:
+        """Ping until the server answers; raise with its output if it exits or time runs out.
+
+        ``client_options`` go to the pinging ``MemoryClient`` (CURVE keys for a CURVE server).
+        """
         deadline = time.monotonic() + timeout
         # Unanswered pings are expected while the server starts: keep the client's reconnect
         # warnings out of the user's log meanwhile.
@@ -70,12 +73,12 @@ class ServerProcess:
         level = client_log.level
         client_log.setLevel(logging.ERROR)
         try:
-            self._ping_until(deadline, timeout)
+            self._ping_until(deadline, timeout, client_options)
         finally:
             client_log.setLevel(level)
 
-    def _ping_until(self, deadline: float, timeout: float) -> None:
-        with MemoryClient(self.endpoint, timeout=0.5) as client:
+    def _ping_until(self, deadline: float, timeout: float, client_options: dict) -> None:
+        with MemoryClient(self.endpoint, timeout=0.5, **client_options) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"memory-server on {self.endpoint} exited with code "

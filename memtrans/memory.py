@@ -29,6 +29,8 @@ DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY = "./.tmp/knn.memories"
 """Kept for the seed's constructor arguments; nothing is written there (memories live in RAM)."""
 
 SERVERS_ENV = "MEMTRANS_SERVERS"
+SERVER_KEY_ENV = "MEMTRANS_SERVER_KEY"
+CLIENT_KEY_ENV = "MEMTRANS_CLIENT_KEY"
 
 
 class LocalBackend:
@@ -260,18 +262,24 @@ class RemoteKNNMemory(KNNMemory):
     def create(cls, servers, *, dim: int, max_memories: int, batch_size: int, num_layers: int = 1,
                namespace: str | None = None, rank: int = 0, world_size: int = 1,
                index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
-               timeout: float = 60.0) -> KNNMemoryList:
+               timeout: float = 60.0, server_public_key=None,
+               secret_key=None) -> KNNMemoryList:
         """Memories of ``num_layers`` layers for this rank's ``batch_size`` rows on ``servers``.
 
         Rows are global across ranks (``rank * batch_size + local_row``); every rank must pass the
         same ``namespace`` (``create_knn_memories`` picks one on rank 0 and broadcasts it).
+        CURVE: ``server_public_key`` and this client's ``secret_key`` (key files or Z85 strings),
+        by default from ``MEMTRANS_SERVER_KEY`` and ``MEMTRANS_CLIENT_KEY`` when set.
         """
         from memory_server.client import MemoryClient
 
         config = NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=num_layers,
                                  num_rows=batch_size * world_size, index=index,
                                  value_dtype=value_dtype, ef_search=ef_search)
-        client = MemoryClient(_as_servers(servers), timeout=timeout)
+        server_public_key = server_public_key or os.environ.get(SERVER_KEY_ENV) or None
+        secret_key = secret_key or os.environ.get(CLIENT_KEY_ENV) or None
+        client = MemoryClient(_as_servers(servers), timeout=timeout,
+                              server_public_key=server_public_key, secret_key=secret_key)
         try:
             backend = RemoteBackend(client, namespace or f"memtrans-{uuid.uuid4().hex[:12]}", config,
                                     num_rows=batch_size, row_offset=rank * batch_size,

@@ -305,12 +305,14 @@ class MemorizingTransformer(nn.Module):
 
     def create_knn_memories(self, *, batch_size: int, servers=None, namespace: str | None = None,
                             index: str = "flat", value_dtype: str = "float32",
-                            ef_search: int = 128, timeout: float = 60.0) -> KNNMemoryList:
+                            ef_search: int = 128, timeout: float = 60.0,
+                            server_public_key=None, secret_key=None) -> KNNMemoryList:
         """kNN memories for ``batch_size`` rows of every memorizing layer.
 
         On memory servers when ``servers`` (endpoints) are given or ``MEMTRANS_SERVERS`` is set,
         else in this process. Under torch.distributed, rows are global (``rank * batch_size +
         local_row``) and rank 0 picks the namespace and broadcasts it: call this on every rank.
+        ``server_public_key`` / ``secret_key`` turn on CURVE (see ``RemoteKNNMemory.create``).
         """
         servers = servers if servers is not None else servers_from_env()
         options = dict(index=index, value_dtype=value_dtype, ef_search=ef_search)
@@ -322,7 +324,8 @@ class MemorizingTransformer(nn.Module):
         return RemoteKNNMemory.create(
             servers, dim=self.dim_head, max_memories=self.max_knn_memories, batch_size=batch_size,
             num_layers=self.num_memory_layers, namespace=_shared_namespace(namespace), rank=rank,
-            world_size=world_size, timeout=timeout, **options)
+            world_size=world_size, timeout=timeout, server_public_key=server_public_key,
+            secret_key=secret_key, **options)
 
     @contextmanager
     def knn_memories_context(self, **kwargs):

@@ -44,15 +44,9 @@ def curve_server(keys):
                     str(keys / "server.key_secret"), "--curve-allow", str(keys / "allowed"),
                     port=port)
     try:
-        deadline = time.monotonic() + 30
-        with _client(keys, server.endpoint, timeout=0.5) as client:
-            while True:
-                assert server.proc.poll() is None, server.output()
-                try:
-                    client.ping()
-                    break
-                except ServerUnavailable:
-                    assert time.monotonic() < deadline, server.output()
+        server.wait_ready(server_public_key=keys / "server.key",
+                          secret_key=keys / "allowed/client.key_secret")
+        with _client(keys, server.endpoint) as client:
             client.open("secret", CONFIG)
             client.add("secret", 0, [0, 1], KEYS, KEYS)
         yield server

@@ -100,3 +100,30 @@ def test_remote_add_error_surfaces_at_next_search(memory_server):
 def test_remote_memory_is_not_constructed_directly():
     with pytest.raises(TypeError, match="create_knn_memories"):
         RemoteKNNMemory(dim=4)
+
+
+def test_curve_keys_from_the_environment(tmp_path, monkeypatch):
+    from memory_server.cli import main as server_cli
+    from servers import launch
+
+    for name in ("server", "client"):
+        assert server_cli(["keygen", "--out", str(tmp_path), "--name", name]) == 0
+    allow = tmp_path / "allowed"
+    allow.mkdir()
+    (allow / "client.key").write_bytes((tmp_path / "client.key").read_bytes())
+    server = launch("--curve-secret-key", str(tmp_path / "server.key_secret"),
+                    "--curve-allow", str(allow))
+    try:
+        server.wait_ready(server_public_key=tmp_path / "server.key",
+                          secret_key=tmp_path / "client.key_secret")
+        monkeypatch.setenv("MEMTRANS_SERVER_KEY", str(tmp_path / "server.key"))
+        monkeypatch.setenv("MEMTRANS_CLIENT_KEY", str(tmp_path / "client.key_secret"))
+        memories = RemoteKNNMemory.create([server.endpoint], dim=4, max_memories=8,
+                                          batch_size=1, timeout=10)
+        try:
+            memories[0].add(torch.randn(1, 3, 2, 4))
+            assert memories[0].search(torch.randn(1, 2, 4), 2)[1].all()
+        finally:
+            memories.cleanup()
+    finally:
+        assert server.stop() == 0

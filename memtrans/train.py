@@ -22,10 +22,20 @@ bits-per-byte figures to ``<out>/log.jsonl``.
 
 Checkpoints (``<out>/checkpoint.pt``, written atomically) hold the model, optimizer, step, config,
 and per rank the data position, RNG state, XL memories and, with ``--memory inproc``, the kNN
-memories, so ``--resume`` continues with exactly the losses of an uninterrupted run. Memory servers
-cannot snapshot a namespace yet, so a ``remote`` run's checkpoint cannot be resumed exactly and
-``--resume`` refuses it. The learning rate is constant after warmup: a run extended with
-``--resume --steps N`` is the run that had been asked for ``N`` steps.
+memories, so ``--resume`` continues with exactly the losses of an uninterrupted run. With
+``remote`` memory, once every rank's adds are acknowledged, rank 0 has the servers snapshot the
+namespace (each server its own shard, into its ``--data-dir``; auto-started servers use
+``<out>/memory``) and the checkpoint records namespace, tag and server count; ``--resume`` restores
+that snapshot into the same namespace on the same number of servers. Snapshot tags alternate
+between two slots (``ckpt-0``, ``ckpt-1``), so the disk holds at most two snapshots per run and a
+crash while one is written leaves the one the checkpoint names intact. The learning rate is
+constant after warmup: a run extended with ``--resume --steps N`` is the run that had been asked
+for ``N`` steps.
+
+A memory server that fails mid-run is handled by ``--on-memory-failure`` (``recovery.py``):
+``stop`` (default) ends the run naming the endpoint, ``skip`` goes on without memory for the
+failed segment, ``wait`` waits for the server and restores the last snapshot. Auto-started servers
+are supervised (``servers.py``): one that dies is restarted on its port from the last snapshot.
 
 Under torchrun (``RANK`` set): gloo on CPU, nccl on CUDA, DDP; global batch row
 ``rank * batch_size + row``; each rank streams a disjoint share of the documents; rank 0 logs,
@@ -43,8 +53,6 @@ import logging
 import math
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -55,21 +63,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from memory_server import MemoryServerError, ServerUnavailable
+from memory_server import MemoryServerError
 from memory_server.client import MemoryClient
 
 from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, load_corpus
 from .memory import KNNMemoryList, servers_from_env
 from .model import MemorizingTransformer
+from .recovery import FAILURES, POLICIES, MemoryFailure, MemoryRecovery
+from .servers import LocalServers, ServerStartError
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 MEMORY_MODES = ("remote", "inproc", "off")
 INDEX_KINDS = ("flat", "hnsw")
-SERVER_START_TIMEOUT = 30.0
-"""Seconds an auto-started memory server has to answer its first ping."""
-SERVER_STOP_TIMEOUT = 10.0
-"""Seconds an auto-started memory server has to exit after SIGTERM before it is killed."""
+SNAPSHOT_SLOTS = ("ckpt-0", "ckpt-1")
+"""Snapshot tags of remote memories, used in turn by successive checkpoints."""
 
 
 class TrainError(Exception):
@@ -120,7 +128,12 @@ class TrainConfig:
     num_servers: int = 1
     """Local memory servers to start when none are named."""
     memory_timeout: float = 60.0
-    """Seconds a memory server may take to answer before the run stops with an error."""
+    """Seconds a memory server may take to answer before it counts as failed."""
+    on_memory_failure: str = "stop"
+    """When a memory server fails: ``stop`` the run, ``skip`` memory for the failed segment, or
+    ``wait`` for the server and restore the last snapshot (see ``recovery.py``)."""
+    memory_wait_timeout: float = 300.0
+    """Seconds ``wait`` waits for a failed memory server to answer again."""
     index: str = "flat"
     """kNN index: ``flat`` (exact, the paper's) or ``hnsw`` (approximate)."""
     grad_accum: int = 1
@@ -166,6 +179,10 @@ class TrainConfig:
         _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a non-negative number")
         _require("clip", self.clip, lambda v: v >= 0, "a non-negative number (0: no clipping)")
         _require("memory_timeout", self.memory_timeout, lambda v: v > 0, "positive seconds")
+        _require("on_memory_failure", self.on_memory_failure, lambda v: v in POLICIES,
+                 f"one of {POLICIES}")
+        _require("memory_wait_timeout", self.memory_wait_timeout, lambda v: v > 0,
+                 "positive seconds")
         if not self.memorizing_layers or not all(_is_int(l) and 1 <= l <= self.depth
                                                  for l in self.memorizing_layers):
             raise ValueError(f"memorizing_layers must be 1-based layer numbers in [1, depth="
@@ -184,7 +201,8 @@ class TrainConfig:
 
 
 RUN_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint_every",
-              "log_every", "memory_servers", "num_servers", "memory_timeout")
+              "log_every", "memory_servers", "num_servers", "memory_timeout",
+              "on_memory_failure", "memory_wait_timeout")
 """What a resumed run may change; every other field is fixed by its checkpoint."""
 
 
@@ -244,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-servers", type=int, help=f"local servers to start (default {d.num_servers})")
     add("--memory-timeout", type=float,
         help=f"seconds a memory server may take to answer (default {d.memory_timeout:g})")
+    add("--on-memory-failure", choices=POLICIES,
+        help=f"when a memory server fails: stop the run, skip memory for that segment, or wait "
+             f"for it and restore the last snapshot (default {d.on_memory_failure})")
+    add("--memory-wait-timeout", type=float,
+        help=f"seconds --on-memory-failure wait waits for a server (default "
+             f"{d.memory_wait_timeout:g})")
     add("--index", choices=INDEX_KINDS, help=f"kNN index (default {d.index})")
     add("--grad-accum", type=int, help=f"segments per optimizer step (default {d.grad_accum})")
     add("--lr", type=float, help=f"learning rate (default {d.lr:g})")
@@ -329,72 +353,53 @@ def _import_memories(memories: KNNMemoryList, state: dict) -> None:
     memories.backend.store.import_namespace(memories.backend.namespace, state)
 
 
+def _snapshot_remote(memories: KNNMemoryList, tag: str, master: bool, ddp: bool) -> None:
+    """Once every rank's adds are acknowledged, rank 0 has each server snapshot its shard of the
+    namespace; no rank goes on (and adds) before it returns. Its error is raised on every rank."""
+    memories.collect_adds()
+    if ddp:
+        dist.barrier()
+    box: list = [None]
+    if master:
+        try:
+            memories.backend.client.snapshot(memories.backend.namespace, tag)
+        except MemoryServerError as exc:
+            box = [exc]
+    if ddp:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+
+
+def _restore_remote(memories: KNNMemoryList, remote: dict | None, step: int, master: bool,
+                    ddp: bool) -> None:
+    """Rank 0 restores the checkpoint's snapshot on every server; no rank starts before."""
+    if remote is None:
+        raise TrainError(f"the checkpoint of step {step} holds no snapshot of its remote memories "
+                         f"(written by an older memtrans-train), so the run cannot continue "
+                         f"exactly; start a new run")
+    servers = memories.backend.client.servers
+    if remote["servers"] != len(servers):
+        raise TrainError(f"the checkpoint's memories are {remote['servers']} server shards, but "
+                         f"this run has {len(servers)} memory servers: resume with "
+                         f"--num-servers {remote['servers']} or {remote['servers']} "
+                         f"--memory-servers")
+    box: list = [None]
+    if master:
+        try:
+            memories.backend.client.restore(remote["namespace"], remote["tag"])
+        except MemoryServerError as exc:
+            box = [f"cannot restore the kNN memories of the checkpoint of step {step} (snapshot "
+                   f"{remote['tag']!r} of namespace {remote['namespace']!r}): {exc}. Resume "
+                   f"with servers that see the data directory the snapshot was written to"]
+    if ddp:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise TrainError(box[0])
+
+
 # -----------------------------------------------------------------------------
 # memory servers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])
-
-
-@contextlib.contextmanager
-def local_memory_servers(count: int, log_dir: Path):
-    """Start ``count`` memory servers on free loopback ports; yield their endpoints once each
-    answers a ping; stop them (SIGTERM, then SIGKILL) however the block exits."""
-    threads = max(1, (os.cpu_count() or 1) // count)
-    started: list[tuple[str, subprocess.Popen, Path]] = []
-    try:
-        for i in range(count):
-            endpoint = f"tcp://127.0.0.1:{_free_port()}"
-            log_path = log_dir / f"memory-server-{i}.log"
-            with log_path.open("ab") as log:
-                # Own session: a Ctrl-C reaches the trainer only, which drops its memories first
-                # and then stops the servers.
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "memory_server", "--bind", endpoint,
-                     "--threads", str(threads), "--log-level", "WARNING"],
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            started.append((endpoint, proc, log_path))
-        for endpoint, proc, log_path in started:
-            _wait_until_ready(endpoint, proc, log_path)
-        yield [endpoint for endpoint, _, _ in started]
-    finally:
-        for _, proc, _ in started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc, _ in started:
-            try:
-                proc.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_until_ready(endpoint: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    with MemoryClient(endpoint, timeout=0.5) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise TrainError(f"the local memory server for {endpoint} exited with code "
-                                 f"{proc.returncode} before answering: {_tail(log_path)} "
-                                 f"(log: {log_path})")
-            try:
-                client.ping()
-                return
-            except ServerUnavailable:
-                continue
-    raise TrainError(f"the local memory server for {endpoint} did not answer a ping within "
-                     f"{SERVER_START_TIMEOUT:g} s (log: {log_path})")
 
 
 def check_servers(servers: list[str], timeout: float) -> None:
@@ -510,10 +515,12 @@ def build_model(config: TrainConfig) -> MemorizingTransformer:
         xl_max_memories=config.xl_max_memories, pad_id=PAD_ID)
 
 
-def _make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None):
+def _make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None,
+                   namespace: str | None = None):
     if servers is not None:
         return model.create_knn_memories(batch_size=config.batch_size, servers=servers,
-                                         index=config.index, timeout=config.memory_timeout)
+                                         namespace=namespace, index=config.index,
+                                         timeout=config.memory_timeout)
     # In-process even when MEMTRANS_SERVERS is set (create_knn_memories would follow it).
     return KNNMemoryList.create_memories(batch_size=config.batch_size,
                                          num_memory_layers=model.num_memory_layers)(
@@ -572,8 +579,9 @@ def plot_validation(out: Path) -> str:
 
 def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: bool, rank: int,
           world_size: int, device: torch.device, servers: list[str] | None,
-          out: Path | None) -> None:
-    """The training loop; ``out`` is None on every rank but 0."""
+          out: Path | None, local: LocalServers | None = None) -> None:
+    """The training loop; ``out`` is None on every rank but 0, and so is ``local`` (the
+    auto-started servers, told of each snapshot so they restart from it)."""
     master = rank == 0
     stream = corpus.train_stream(batch_size=config.batch_size, seq_len=config.seq_len, rank=rank,
                                  world_size=world_size, seed=config.seed)
@@ -585,10 +593,17 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
     step, xl = 0, None
 
     with contextlib.ExitStack() as stack:
-        memories = _make_memories(raw_model, config, servers)
+        remote = (checkpoint or {}).get("remote_memory")
+        memories = _make_memories(raw_model, config, servers,
+                                  namespace=remote["namespace"] if remote else None)
         stack.callback(_quietly, memories.cleanup)
         val_memories = _make_memories(raw_model, config, servers)
         stack.callback(_quietly, val_memories.cleanup)
+        blank = _make_memories(raw_model, config, None)  # "without memory": stays empty
+        stack.callback(blank.cleanup)
+        recovery = MemoryRecovery(config.on_memory_failure, config.memory_wait_timeout,
+                                  [memories, val_memories] if servers is not None else [],
+                                  rank=rank, on_failure=log.write)
 
         if checkpoint is not None:
             ranks = checkpoint["ranks"]
@@ -603,6 +618,11 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             xl = [m.to(device) for m in mine["xl"]] if mine["xl"] is not None else None
             if mine["knn"] is not None:
                 _import_memories(memories, mine["knn"])
+            if servers is not None:
+                _restore_remote(memories, remote, checkpoint["step"], master, ddp)
+                recovery.snapshot_taken(remote["namespace"], remote["tag"])
+                if local is not None:
+                    local.snapshot_taken(remote["namespace"], remote["tag"])
             step = checkpoint["step"]
 
         model = raw_model
@@ -615,9 +635,18 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
 
         def validate() -> None:
             args = dict(rank=rank, world_size=world_size, ddp=ddp, device=device)
-            with_memory = evaluate(raw_model, corpus, config, val_memories, retrieval=True,
-                                   **args) if retrieval else None
-            without = evaluate(raw_model, corpus, config, val_memories, retrieval=False, **args)
+
+            def with_memory_attempt(use_memory: bool):
+                if not use_memory:  # skipped: reported as no figure rather than a wrong one
+                    evaluate(raw_model, corpus, config, blank, retrieval=False, **args)
+                    return None
+                return evaluate(raw_model, corpus, config, val_memories, retrieval=True, **args)
+
+            with_memory = recovery.run(step, "validation", with_memory_attempt) \
+                if retrieval else None
+            without = recovery.run(step, "validation", lambda use_memory: evaluate(
+                raw_model, corpus, config, val_memories if use_memory else blank,
+                retrieval=False, **args))
             log.write({"kind": "eval", "step": step, "val_bpb_memory": with_memory,
                        "val_bpb_no_memory": without})
             if master:
@@ -626,6 +655,22 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                            f"without {without:.4f}")
 
         def checkpoint_now() -> None:
+            remote_memory = None
+            if servers is not None:
+                previous = recovery.snapshot[1] if recovery.snapshot else SNAPSHOT_SLOTS[1]
+                tag = SNAPSHOT_SLOTS[1 - SNAPSHOT_SLOTS.index(previous)]
+                if not recovery.run(step, "snapshot", lambda use_memory: use_memory and (
+                        _snapshot_remote(memories, tag, master, ddp) or True)):
+                    if master:
+                        tqdm.write(f"step {step}: checkpoint skipped: the memory servers could "
+                                   f"not snapshot; the previous checkpoint is kept")
+                    return
+                namespace = memories.backend.namespace
+                remote_memory = {"namespace": namespace, "tag": tag,
+                                 "servers": len(memories.backend.client.servers)}
+                recovery.snapshot_taken(namespace, tag)
+                if local is not None:
+                    local.snapshot_taken(namespace, tag)
             mine = {"stream": stream.state_dict(), "rng": torch.get_rng_state(),
                     "xl": [m.cpu() for m in xl] if xl is not None else None,
                     "knn": _export_memories(memories, config)}
@@ -638,7 +683,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                 save_checkpoint(out / CHECKPOINT, {
                     "config": dataclasses.asdict(config), "step": step, "world_size": world_size,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "ranks": ranks})
+                    "ranks": ranks, "remote_memory": remote_memory})
 
         bar = tqdm(total=config.steps, initial=step, disable=not master, unit="step",
                    dynamic_ncols=True)
@@ -651,11 +696,17 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                 group["lr"] = _lr(step, config)
             for micro in range(config.grad_accum):
                 segment = next(stream)
-                xl = _reset_rows(segment, memories, xl, wait)
+                recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
                 if ddp:
                     model.require_backward_grad_sync = micro == config.grad_accum - 1
-                loss, xl = _forward(model, segment, memories, xl, add_knn_memory=retrieval,
-                                    device=device)
+
+                def attempt(use_memory: bool, segment=segment, xl=xl):
+                    knn = memories if use_memory else blank
+                    xl = _reset_rows(segment, knn, xl, wait)
+                    return _forward(model, segment, knn, xl,
+                                    add_knn_memory=retrieval and use_memory, device=device)
+
+                loss, xl = recovery.run(step, "training segment", attempt)
                 (loss / config.grad_accum).backward()
                 n = int((segment.labels != PAD_ID).sum())
                 nats, tokens = nats + loss.item() * n, tokens + n
@@ -664,21 +715,26 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with wait.measure():
-                memories.collect_adds()
+                try:
+                    memories.collect_adds()
+                except FAILURES as exc:  # adds of this step lost; nothing to redo
+                    recovery.handle(exc, step, "collecting adds")
             step, window = step + 1, window + 1
             busy += time.perf_counter() - started
             bar.update()
 
             if step % config.log_every == 0 or step == config.steps:
-                nats, tokens, waited = _sum_over_ranks([nats, tokens, wait.take()], ddp, device)
+                nats, tokens, waited, skipped = _sum_over_ranks(
+                    [nats, tokens, wait.take(), recovery.skipped], ddp, device)
                 bpb = nats / max(tokens, 1) / math.log(2)
                 record = {"kind": "train", "step": step, "train_bpb": bpb,
                           "tokens_per_s": tokens / busy,
                           "memory_wait_s_per_step": waited / world_size / window,
-                          "lr": _lr(step - 1, config)}
+                          "lr": _lr(step - 1, config), "memory_skipped": int(skipped)}
                 log.write(record)
                 bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                mem_wait=f"{1000 * record['memory_wait_s_per_step']:.0f}ms/step")
+                                mem_wait=f"{1000 * record['memory_wait_s_per_step']:.0f}ms/step",
+                                **({"mem_skipped": int(skipped)} if skipped else {}))
                 nats = tokens = busy = 0.0
                 window = 0
             if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
@@ -730,11 +786,6 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(given, checkpoint, checkpoint_path)
         except ValueError as exc:
             raise TrainError(f"invalid setting: {exc}") from None
-        if checkpoint is not None and config.memory == "remote":
-            raise TrainError("--resume with --memory remote is not supported yet: memory servers "
-                             "cannot snapshot a namespace, so the kNN memories would start empty "
-                             "and the run would not continue exactly. Resume runs trained with "
-                             "--memory inproc or off")
         corpus = load_corpus(config.data, val_fraction=config.val_fraction)
         corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len, rank=rank,
                           world_size=world_size)  # fail now, not at the first evaluation
@@ -747,12 +798,18 @@ def main(argv: list[str] | None = None) -> int:
             config.out = str(out)
 
         with contextlib.ExitStack() as stack:
-            servers = None
+            servers = local = None
             if config.memory == "remote":
                 servers = list(config.memory_servers) or servers_from_env()
                 if servers is None:
-                    servers = _broadcast(lambda: stack.enter_context(
-                        local_memory_servers(config.num_servers, out)), ddp, master)
+                    def start_local():
+                        nonlocal local
+                        local = stack.enter_context(LocalServers(
+                            config.num_servers, out,
+                            supervise=config.on_memory_failure != "stop"))
+                        return local.endpoints
+
+                    servers = _broadcast(start_local, ddp, master)
                 else:
                     check_servers(servers, config.memory_timeout)
             if master:
@@ -761,12 +818,12 @@ def main(argv: list[str] | None = None) -> int:
             if master:
                 print(f"memtrans-train: corpus: {corpus.description}", flush=True)
             train(config, corpus, checkpoint, ddp=ddp, rank=rank, world_size=world_size, device=device,
-                  servers=servers, out=out if master else None)
+                  servers=servers, out=out if master else None, local=local)
             if master:
                 print(f"memtrans-train: done; checkpoint {out / CHECKPOINT}; "
                       f"{plot_validation(out)}", flush=True)
         return 0
-    except (TrainError, CorpusError, MemoryServerError) as exc:
+    except (TrainError, CorpusError, MemoryServerError, MemoryFailure) as exc:
         print(f"memtrans-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -784,7 +841,7 @@ def _broadcast(make, ddp: bool, master: bool):
     if master:
         try:
             box = [("ok", make())]
-        except TrainError as exc:
+        except (TrainError, ServerStartError) as exc:
             box = [("error", str(exc))]
     if ddp:
         dist.broadcast_object_list(box, src=0)

@@ -196,13 +196,110 @@ def test_fresh_run_does_not_overwrite_a_checkpoint(corpus, inproc_run):
     assert_clean_error(result, "already holds a checkpoint")
 
 
-def test_resume_of_remote_run_is_refused(corpus, tmp_path):
-    out = tmp_path / "remote"
+def test_resume_with_remote_memory_continues_exactly(corpus, tmp_path):
+    """Remote flat memory on an auto-started server: 8 steps uninterrupted, and 4 steps then
+    --resume to 8 on a new server restored from the checkpoint's snapshot: the same per-step
+    losses (the ring of 96 entries wraps by then)."""
     env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
-    result = run("--data", str(corpus), "--steps", "1", "--eval-every", "0", "--out", str(out),
+    whole, out = tmp_path / "whole", tmp_path / "resumed"
+    result = run("--data", str(corpus), "--steps", "8", "--eval-every", "4", "--out", str(whole),
                  *TINY, env=env)
     assert result.returncode == 0, result.stderr
-    assert_clean_error(run("--resume", str(out), "--steps", "2", env=env), "snapshot")
+    first = run("--data", str(corpus), "--steps", "4", "--eval-every", "4", "--out", str(out),
+                *TINY, env=env)
+    assert first.returncode == 0, first.stderr
+    assert len(list((out / "memory").glob("*.snapshot"))) == 1
+    second = run("--resume", str(out), "--steps", "8", env=env)
+    assert second.returncode == 0, second.stderr
+    resumed = [(r["step"], r["train_bpb"]) for r in records(out, "train")]
+    assert resumed == [(r["step"], r["train_bpb"]) for r in records(whole, "train")]
+    assert records(out, "eval") == records(whole, "eval")
+    assert len(list((out / "memory").glob("*.snapshot"))) == 2  # two slots, used in turn
+
+
+def test_resume_on_another_server_count_is_refused(corpus, tmp_path):
+    out = tmp_path / "remote"
+    env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
+    first = run("--data", str(corpus), "--steps", "1", "--eval-every", "0", "--out", str(out),
+                *TINY, env=env)
+    assert first.returncode == 0, first.stderr
+    assert_clean_error(run("--resume", str(out), "--steps", "2", "--num-servers", "2", env=env),
+                       "--num-servers 1")
+
+
+def _start_and_kill_server(corpus, out: Path, policy: str, *extra: str) -> subprocess.Popen:
+    """A run on one auto-started server with checkpoints every 2 steps; once the first is
+    written, SIGKILL the server. Returns the trainer process (still running)."""
+    env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memtrans.train", "--data", str(corpus), "--steps", "12",
+         "--checkpoint-every", "2", "--eval-every", "0", "--memory-timeout", "2",
+         "--on-memory-failure", policy, "--out", str(out), *extra, *TINY],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    line = proc.stdout.readline()
+    (endpoint,) = re.findall(r"memory remote on (tcp://\S+)", line)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    (pid,) = [p for p in processes_with(endpoint) if p != proc.pid]
+    os.kill(pid, signal.SIGKILL)
+    proc.endpoint = endpoint
+    return proc
+
+
+def _finish(proc: subprocess.Popen) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_server_killed_with_wait_is_restarted_from_snapshot(corpus, tmp_path):
+    out = tmp_path / "wait"
+    proc = _start_and_kill_server(corpus, out, "wait")
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 0, stderr
+    failures = records(out, "memory_failure")
+    assert failures and all(f["policy"] == "wait" for f in failures), stderr
+    assert proc.endpoint in failures[0]["error"]
+    train = records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert train[-1]["memory_skipped"] == 0
+    assert "restarting it from snapshot" in (out / "memory-server-0.log").read_text() + stderr
+    assert processes_with(proc.endpoint) == []
+
+
+@pytest.mark.slow
+def test_server_killed_with_skip_finishes_and_counts_skipped_steps(corpus, tmp_path):
+    out = tmp_path / "skip"
+    proc = _start_and_kill_server(corpus, out, "skip")
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 0, stderr
+    train = records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    # The supervisor restarts the server from the last snapshot; whatever failed meanwhile (a
+    # segment, the validation namespace the restart lost) ran without memory and is reported.
+    failures = records(out, "memory_failure")
+    assert failures and all(f["policy"] == "skip" for f in failures)
+    assert "policy skip" in stderr
+    assert processes_with(proc.endpoint) == []
+
+
+@pytest.mark.slow
+def test_server_killed_with_stop_exits_naming_the_endpoint(corpus, tmp_path):
+    out = tmp_path / "stop"
+    proc = _start_and_kill_server(corpus, out, "stop")
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    (message,) = [l for l in stderr.splitlines() if l.startswith("memtrans-train: error: ")]
+    assert proc.endpoint in message and "--on-memory-failure" in message
+    assert (out / "checkpoint.pt").is_file()
 
 
 @pytest.mark.slow

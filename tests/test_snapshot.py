@@ -1,0 +1,183 @@
+"""Snapshots through real servers: exact round trips, restore at start, and files that must be
+refused (one flipped byte, truncated, foreign, renamed) or survive a server killed mid-write."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from memory_server import InvalidRequest, MemoryClient, NamespaceConfig, SnapshotError
+from memory_server.client import shard_tag
+from memory_server.snapshot import read_snapshot, snapshot_path
+from servers import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = NamespaceConfig(dim=16, max_memories=40, num_layers=2, num_rows=4)
+
+
+def fill(client: MemoryClient, namespace: str, config: NamespaceConfig = CONFIG, *, adds: int = 5,
+         n: int = 13, seed: int = 0) -> None:
+    """Adds that wrap the rings of some memories (5 x 13 > 40) and leave others empty."""
+    rng = np.random.default_rng(seed)
+    client.open(namespace, config)
+    for _ in range(adds):
+        for layer in range(config.num_layers):
+            rows = [0, 1, 3]
+            client.add_async(namespace, layer, rows,
+                             rng.standard_normal((3, n, config.dim), dtype=np.float32),
+                             rng.standard_normal((3, n, config.dim), dtype=np.float32))
+
+
+def searches(client: MemoryClient, namespace: str, config: NamespaceConfig = CONFIG) -> list:
+    queries = np.random.default_rng(1).standard_normal((4, 7, config.dim), dtype=np.float32)
+    return [client.search(namespace, layer, [0, 1, 2, 3], queries, 5).dense()
+            for layer in range(config.num_layers)]
+
+
+def assert_same(a: list, b: list) -> None:
+    for (kv_a, mask_a), (kv_b, mask_b) in zip(a, b):
+        np.testing.assert_array_equal(kv_a, kv_b)
+        np.testing.assert_array_equal(mask_a, mask_b)
+
+
+def test_round_trip_gives_identical_searches(memory_server, tmp_path):
+    servers = [s.endpoint for s in memory_server(2, "--data-dir", str(tmp_path))]
+    with MemoryClient(servers, timeout=10) as client:
+        fill(client, "run")
+        before = searches(client, "run")
+        written = client.snapshot("run", "t1")
+        assert [r["memories"] for r in written] == [2, 4]  # server 0: row 0; 1: rows 1, 3
+        fill(client, "run", seed=2)  # change everything, then go back
+        client.restore("run", "t1")
+        assert_same(searches(client, "run"), before)
+        client.drop("run")
+        client.restore("run", "t1")  # into a server that no longer has the namespace
+        assert_same(searches(client, "run"), before)
+        assert client.restore("run", "t1", if_missing=True) == [{"restored": False}] * 2
+        listed = client.snapshots()
+        assert [[(s["namespace"], s["tag"]) for s in one] for one in listed] == \
+            [[("run", shard_tag("t1", 0, 2)), ("run", shard_tag("t1", 1, 2))]] * 2
+
+
+def test_snapshot_sees_the_adds_sent_before_it(memory_server, tmp_path):
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        fill(client, "run")  # sent without waiting
+        client.snapshot("run", "t")
+        state = read_snapshot(tmp_path, "run", shard_tag("t", 0, 1))
+    assert sorted(m["total"] for m in state["memories"]) == [65] * 6
+
+
+def test_restore_at_start(memory_server, tmp_path):
+    (first,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(first.endpoint, timeout=10) as client:
+        fill(client, "run")
+        before = searches(client, "run")
+        client.snapshot("run", "t")
+    assert first.stop() == 0
+    tag = shard_tag("t", 0, 1)
+    (second,) = memory_server(1, "--data-dir", str(tmp_path), "--restore", f"run:{tag}")
+    with MemoryClient(second.endpoint, timeout=10) as client:
+        assert_same(searches(client, "run"), before)
+
+
+def test_without_data_dir_snapshot_is_refused(memory_server):
+    (server,) = memory_server(1)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        fill(client, "run")
+        with pytest.raises(InvalidRequest, match="--data-dir"):
+            client.snapshot("run", "t")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "x" * 200, "a@b", ""])
+def test_bad_names_are_refused(memory_server, tmp_path, name):
+    (server,) = memory_server(1, "--data-dir", str(tmp_path / "data"))
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        fill(client, "run")
+        with pytest.raises(InvalidRequest, match="snapshot tag"):
+            client.snapshot("run", name)
+    assert list(tmp_path.rglob("*")) in ([], [tmp_path / "data"])
+
+
+def _written(tmp_path, memory_server) -> tuple:
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    client = MemoryClient(server.endpoint, timeout=10)
+    fill(client, "run")
+    client.snapshot("run", "t")
+    return server, client, snapshot_path(tmp_path, "run", shard_tag("t", 0, 1))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "empty"])
+def test_damaged_snapshot_is_refused_and_nothing_loaded(memory_server, tmp_path, damage):
+    server, client, path = _written(tmp_path, memory_server)
+    with client:
+        data = bytearray(path.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x01
+        elif damage == "truncate":
+            data = data[: len(data) - 100]
+        elif damage == "foreign":
+            data = bytearray(b"PK\x03\x04" + bytes(len(data)))
+        else:
+            data = bytearray()
+        path.write_bytes(bytes(data))
+        client.clear("run", [0, 1, 2, 3])
+        with pytest.raises(SnapshotError, match=str(path)):
+            client.restore("run", "t")
+        # The namespace is as it was before the refused restore: still open, still empty.
+        assert all(not mask.any() for _, mask in searches(client, "run"))
+
+
+def test_renamed_snapshot_is_refused(memory_server, tmp_path):
+    server, client, path = _written(tmp_path, memory_server)
+    with client:
+        path.rename(snapshot_path(tmp_path, "other", shard_tag("t", 0, 1)))
+        client.open("other", CONFIG)
+        with pytest.raises(SnapshotError, match="renamed"):
+            client.restore("other", "t")
+
+
+def test_damaged_snapshot_at_start_exits_with_a_clear_error(tmp_path, memory_server):
+    server, client, path = _written(tmp_path, memory_server)
+    client.close()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_server", "--bind", f"tcp://127.0.0.1:{free_port()}",
+         "--data-dir", str(tmp_path), "--restore", f"run:{shard_tag('t', 0, 1)}"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert str(path) in result.stderr and "checksum" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_kill_during_snapshot_keeps_the_previous_one(memory_server, tmp_path):
+    """SIGKILL while the server writes a ~200 MB snapshot over an older one of the same name: the
+    older one still restores, identical, and the dead write left at most a temporary file."""
+    big = NamespaceConfig(dim=64, max_memories=100_000, num_layers=2, num_rows=4)
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(server.endpoint, timeout=60) as client:
+        fill(client, "big", big, adds=1, n=2_000)
+        before = searches(client, "big", big)
+        client.snapshot("big", "t")
+        path = snapshot_path(tmp_path, "big", shard_tag("t", 0, 1))
+        old = path.read_bytes()
+        fill(client, "big", big, adds=4, n=20_000, seed=3)  # ~4x the bytes: a slow write
+        client.snapshot_async("big", "t")
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob(".*.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+    assert list(tmp_path.glob(".*.tmp-*")), "the kill came before the write began"
+    assert path.read_bytes() == old
+    (again,) = memory_server(1, "--data-dir", str(tmp_path), "--restore",
+                             f"big:{shard_tag('t', 0, 1)}")
+    with MemoryClient(again.endpoint, timeout=60) as client:
+        assert_same(searches(client, "big", big), before)

@@ -41,6 +41,7 @@ class ServerProcess:
         return int(self.endpoint.rsplit(":", 1)[1])
 
     def output(self) -> str:
+        self.log.flush()
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 
@@ -94,14 +95,15 @@ class ServerProcess:
 
 
 def launch(*flags: str, port: int | None = None, host: str = "127.0.0.1",
-           prefix: tuple[str, ...] = ()) -> ServerProcess:
+           prefix: tuple[str, ...] = (), log_path=None) -> ServerProcess:
     """Start a server on ``host:port`` (a free port by default) without waiting for it.
 
     ``host`` must include loopback (it is reached on 127.0.0.1). ``prefix`` goes before the
-    command, e.g. ``("taskset", "-c", "0")`` to pin it to a core.
+    command, e.g. ``("taskset", "-c", "0")`` to pin it to a core. Its output goes to
+    ``log_path`` (appended) or to a temporary file.
     """
     port = port or free_port()
-    log = tempfile.TemporaryFile()
+    log = open(log_path, "a+b") if log_path is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen([*prefix, sys.executable, "-m", "memory_server", "--bind",
                              f"tcp://{host}:{port}", *flags],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

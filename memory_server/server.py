@@ -494,7 +494,8 @@ class Server:
                        "max_message_bytes": cfg.max_message_bytes,
                        "max_namespaces": cfg.max_namespaces,
                        "max_memories_per_namespace": cfg.max_memories_per_namespace,
-                       "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve},
+                       "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
+                       "persistent": cfg.data_dir is not None},
         }
 
 

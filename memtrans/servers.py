@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-from memory_server import ServerUnavailable
-from memory_server.client import MemoryClient, shard_tag
+from memory_server import local
+from memory_server.client import shard_tag
 from memory_server.snapshot import snapshot_path
 
 START_TIMEOUT = 30.0
@@ -38,12 +33,6 @@ class ServerStartError(Exception):
     """A local memory server exited or stayed silent at start; the message says which and why."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalServers:
     """``count`` local memory servers; a context manager whose ``endpoints`` answer pings."""
 
@@ -52,10 +41,11 @@ class LocalServers:
         self.out = out
         self.data_dir = out / "memory"
         self.supervise = supervise
-        self.endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(count)]
+        self.ports = [local.free_port() for _ in range(count)]
+        self.endpoints = [f"tcp://127.0.0.1:{port}" for port in self.ports]
         self.restarts = 0
         self._threads = max(1, (os.cpu_count() or 1) // count)
-        self._procs: list[subprocess.Popen | None] = [None] * count
+        self._servers: list[local.ServerProcess | None] = [None] * count
         self._snapshot: tuple[str, str] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -64,7 +54,7 @@ class LocalServers:
     def __enter__(self) -> LocalServers:
         try:
             for i in range(self.count):
-                self._procs[i] = self._launch(i)
+                self._servers[i] = self._launch(i)
             for i in range(self.count):
                 self._wait_ready(i)
         except BaseException:
@@ -84,56 +74,41 @@ class LocalServers:
         with self._lock:
             self._snapshot = (namespace, tag)
 
-    def _launch(self, i: int) -> subprocess.Popen:
-        flags = ["--bind", self.endpoints[i], "--threads", str(self._threads), "--log-level",
-                 "WARNING", "--data-dir", str(self.data_dir)]
+    def _launch(self, i: int) -> local.ServerProcess:
+        flags = ["--threads", str(self._threads), "--log-level", "WARNING",
+                 "--data-dir", str(self.data_dir)]
         if self._snapshot is not None:
             namespace, tag = self._snapshot
             tag = shard_tag(tag, i, self.count)
             if snapshot_path(self.data_dir, namespace, tag).exists():
                 flags += ["--restore", f"{namespace}:{tag}"]
-        with self._log_path(i).open("ab") as log_file:
-            # Own session: a Ctrl-C reaches the trainer only, which drops its memories first and
-            # then stops the servers.
-            return subprocess.Popen([sys.executable, "-m", "memory_server", *flags],
-                                    stdout=log_file, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        # Its own session (local.launch): a Ctrl-C reaches the trainer only, which drops its
+        # memories first and then stops the servers.
+        return local.launch(*flags, port=self.ports[i], log_path=self._log_path(i))
 
     def _log_path(self, i: int) -> Path:
         return self.out / f"memory-server-{i}.log"
 
     def _wait_ready(self, i: int) -> None:
-        endpoint, proc = self.endpoints[i], self._procs[i]
-        deadline = time.monotonic() + START_TIMEOUT
-        # A ping before the server listens times out: expected here, so not a warning.
-        logging.getLogger("memory_server.client").setLevel(logging.ERROR)
-        with MemoryClient(endpoint, timeout=0.5) as client:
-            while time.monotonic() < deadline and not self._stopping.is_set():
-                if proc.poll() is not None:
-                    raise ServerStartError(
-                        f"the local memory server for {endpoint} exited with code "
-                        f"{proc.returncode} before answering: {_tail(self._log_path(i))} "
-                        f"(log: {self._log_path(i)})")
-                try:
-                    client.ping()
-                    return
-                except ServerUnavailable:
-                    continue
-        raise ServerStartError(f"the local memory server for {endpoint} did not answer a ping "
-                               f"within {START_TIMEOUT:g} s (log: {self._log_path(i)})")
+        try:
+            self._servers[i].wait_ready(START_TIMEOUT)
+        except (RuntimeError, TimeoutError) as exc:
+            first_line = str(exc).splitlines()[0]
+            raise ServerStartError(f"the local {first_line} (log: {self._log_path(i)})") from None
 
     def _watch(self) -> None:
         while not self._stopping.wait(SUPERVISE_INTERVAL):
-            for i, proc in enumerate(self._procs):
-                if proc.poll() is None:
+            for i, server in enumerate(self._servers):
+                if server.proc.poll() is None:
                     continue
                 with self._lock:
                     if self._stopping.is_set():
                         return
                     log.warning("memory server %s exited with code %s; restarting it%s",
-                                self.endpoints[i], proc.returncode,
+                                self.endpoints[i], server.proc.returncode,
                                 f" from snapshot {self._snapshot[1]}" if self._snapshot else "")
-                    self._procs[i] = self._launch(i)
+                    server.log.close()
+                    self._servers[i] = self._launch(i)
                     self.restarts += 1
                 try:
                     self._wait_ready(i)
@@ -145,21 +120,7 @@ class LocalServers:
             self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join()
-        procs = [p for p in self._procs if p is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])
+        for server in self._servers:
+            if server is not None:
+                server.stop(STOP_TIMEOUT)
+                server.log.close()

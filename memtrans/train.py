@@ -371,6 +371,18 @@ def _snapshot_remote(memories: KNNMemoryList, tag: str, master: bool, ddp: bool)
         raise box[0]
 
 
+def _servers_persist(memories: KNNMemoryList, master: bool) -> bool:
+    """Whether every memory server can snapshot (was started with --data-dir); says so if not."""
+    stats = memories.backend.client.stats()
+    volatile = [endpoint for endpoint, s in zip(memories.backend.client.servers, stats)
+                if not s["config"].get("persistent")]
+    if volatile and master:
+        tqdm.write(f"memtrans-train: warning: memory servers {', '.join(volatile)} run without "
+                   f"--data-dir, so checkpoints cannot hold their kNN memories and --resume "
+                   f"starts them empty; start the servers with --data-dir DIR to resume exactly")
+    return not volatile
+
+
 def _restore_remote(memories: KNNMemoryList, remote: dict | None, step: int, master: bool,
                     ddp: bool) -> None:
     """Rank 0 restores the checkpoint's snapshot on every server; no rank starts before."""
@@ -618,7 +630,11 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             xl = [m.to(device) for m in mine["xl"]] if mine["xl"] is not None else None
             if mine["knn"] is not None:
                 _import_memories(memories, mine["knn"])
-            if servers is not None:
+            if servers is not None and remote is not None and remote["tag"] is None:
+                if master:
+                    tqdm.write("memtrans-train: warning: the checkpoint holds no kNN memories "
+                               "(its servers ran without --data-dir); they start empty")
+            elif servers is not None:
                 _restore_remote(memories, remote, checkpoint["step"], master, ddp)
                 recovery.snapshot_taken(remote["namespace"], remote["tag"])
                 if local is not None:
@@ -654,9 +670,14 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                 tqdm.write(f"step {step}: validation bits/byte with memory {shown}, "
                            f"without {without:.4f}")
 
+        persistent = servers is None or _servers_persist(memories, master)
+
         def checkpoint_now() -> None:
             remote_memory = None
-            if servers is not None:
+            if servers is not None and not persistent:
+                remote_memory = {"namespace": memories.backend.namespace, "tag": None,
+                                 "servers": len(memories.backend.client.servers)}
+            elif servers is not None:
                 previous = recovery.snapshot[1] if recovery.snapshot else SNAPSHOT_SLOTS[1]
                 tag = SNAPSHOT_SLOTS[1 - SNAPSHOT_SLOTS.index(previous)]
                 if not recovery.run(step, "snapshot", lambda use_memory: use_memory and (

@@ -323,6 +323,7 @@ def test_torchrun_two_ranks_two_servers(corpus, tmp_path, memory_server):
             time.sleep(0.2)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr
+    assert "run without --data-dir" in stdout + stderr  # the checkpoint cannot hold memories
     assert rows == {0, 1, 2, 3}  # rank 0: rows 0, 1; rank 1: rows 2, 3
     assert all(math.isfinite(r["train_bpb"]) for r in records(out, "train"))
     assert [r["step"] for r in records(out, "eval")] == [6, 12]

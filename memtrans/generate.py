@@ -7,7 +7,7 @@ writes) until it is full, when it is committed like a training segment. So every
 the memories exactly once, in order, as in training, and the continuation can retrieve from the
 whole priming document, however much longer than the context it is.
 
-    python -m memtrans.generate --checkpoint runs/x --prime some_module.py --length 400
+    memtrans-generate --checkpoint runs/x --prime some_module.py --length 400
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .train import TrainError, _make_memories, build_model, load_checkpoint, res
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m memtrans.generate",
+        prog="memtrans-generate",
         description="Read a priming document into a checkpoint's memories, then sample a "
                     "continuation (in-process memory).")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -114,14 +114,14 @@ def generate(checkpoint: str, prime: str, *, length: int, temperature: float, to
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.length < 1 or args.temperature < 0 or args.top_k < 0:
-        print("memtrans.generate: error: --length must be positive, --temperature and --top-k "
+        print("memtrans-generate: error: --length must be positive, --temperature and --top-k "
               "non-negative", file=sys.stderr)
         return 2
     try:
         text = generate(args.checkpoint, args.prime, length=args.length,
                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     except TrainError as exc:
-        print(f"memtrans.generate: error: {exc}", file=sys.stderr)
+        print(f"memtrans-generate: error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.buffer.write(text)
     sys.stdout.buffer.write(b"\n")

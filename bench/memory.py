@@ -1,104 +1,360 @@
-"""Memory add/search cost: in-process KNNMemory against RemoteKNNMemory on 1 and 2 servers.
+"""Memory add/search cost and HNSW recall: the seed's KNNMemory, memtrans in-process and remote.
 
 The workload of one memorizing layer's step at the issue's configuration: batch 8, 8 heads x 512
-queries per row, k=32, dim 64, memories of 16K and 64K entries per row, filled with unit keys.
-Remote search time includes the wire both ways and the client's merge; bytes are payload bytes
-(array frames) per search, against the dense (b, q, k, 2, d) float32 tensor the seed builds.
+queries per row, k=32, dim 64, memories of 16K and 64K entries per row, ``flat`` and ``hnsw``.
 
-    python -m bench.memory [--sizes 16384 65536] [--reps 3] [--index flat]
+Keys and queries come from a trained model by default: the l2-normalised keys (``to_kv``, key half)
+and queries (``to_q``) of the first memorizing layer of a small memtrans model (dim_head 64) run
+over the Python standard library's sources, 8 rows each reading its own stretch of text. Each row's
+memory holds the keys of the ``size`` tokens just before the 512 tokens whose queries search it.
+The model is ``--checkpoint``, else one trained once for ~2 minutes (``memtrans-train --steps 150
+--memory inproc --dim-head 64 --heads 8``) and cached with its keys under ``$XDG_CACHE_HOME/memtrans/bench``.
+``--keys random`` (or a failure to get model keys, which is reported) uses random unit vectors.
+
+Rows:
+
+- ``seed``: the seed package's ``KNNMemory`` (HNSW M=15, efSearch 16; memmaps in a temporary
+  directory, removed after); its ``search`` returns the dense ``(b, h, q, k, 2, d)`` tensor.
+- ``inproc``: memtrans ``KNNMemory`` (one worker thread, as in the model); search is
+  ``retrieved(search_async(...))``, the compact form the model consumes.
+- ``remote1`` / ``remote2``: ``RemoteKNNMemory`` on 1 / 2 local ``memory-server`` processes (rows
+  sharded ``row % servers``); times include the wire both ways and the client's merge.
+
+``add ms`` is the median of the last ``--reps`` adds of 512 tokens per row that fill the memory
+(each waited for); ``search ms`` the median of ``--reps`` searches (after one warm-up) of the full
+memory. Bytes on the wire are array payload per search: the queries plus the compact reply.
+Recall@32 is measured on the index code itself (memtrans ``Memory``, the seed's ``KNN``) against an
+exact inner-product search of the same keys, on ``--recall-rows`` rows.
+
+    python -m bench.memory                                  # everything (~6-10 minutes on 2 cores)
+    python -m bench.memory --sizes 16384 --memories inproc remote1 --indexes flat
+    python -m bench.memory --keys random --no-recall
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from memory_server.local import start_servers
+from memory_server.store import Memory, NamespaceConfig
 from memtrans import RemoteKNNMemory
 from memtrans.memory import KNNMemoryList
 
 from .common import machine_line, table, timed
 
 BATCH, HEADS, QUERIES, K, DIM, ADD = 8, 8, 512, 32, 64, 512
+MEMORIES = ("seed", "inproc", "remote1", "remote2")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memtrans" / "bench"
+TRAIN_ARGS = ("--steps", "150", "--memory", "inproc", "--dim-head", "64", "--heads", "8",
+              "--eval-every", "0",
+              "--eval-batches", "1", "--checkpoint-every", "0")
 
 
-def unit(*shape) -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(*shape), dim=-1)
+# -----------------------------------------------------------------------------
+# keys and queries
 
 
-def fill(memory, size: int) -> None:
-    for _ in range(size // ADD):
-        keys = unit(BATCH, ADD, DIM)
-        memory.add(torch.stack((keys, torch.randn(BATCH, ADD, DIM)), dim=-2))
-    memory.collect_adds()
+def unit(*shape) -> np.ndarray:
+    return torch.nn.functional.normalize(torch.randn(*shape), dim=-1).numpy()
 
 
-def measure(memories: KNNMemoryList, size: int, reps: int) -> dict:
-    memory = memories[0]
-    fill(memory, size)
-    queries = unit(BATCH, HEADS, QUERIES, DIM)
+def random_keys(tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit keys ``(BATCH, tokens, DIM)`` and queries ``(BATCH, HEADS, QUERIES, DIM)``."""
+    return unit(BATCH, tokens, DIM), unit(BATCH, HEADS, QUERIES, DIM)
+
+
+def train_checkpoint() -> Path:
+    out = CACHE / "model"
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        print(f"training a small model for its keys (~2 min): {out}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "memtrans.train", *TRAIN_ARGS, "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def stdlib_tokens(total: int) -> np.ndarray:
+    """``total`` byte tokens of the standard library's .py sources, in sorted path order."""
+    from memtrans.data import encode
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, have = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        data = path.read_bytes()
+        chunks.append(encode(data))
+        have += len(data)
+        if have >= total:
+            break
+    tokens = np.concatenate(chunks)
+    if tokens.size < total:
+        raise RuntimeError(f"the standard library has only {tokens.size} bytes of .py, need {total}")
+    return tokens[:total]
+
+
+@torch.no_grad()
+def model_keys(checkpoint: Path, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys ``(BATCH, tokens, DIM)`` and the queries of the next QUERIES tokens, from a model."""
+    from memtrans import MemorizingTransformer
+    from memtrans.data import NUM_TOKENS, PAD_ID
+
+    from .step import ZeroMemory
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    c = state["config"]
+    if c["dim_head"] != DIM:
+        raise RuntimeError(f"{checkpoint} has dim_head {c['dim_head']}, the benchmark needs {DIM}")
+    model = MemorizingTransformer(
+        num_tokens=NUM_TOKENS, dim=c["dim"], depth=c["depth"], heads=c["heads"],
+        dim_head=c["dim_head"], memorizing_layers=tuple(c["memorizing_layers"]),
+        max_knn_memories=c["max_memories"], num_retrieved_memories=c["num_retrieved"],
+        xl_max_memories=c["xl_max_memories"], pad_id=PAD_ID)
+    model.load_state_dict(state["model"])
+    model.eval()
+    attn = model.layers[model.memorizing_layers[0] - 1][0].fn
+    got = {"k": [], "q": []}
+    hooks = [attn.to_kv.register_forward_hook(
+                 lambda m, i, out: got["k"].append(out[..., :DIM])),
+             attn.to_q.register_forward_hook(lambda m, i, out: got["q"].append(out))]
+    seq, heads = c["seq_len"], c["heads"]
+    # A model with fewer heads than HEADS gives the queries of more tokens instead.
+    query_tokens = QUERIES * -(-HEADS // heads)
+    total = tokens + query_tokens
+    steps = -(-total // seq)
+    text = torch.from_numpy(stdlib_tokens(BATCH * steps * seq).reshape(BATCH, steps * seq))
+    memories = [ZeroMemory(BATCH, DIM) for _ in model.memorizing_layers]
+    xl = None
+    try:
+        for s in range(steps):
+            out = model(text[:, s * seq : (s + 1) * seq], memories, xl_memories=xl)
+            if isinstance(out, tuple):
+                xl = out[1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    keys = torch.nn.functional.normalize(torch.cat(got["k"], dim=1)[:, :tokens], dim=-1)
+    q = torch.cat(got["q"], dim=1)[:, tokens:total].reshape(BATCH, query_tokens, heads, DIM)
+    q = q.transpose(1, 2).reshape(BATCH, -1, QUERIES, DIM)[:, :HEADS]
+    q = torch.nn.functional.normalize(q, dim=-1)
+    return keys.contiguous().numpy(), q.contiguous().numpy()
+
+
+def get_keys(source: str, checkpoint: str | None, tokens: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if source == "random":
+        return (*random_keys(tokens), "random unit vectors")
+    try:
+        path = Path(checkpoint) if checkpoint else train_checkpoint()
+        tag = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime}:{tokens}".encode()).hexdigest()
+        cached = CACHE / f"keys-{tag[:16]}.npz"
+        if cached.is_file():
+            data = np.load(cached)
+            keys, queries = data["keys"], data["queries"]
+        else:
+            started = time.perf_counter()
+            keys, queries = model_keys(path, tokens)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cached, keys=keys, queries=queries)
+            print(f"collected model keys in {time.perf_counter() - started:.0f} s: {cached}",
+                  file=sys.stderr, flush=True)
+        return keys, queries, f"model keys/queries ({path}, first memorizing layer, stdlib text)"
+    except Exception as exc:  # report it and measure on random keys rather than nothing
+        print(f"could not get model keys ({type(exc).__name__}: {exc}); using random keys",
+              file=sys.stderr, flush=True)
+        return (*random_keys(tokens), f"random unit vectors (model keys failed: {exc})")
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def _kv(keys: np.ndarray, start: int, n: int) -> torch.Tensor:
+    k = torch.from_numpy(keys[:, start : start + n])
+    return torch.stack((k, torch.randn(k.shape)), dim=-2)
+
+
+def measure(memory, keys: np.ndarray, queries: np.ndarray, size: int, reps: int,
+            seed: bool = False) -> dict:
+    """Fill ``memory`` with the last ``size`` keys (timing the last adds), then time searches."""
+    keys = keys[:, keys.shape[1] - size :]
+    add_times = []
+    for start in range(0, size, ADD):
+        began = time.perf_counter()
+        memory.add(_kv(keys, start, ADD))
+        if not seed:
+            memory.collect_adds()
+        add_times.append(time.perf_counter() - began)
+    q = torch.from_numpy(queries)
     last = {}
 
     def search():
-        last["r"] = memory.retrieved(memory.search_async(queries, K))
-
-    def add():
-        memory.add(torch.stack((unit(BATCH, ADD, DIM), torch.randn(BATCH, ADD, DIM)), dim=-2))
-        memory.collect_adds()
+        if seed:
+            last["r"] = memory.search(q, K)
+        else:
+            last["r"] = memory.retrieved(memory.search_async(q, K))
 
     search_s = timed(search, reps)
-    add_s = timed(add, reps)
-    r = last["r"]
-    reply = r.keys.nbytes + r.values.nbytes + r.positions.nbytes
-    return dict(search=search_s, add=add_s, reply=reply, request=queries.numel() * 4,
-                unique=r.keys.shape[0] - 1)
+    out = dict(search=search_s, add=float(np.median(add_times[-reps:])), request=q.numel() * 4)
+    if not seed:
+        r = last["r"]
+        out["reply"] = r.keys.nbytes + r.values.nbytes + r.positions.nbytes
+    return out
+
+
+def run_memory(kind: str, index: str, size: int, keys, queries, reps: int, flags) -> dict | None:
+    if kind == "seed":
+        if index != "hnsw":
+            return None
+        from .seed import seed_memories
+
+        with seed_memories(batch_size=BATCH, num_memory_layers=1, dim=DIM,
+                           max_memories=size) as memories:
+            return measure(memories[0], keys, queries, size, reps, seed=True)
+    if kind == "inproc":
+        memories = KNNMemoryList.create_memories(batch_size=BATCH, num_memory_layers=1)(
+            dim=DIM, max_memories=size, multiprocessing=False, index=index)
+        try:
+            return measure(memories[0], keys, queries, size, reps)
+        finally:
+            memories.cleanup()
+    count = int(kind[-1])
+    servers = start_servers(count, *flags)
+    try:
+        memories = RemoteKNNMemory.create([s.endpoint for s in servers], dim=DIM,
+                                          max_memories=size, batch_size=BATCH, index=index,
+                                          timeout=600)
+        try:
+            return measure(memories[0], keys, queries, size, reps)
+        finally:
+            memories.cleanup()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# -----------------------------------------------------------------------------
+# recall
+
+
+def exact_top(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    import faiss
+
+    return faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(f[f >= 0], e)) for f, e in zip(found, exact))
+    return hits / exact.size
+
+
+def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int) -> dict:
+    """Recall@K of memtrans hnsw (default config) and the seed's HNSW against exact search."""
+    from .seed import available, seed_knn
+
+    config = NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=1, index="hnsw")
+    ours, seed = [], []
+    for row in range(rows):
+        k = np.ascontiguousarray(keys[row, keys.shape[1] - size :])
+        q = np.ascontiguousarray(queries[row].reshape(-1, DIM))
+        exact = exact_top(k, q, K)
+        memory = Memory(config)
+        memory.add(k, np.zeros_like(k))
+        slots = memory.search(q, K)  # slots == sequence numbers: the ring never wrapped
+        ours.append(recall(slots, exact))
+        if available() is None:
+            knn = seed_knn(DIM, size)
+            knn.add(k, ids=np.arange(size))
+            seed.append(recall(knn.search(q, K), exact))
+    return dict(ours=float(np.mean(ours)), seed=float(np.mean(seed)) if seed else None)
+
+
+# -----------------------------------------------------------------------------
+
+
+LABELS = {"seed": "seed KNNMemory", "inproc": "memtrans in-process", "remote1": "remote, 1 server",
+          "remote2": "remote, 2 servers"}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--index", default="flat", choices=["flat", "hnsw"])
+    parser.add_argument("--indexes", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw"])
+    parser.add_argument("--memories", nargs="+", default=list(MEMORIES), choices=MEMORIES)
     parser.add_argument("--server-threads", type=int, default=None,
                         help="memory-server --threads (default: its own default, all cores)")
+    parser.add_argument("--keys", choices=["model", "random"], default="model")
+    parser.add_argument("--checkpoint", help="memtrans checkpoint (dim_head 64) to take keys from "
+                        "(default: train and cache a small one)")
+    parser.add_argument("--recall-rows", type=int, default=4)
+    parser.add_argument("--no-recall", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     flags = ("--threads", str(args.server_threads)) if args.server_threads else ()
+    keys, queries, source = get_keys(args.keys, args.checkpoint, max(args.sizes))
     dense = BATCH * HEADS * QUERIES * K * 2 * DIM * 4
+    load = [os.getloadavg()[0]]
     rows = []
     for size in args.sizes:
-        local = KNNMemoryList.create_memories(batch_size=BATCH, num_memory_layers=1)(
-            dim=DIM, max_memories=size, multiprocessing=False, index=args.index)
-        base = measure(local, size, args.reps)
-        local.cleanup()
-        rows.append([f"{size // 1024}K", "in-process", f"{base['add'] * 1e3:.1f}",
-                     f"{base['search'] * 1e3:.0f}", f"{BATCH * HEADS * QUERIES / base['search']:,.0f}",
-                     "1.00", "-", "-"])
-        for count in (1, 2):
-            servers = start_servers(count, *flags)
-            try:
-                remote = RemoteKNNMemory.create([s.endpoint for s in servers], dim=DIM,
-                                                max_memories=size, batch_size=BATCH,
-                                                index=args.index, timeout=600)
-                got = measure(remote, size, args.reps)
-                remote.cleanup()
-            finally:
-                for server in servers:
-                    server.stop()
-            rows.append([f"{size // 1024}K", f"remote, {count} server{'s' * (count > 1)}",
-                         f"{got['add'] * 1e3:.1f}", f"{got['search'] * 1e3:.0f}",
-                         f"{BATCH * HEADS * QUERIES / got['search']:,.0f}",
-                         f"{got['search'] / base['search']:.2f}",
-                         f"{(got['request'] + got['reply']) / 2**20:.1f}",
-                         f"{dense / got['reply']:.1f}x"])
-    print(machine_line(f"index {args.index}, server threads "
-                       f"{args.server_threads or 'default'}, no pinning"))
-    print(f"Batch {BATCH}, {HEADS} heads x {QUERIES} queries per row, k={K}, dim {DIM}, "
-          f"adds of {ADD} per row; median of {args.reps}. Dense reply would be "
+        for index in args.indexes:
+            results = {}
+            for kind in args.memories:
+                started = time.perf_counter()
+                got = run_memory(kind, index, size, keys, queries, args.reps, flags)
+                if got is not None:
+                    results[kind] = got
+                    print(f"[{size} {index} {kind}] add {got['add'] * 1e3:.1f} ms, search "
+                          f"{got['search'] * 1e3:.0f} ms ({time.perf_counter() - started:.0f} s)",
+                          file=sys.stderr, flush=True)
+            base = results.get("inproc")
+            for kind, got in results.items():
+                remote = kind.startswith("remote")
+                rows.append([f"{size // 1024}K", "hnsw M=15 ef 16" if kind == "seed" else index,
+                             LABELS[kind], f"{got['add'] * 1e3:.1f}", f"{got['search'] * 1e3:.0f}",
+                             f"{BATCH * HEADS * QUERIES / got['search']:,.0f}",
+                             f"{got['search'] / base['search']:.2f}" if base else "-",
+                             f"{(got['request'] + got['reply']) / 2**20:.1f}" if remote else "-",
+                             f"{dense / got['reply']:.1f}x" if remote else "-"])
+    load.append(os.getloadavg()[0])
+
+    recall_rows = []
+    if not args.no_recall:
+        sets = [("model" if source.startswith("model") else "random", keys, queries)]
+        if source.startswith("model"):
+            sets.append(("random", *random_keys(max(args.sizes))))
+        for size in args.sizes:
+            for name, k, q in sets:
+                got = measure_recall(k, q, size, min(args.recall_rows, BATCH))
+                recall_rows.append([f"{size // 1024}K", name, f"{got['ours']:.3f}",
+                                    "n/a" if got["seed"] is None else f"{got['seed']:.3f}"])
+
+    hnsw = NamespaceConfig(dim=DIM, max_memories=max(args.sizes), num_layers=1, num_rows=1,
+                           index="hnsw")
+    print(machine_line(f"server threads {args.server_threads or 'default'}, no pinning, "
+                       f"load average {load[0]:.1f} before / {load[1]:.1f} after timing"))
+    print(f"Batch {BATCH}, {HEADS} heads x {QUERIES} queries per row, k={K}, dim {DIM}, adds of "
+          f"{ADD} per row; median of {args.reps}. Keys: {source}. memtrans hnsw: M={hnsw.hnsw_m}, "
+          f"efSearch {hnsw.ef_search}, efConstruction {hnsw.ef_construction}, "
+          f"{hnsw.hnsw_segments} segments per memory; seed: HNSW M=15, efSearch 16, "
+          f"efConstruction 40. Dense reply (what the seed's search returns) would be "
           f"{dense / 2**20:.0f} MiB.\n")
-    print(table(["memories/row", "memory", "add ms", "search ms", "queries/s",
+    print(table(["memories/row", "index", "memory", "add ms", "search ms", "queries/s",
                  "search / in-process", "MiB on wire per search", "dense / reply"], rows))
+    if recall_rows:
+        print(f"\nRecall@{K} against exact inner-product search of the same keys, mean over "
+              f"{min(args.recall_rows, BATCH)} rows x {HEADS * QUERIES} queries:\n")
+        print(table(["memories/row", "keys", f"memtrans hnsw (M={hnsw.hnsw_m}, ef "
+                     f"{hnsw.ef_search})", "seed HNSW (M=15, ef 16)"], recall_rows))
 
 
 if __name__ == "__main__":

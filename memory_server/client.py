@@ -48,6 +48,7 @@ from .errors import ERRORS_BY_CODE, InvalidRequest, MemoryServerError, ProtocolE
     ServerUnavailable
 from .protocol import Reply, decode_reply, encode_request
 from .store import NamespaceConfig, Retrieval
+from .wakeup import Wakeup
 
 log = logging.getLogger("memory_server.client")
 
@@ -93,9 +94,7 @@ class MemoryClient:
         self._curve = _curve_options(self.servers, server_public_key, public_key, secret_key)
         self._context = zmq.Context()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = Wakeup()
         self._lock = threading.Lock()  # no request enters the inbox once close() has begun
         self._closed = False
         self._ids = itertools.count(1)
@@ -247,8 +246,7 @@ class MemoryClient:
             log.error("memory client I/O thread did not stop; leaving its sockets open")
             return
         self._context.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
 
     # caller side
 
@@ -285,24 +283,21 @@ class MemoryClient:
         return [(s, idx) for s, idx in shards if idx.size]
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full of wakeups already
-            pass
+        self._wakeup.wake()
 
     # I/O thread
 
     def _run(self) -> None:
         connections = [self._connect(endpoint) for endpoint in self.servers]
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.read_fd, zmq.POLLIN)
         for conn in connections:
             poller.register(conn.socket, zmq.POLLIN)
         try:
             while not self._closed:
                 events = dict(poller.poll(self._poll_ms(connections)))
-                if self._wake_r in events:
-                    _drain(self._wake_r)
+                if self._wakeup.read_fd in events:
+                    self._wakeup.drain()
                 self._send_queued(connections)
                 for conn in connections:
                     if events.get(conn.socket):
@@ -497,9 +492,3 @@ def _plain(value):
     return int(value) if isinstance(value, np.integer) else value
 
 
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

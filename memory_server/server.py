@@ -71,6 +71,7 @@ from .errors import (InvalidRequest, MemoryServerError, ProtocolError, SnapshotE
 from .protocol import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request,
                        decode_request, encode_error, encode_reply)
 from .store import MemoryStore, NamespaceConfig
+from .wakeup import Wakeup
 
 log = logging.getLogger("memory_server")
 
@@ -227,9 +228,7 @@ class Server:
         self._sequencer = _Sequencer(
             ThreadPoolExecutor(config.threads, thread_name_prefix="memory-server-request"))
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = Wakeup()
         self._stopping = False
         self._pending = 0  # accepted and not yet answered; touched by the I/O thread only
         self._metrics = _Metrics()
@@ -243,8 +242,7 @@ class Server:
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
 
     def stop(self) -> None:
         """Ask the server to stop; safe from signal handlers and other threads."""
@@ -264,7 +262,7 @@ class Server:
                         "reach this port can read and change every memory, and traffic is "
                         "unencrypted", self.endpoint)
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.read_fd, zmq.POLLIN)
         reading = False
         try:
             for item in cfg.restore:  # before any request: a client sees the restored memories
@@ -279,8 +277,8 @@ class Server:
                     poller.unregister(self._router)
                 reading = want
                 events = dict(poller.poll(_POLL_MS))
-                if self._wake_r in events:
-                    _drain(self._wake_r)
+                if self._wakeup.read_fd in events:
+                    self._wakeup.drain()
                 if events.get(self._router):
                     self._receive()
                 self._send_replies()
@@ -346,10 +344,7 @@ class Server:
             self._metrics.record(op, received, ok)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full of wakeups already
-            pass
+        self._wakeup.wake()
 
     def _start_background(self) -> None:
         cfg = self.config
@@ -543,21 +538,13 @@ def _stop_on_signals(server: Server):
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     # A signal may land on a worker thread while the I/O thread sits in poll: the wakeup fd
     # makes the C-level handler wake the poll, and the Python handler then runs at once.
-    previous_fd = signal.set_wakeup_fd(server._wake_w)
+    previous_fd = signal.set_wakeup_fd(server._wakeup.write_fd)
     try:
         yield
     finally:
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 class _Task:

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
+import faiss
 import numpy as np
 
 from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, UnknownNamespace
@@ -206,7 +207,13 @@ class _Namespace:
 
 
 class MemoryStore:
-    """All namespaces of one process. See the module docstring for the model of memories."""
+    """All namespaces of one process. See the module docstring for the model of memories.
+
+    With ``threads > 1`` the rows of a call are searched on that many threads, each running faiss
+    with one OpenMP thread: row threads and OpenMP threads at once oversubscribe the cores (a 64K
+    flat search of 8 rows took 5.2 s that way on 2 cores, 3.0 s with rows in parallel). With
+    ``threads=1`` rows go one after another and faiss parallelises each search itself.
+    """
 
     def __init__(self, *, threads: int = 1, max_bytes: int | None = None,
                  max_namespaces: int | None = None, max_memories_per_namespace: int | None = None):
@@ -218,7 +225,10 @@ class MemoryStore:
         self._namespaces: dict[str, _Namespace] = {}
         self._lock = threading.Lock()
         self._reserved_bytes = 0
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="memstore") if threads > 1 else None
+        # The OpenMP thread count is per calling thread: set it in each row thread.
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="memstore",
+                                        initializer=faiss.omp_set_num_threads,
+                                        initargs=(1,)) if threads > 1 else None
 
     def close(self) -> None:
         if self._pool is not None:

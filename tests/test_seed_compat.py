@@ -33,17 +33,10 @@ def test_state_dict_names_and_shapes_match():
         {k: v.shape for k, v in theirs.state_dict().items()}
 
 
-def test_logits_equal_with_memory_disabled(in_tmp):
-    ours, theirs = _pair(memorizing_layers=())
-    x = torch.randint(0, 256, (2, 48))
-    with torch.no_grad():
-        expected = theirs(x, knn_memories=theirs.create_knn_memories(batch_size=2))
-        got = ours(x, knn_memories=ours.create_knn_memories(batch_size=2))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_logits_equal_on_first_segment_with_empty_memories(in_tmp):
-    ours, theirs = _pair()
+@pytest.mark.parametrize("overrides", [dict(memorizing_layers=()), {}],
+                         ids=["memory disabled", "first segment, empty memories"])
+def test_logits_equal(in_tmp, overrides):
+    ours, theirs = _pair(**overrides)
     x = torch.randint(0, 256, (2, 48))
     with torch.no_grad():
         expected = theirs(x, knn_memories=theirs.create_knn_memories(batch_size=2))

@@ -18,7 +18,7 @@ from . import auth, health
 from .errors import MemoryServerError
 from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
-from .server import DEFAULT_BIND, BindError, ServerConfig, serve
+from .server import DEFAULT_BIND, WIRE_DTYPES, BindError, ServerConfig, serve
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "pass it is refused (default: no cap)")
     parser.add_argument("--max-message-bytes", type=parse_bytes, default=MAX_MESSAGE_BYTES,
                         help="refuse requests larger than this, e.g. 64M (default: %(default)s)")
+    parser.add_argument("--wire-dtype", default="float32", choices=WIRE_DTYPES,
+                        help="dtype of the values in search replies; float16 halves their bytes "
+                             "(keys stay float32) (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                         help="logging threshold (default: %(default)s)")
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServerConfig(bind=args.bind, threads=args.threads, max_bytes=args.max_bytes,
                               max_message_bytes=args.max_message_bytes, insecure=args.insecure,
+                              wire_dtype=args.wire_dtype,
                               data_dir=args.data_dir, restore=tuple(args.restore),
                               curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
                               max_namespaces=args.max_namespaces,

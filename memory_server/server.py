@@ -92,6 +92,10 @@ class BindError(OSError):
     """The server could not listen on its endpoint (in use, bad address, no permission)."""
 
 
+WIRE_DTYPES = ("float32", "float16")
+"""Value dtypes a search reply may carry (numpy has no bfloat16, so it is not offered)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class ServerConfig:
     """How a memory server listens and what it allows."""
@@ -105,6 +109,9 @@ class ServerConfig:
     cap)."""
     max_message_bytes: int = MAX_MESSAGE_BYTES
     """Requests larger than this (all frames together) are refused with ``limit_exceeded``."""
+    wire_dtype: str = "float32"
+    """Dtype of the values in search replies: ``float16`` halves their bytes on the wire (keys
+    stay float32; storage is the namespace's ``value_dtype``)."""
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
@@ -137,6 +144,8 @@ class ServerConfig:
                                                                                   "inproc"):
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555 or "
                              f"ipc:///tmp/memory.sock, got {self.bind!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
         if self.restore and self.data_dir is None:
             raise ValueError("--restore needs --data-dir: the directory holding the snapshots")
         for item in self.restore:
@@ -421,7 +430,8 @@ class Server:
     def _op_search(self, args: dict, arrays: dict):
         found = self.store.search(args["namespace"], args["layer"], arrays["rows"],
                                   arrays["queries"], args["k"])
-        return {}, {"keys": found.keys, "values": found.values, "positions": found.positions}
+        values = found.values.astype(self.config.wire_dtype, copy=False)
+        return {}, {"keys": found.keys, "values": values, "positions": found.positions}
 
     def _op_clear(self, args: dict, arrays: dict):
         self.store.clear(args["namespace"], arrays["rows"], args.get("layers"))

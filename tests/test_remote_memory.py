@@ -1,5 +1,6 @@
 """RemoteKNNMemory: the same results as the in-process memory, through real memory servers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,25 @@ def test_curve_keys_from_the_environment(tmp_path, monkeypatch):
             memories.cleanup()
     finally:
         assert server.stop() == 0
+
+
+def test_float16_wire_values_give_the_same_logits_within_tolerance(memory_server):
+    exact, half = memory_server(1), memory_server(1, "--wire-dtype", "float16")
+    torch.manual_seed(0)
+    model = MemorizingTransformer(num_tokens=64, dim=32, dim_head=8, heads=2, depth=2,
+                                  memorizing_layers=(2,), max_knn_memories=64,
+                                  num_retrieved_memories=4).eval()
+    memories = [model.create_knn_memories(batch_size=2, servers=[s[0].endpoint])
+                for s in (exact, half)]
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.randint(0, 64, (2, 16))
+                a, b = (model(x, knn_memories=m) for m in memories)
+        retrieval = memories[1][0].retrieved(memories[1][0].search_async(torch.randn(2, 3, 8), 4))
+        assert retrieval.values.dtype == np.float16 and retrieval.keys.dtype == np.float32
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+        assert not torch.equal(a, b)
+    finally:
+        for m in memories:
+            m.cleanup()

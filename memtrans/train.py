@@ -355,10 +355,20 @@ def _import_memories(memories: KNNMemoryList, state: dict) -> None:
 
 def _snapshot_remote(memories: KNNMemoryList, tag: str, master: bool, ddp: bool) -> None:
     """Once every rank's adds are acknowledged, rank 0 has each server snapshot its shard of the
-    namespace; no rank goes on (and adds) before it returns. Its error is raised on every rank."""
-    memories.collect_adds()
-    if ddp:
-        dist.barrier()
+    namespace; no rank goes on (and adds) before it returns. A memory failure of any rank (its
+    adds, or rank 0's snapshot) is raised on every rank, so all apply the failure policy to the
+    snapshot together and none is left waiting in a collective the others skipped."""
+    failures: list = [None]
+    try:
+        memories.collect_adds()
+    except FAILURES as exc:
+        failures = [exc]
+    if ddp:  # also the barrier: every rank's adds are in before rank 0 snapshots
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, failures[0])
+        failures = [next((exc for exc in gathered if exc is not None), None)]
+    if failures[0] is not None:
+        raise failures[0]
     box: list = [None]
     if master:
         try:
@@ -660,6 +670,8 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
 
             with_memory = recovery.run(step, "validation", with_memory_attempt) \
                 if retrieval else None
+            if retrieval and ddp and _sum_over_ranks([float(with_memory is None)], ddp, device)[0]:
+                with_memory = None  # a rank skipped: its share of the figure had no memory
             without = recovery.run(step, "validation", lambda use_memory: evaluate(
                 raw_model, corpus, config, val_memories if use_memory else blank,
                 retrieval=False, **args))
@@ -850,10 +862,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memtrans-train: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not (ddp and _peer_gone(exc)):
+            raise
+        # Another rank ended the run (e.g. --on-memory-failure stop) while this one waited for
+        # it in a collective; that rank's message says why, torchrun stops the rest.
+        print(f"memtrans-train: error: rank {rank}: lost contact with another rank, which "
+              f"ended (see its message, if any): {str(exc).splitlines()[0][:200]}",
+              file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _peer_gone(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank's process went away."""
+    return isinstance(exc, dist.DistNetworkError) or any(
+        text in str(exc) for text in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def _broadcast(make, ddp: bool, master: bool):

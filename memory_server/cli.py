@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "pass it is refused (default: no cap)")
     parser.add_argument("--max-message-bytes", type=parse_bytes, default=MAX_MESSAGE_BYTES,
                         help="refuse requests larger than this, e.g. 64M (default: %(default)s)")
-    parser.add_argument("--wire-dtype", default="float32", choices=WIRE_DTYPES,
+    parser.add_argument("--wire-dtype", default=None, choices=WIRE_DTYPES,
                         help="dtype of the values in search replies; float16 halves their bytes "
-                             "(keys stay float32) (default: %(default)s)")
+                             "(keys stay float32) (default: as the namespace stores them)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                         help="logging threshold (default: %(default)s)")

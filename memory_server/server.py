@@ -109,9 +109,9 @@ class ServerConfig:
     cap)."""
     max_message_bytes: int = MAX_MESSAGE_BYTES
     """Requests larger than this (all frames together) are refused with ``limit_exceeded``."""
-    wire_dtype: str = "float32"
-    """Dtype of the values in search replies: ``float16`` halves their bytes on the wire (keys
-    stay float32; storage is the namespace's ``value_dtype``)."""
+    wire_dtype: str | None = None
+    """Dtype of the values in search replies (None: as stored, the namespace's ``value_dtype``);
+    ``float16`` halves their bytes on the wire. Keys always travel as float32."""
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
@@ -144,7 +144,7 @@ class ServerConfig:
                                                                                   "inproc"):
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:5555 or "
                              f"ipc:///tmp/memory.sock, got {self.bind!r}")
-        if self.wire_dtype not in WIRE_DTYPES:
+        if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
         if self.restore and self.data_dir is None:
             raise ValueError("--restore needs --data-dir: the directory holding the snapshots")
@@ -430,7 +430,8 @@ class Server:
     def _op_search(self, args: dict, arrays: dict):
         found = self.store.search(args["namespace"], args["layer"], arrays["rows"],
                                   arrays["queries"], args["k"])
-        values = found.values.astype(self.config.wire_dtype, copy=False)
+        values = found.values if self.config.wire_dtype is None \
+            else found.values.astype(self.config.wire_dtype, copy=False)
         return {}, {"keys": found.keys, "values": values, "positions": found.positions}
 
     def _op_clear(self, args: dict, arrays: dict):

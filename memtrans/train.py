@@ -20,17 +20,7 @@ Validation runs the first ``--eval-batches`` segments of the validation split tw
 memories, with retrieval and without (``add_knn_memory=False`` on empty memories), and appends both
 bits-per-byte figures to ``<out>/log.jsonl``.
 
-Checkpoints (``<out>/checkpoint.pt``, written atomically) hold the model, optimizer, step, config,
-and per rank the data position, RNG state, XL memories and, with ``--memory inproc``, the kNN
-memories, so ``--resume`` continues with exactly the losses of an uninterrupted run. With
-``remote`` memory, once every rank's adds are acknowledged, rank 0 has the servers snapshot the
-namespace (each server its own shard, into its ``--data-dir``; auto-started servers use
-``<out>/memory``) and the checkpoint records namespace, tag and server count; ``--resume`` restores
-that snapshot into the same namespace on the same number of servers. Snapshot tags alternate
-between two slots (``ckpt-0``, ``ckpt-1``), so the disk holds at most two snapshots per run and a
-crash while one is written leaves the one the checkpoint names intact. The learning rate is
-constant after warmup: a run extended with ``--resume --steps N`` is the run that had been asked
-for ``N`` steps.
+Checkpoints and ``--resume``: ``checkpoint.py``.
 
 A memory server that fails mid-run is handled by ``--on-memory-failure`` (``recovery.py``):
 ``stop`` (default) ends the run naming the endpoint, ``skip`` goes on without memory for the
@@ -44,7 +34,6 @@ evaluates into the log, checkpoints and starts local servers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -55,7 +44,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,358 +54,17 @@ from tqdm import tqdm
 from memory_server import MemoryServerError
 from memory_server.client import MemoryClient
 
+from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_memories,
+                         load_checkpoint, resolve_config, restore_remote, save_checkpoint,
+                         servers_persist, snapshot_remote)
+from .config import TrainConfig, TrainError, build_parser
 from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, load_corpus
 from .memory import KNNMemoryList, servers_from_env
 from .model import MemorizingTransformer
-from .recovery import FAILURES, POLICIES, MemoryFailure, MemoryRecovery
+from .recovery import FAILURES, MemoryFailure, MemoryRecovery
 from .servers import LocalServers, ServerStartError
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
-MEMORY_MODES = ("remote", "inproc", "off")
-INDEX_KINDS = ("flat", "hnsw")
-SNAPSHOT_SLOTS = ("ckpt-0", "ckpt-1")
-"""Snapshot tags of remote memories, used in turn by successive checkpoints."""
-
-
-class TrainError(Exception):
-    """A run cannot start or go on; the message says what was wrong and what to do."""
-
-
-# -----------------------------------------------------------------------------
-# config
-
-
-@dataclass(kw_only=True, slots=True)
-class TrainConfig:
-    """One training run. The defaults train a ~0.8M-parameter model on the standard library in a
-    few minutes on 2 CPU cores: small enough to be the README demo, with documents (~100
-    segments each) far longer than the segment, so memory has something to remember."""
-
-    data: str | None = None
-    """Corpus: a directory of text files or one text / .gz file; None: the Python stdlib sources."""
-    val_fraction: float = 0.05
-    """Share of the documents held out for validation (chosen by a hash of their names)."""
-    steps: int = 200
-    """Optimizer steps in all (a resumed run continues up to this many)."""
-    batch_size: int = 4
-    """Batch rows per rank: documents read in parallel, each with its own memories."""
-    seq_len: int = 256
-    """Tokens (bytes) per segment. The paper uses 512; 256 halves the attention cost on CPU and
-    still gives a document of the default corpus ~100 segments."""
-    dim: int = 128
-    """Model width."""
-    depth: int = 4
-    """Transformer layers."""
-    heads: int = 4
-    """Attention heads."""
-    dim_head: int = 32
-    """Width of each head, and of the keys and values in the kNN memory."""
-    memorizing_layers: tuple[int, ...] = (3,)
-    """1-based layers with kNN attention; the paper puts one near the top."""
-    max_memories: int = 4096
-    """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
-    num_retrieved: int = 32
-    """Top-k memories each query retrieves (the paper's 32)."""
-    xl_max_memories: int = 256
-    """Transformer-XL memory per layer, in tokens (one segment, as in the paper); 0 disables it."""
-    memory: str = "remote"
-    """Where the kNN memory lives: ``remote`` (memory servers), ``inproc``, or ``off``."""
-    memory_servers: tuple[str, ...] = ()
-    """Endpoints of running memory servers; empty: ``MEMTRANS_SERVERS``, else start local ones."""
-    num_servers: int = 1
-    """Local memory servers to start when none are named."""
-    memory_timeout: float = 60.0
-    """Seconds a memory server may take to answer before it counts as failed."""
-    on_memory_failure: str = "stop"
-    """When a memory server fails: ``stop`` the run, ``skip`` memory for the failed segment, or
-    ``wait`` for the server and restore the last snapshot (see ``recovery.py``)."""
-    memory_wait_timeout: float = 300.0
-    """Seconds ``wait`` waits for a failed memory server to answer again."""
-    index: str = "flat"
-    """kNN index: ``flat`` (exact, the paper's) or ``hnsw`` (approximate)."""
-    grad_accum: int = 1
-    """Consecutive segments per optimizer step (gradients summed over them)."""
-    lr: float = 1e-3
-    """AdamW learning rate, reached after ``warmup_steps`` and then held constant."""
-    warmup_steps: int = 20
-    """Steps of linear learning-rate warmup."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices and embeddings; biases, norm gains and scales get none."""
-    clip: float = 1.0
-    """Gradient norm clip; 0 disables clipping."""
-    eval_every: int = 50
-    """Validate every this many steps (and at the end); 0: only at the end."""
-    eval_batches: int = 16
-    """Validation segments per evaluation (the same ones every time): 16 x 256 tokens, so the
-    memory holds real history for most of them."""
-    out: str | None = None
-    """Run directory (checkpoint, log.jsonl, plot, server logs); None: ``runs/<timestamp>``, or
-    the resumed checkpoint's directory."""
-    resume: str | None = None
-    """Checkpoint file, or run directory holding ``checkpoint.pt``, to continue."""
-    seed: int = 0
-    """Seeds the model initialisation and the document order."""
-    checkpoint_every: int = 50
-    """Write the checkpoint every this many steps (and at the end); 0: only at the end."""
-    log_every: int = 10
-    """Log the training loss every this many steps."""
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "dim", "depth", "heads", "dim_head",
-                     "max_memories", "num_retrieved", "num_servers", "grad_accum", "eval_batches",
-                     "log_every"):
-            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1,
-                     "a positive integer")
-        for name in ("xl_max_memories", "warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0,
-                     "a non-negative integer")
-        _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
-        _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
-        _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
-        _require("lr", self.lr, lambda v: v > 0, "a positive number")
-        _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a non-negative number")
-        _require("clip", self.clip, lambda v: v >= 0, "a non-negative number (0: no clipping)")
-        _require("memory_timeout", self.memory_timeout, lambda v: v > 0, "positive seconds")
-        _require("on_memory_failure", self.on_memory_failure, lambda v: v in POLICIES,
-                 f"one of {POLICIES}")
-        _require("memory_wait_timeout", self.memory_wait_timeout, lambda v: v > 0,
-                 "positive seconds")
-        if not self.memorizing_layers or not all(_is_int(l) and 1 <= l <= self.depth
-                                                 for l in self.memorizing_layers):
-            raise ValueError(f"memorizing_layers must be 1-based layer numbers in [1, depth="
-                             f"{self.depth}], got {self.memorizing_layers!r} (use --memory off "
-                             f"to train without retrieval)")
-        if self.num_retrieved > self.max_memories:
-            raise ValueError(f"num_retrieved ({self.num_retrieved}) cannot exceed max_memories "
-                             f"({self.max_memories}): a query retrieves from one row's memory")
-        if self.memory_servers and self.memory != "remote":
-            raise ValueError(f"memory_servers applies to memory 'remote' only, but memory is "
-                             f"{self.memory!r}: drop --memory-servers or use --memory remote")
-        bad = [s for s in self.memory_servers if "://" not in s]
-        if bad:
-            raise ValueError(f"memory_servers must be ZeroMQ endpoints like tcp://host:5555, got "
-                             f"{', '.join(bad)}")
-
-
-RUN_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint_every",
-              "log_every", "memory_servers", "num_servers", "memory_timeout",
-              "on_memory_failure", "memory_wait_timeout")
-"""What a resumed run may change; every other field is fixed by its checkpoint."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(name: str, value, ok, expected: str) -> None:
-    try:
-        valid = ok(value)
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3 or 2,3, "
-                                         f"got {text!r}") from None
-
-
-def _str_tuple(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Flags of ``TrainConfig``; only the flags given end up in the namespace (see ``main``)."""
-    d = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="memtrans-train", argument_default=argparse.SUPPRESS,
-        description="Train a Memorizing Transformer on document streams (alone or under "
-                    "torchrun). With no flags: a small model on the Python standard library, "
-                    "memory on a local memory server.")
-    add = parser.add_argument
-    add("--data", help="corpus directory or text/.gz file (default: the Python stdlib sources)")
-    add("--val-fraction", type=float,
-        help=f"share of documents held out for validation (default {d.val_fraction:g})")
-    add("--steps", type=int, help=f"optimizer steps in all (default {d.steps})")
-    add("--batch-size", type=int, help=f"rows per rank (default {d.batch_size})")
-    add("--seq-len", type=int, help=f"tokens per segment (default {d.seq_len})")
-    add("--dim", type=int, help=f"model width (default {d.dim})")
-    add("--depth", type=int, help=f"layers (default {d.depth})")
-    add("--heads", type=int, help=f"attention heads (default {d.heads})")
-    add("--dim-head", type=int, help=f"head width (default {d.dim_head})")
-    add("--memorizing-layers", type=_int_tuple,
-        help=f"1-based kNN layers, comma-separated (default {','.join(map(str, d.memorizing_layers))})")
-    add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
-    add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
-    add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")
-    add("--memory", choices=MEMORY_MODES, help=f"kNN memory (default {d.memory})")
-    add("--memory-servers", type=_str_tuple,
-        help="comma-separated memory server endpoints (default: $MEMTRANS_SERVERS, else start "
-             "--num-servers local servers)")
-    add("--num-servers", type=int, help=f"local servers to start (default {d.num_servers})")
-    add("--memory-timeout", type=float,
-        help=f"seconds a memory server may take to answer (default {d.memory_timeout:g})")
-    add("--on-memory-failure", choices=POLICIES,
-        help=f"when a memory server fails: stop the run, skip memory for that segment, or wait "
-             f"for it and restore the last snapshot (default {d.on_memory_failure})")
-    add("--memory-wait-timeout", type=float,
-        help=f"seconds --on-memory-failure wait waits for a server (default "
-             f"{d.memory_wait_timeout:g})")
-    add("--index", choices=INDEX_KINDS, help=f"kNN index (default {d.index})")
-    add("--grad-accum", type=int, help=f"segments per optimizer step (default {d.grad_accum})")
-    add("--lr", type=float, help=f"learning rate (default {d.lr:g})")
-    add("--warmup-steps", type=int, help=f"linear warmup steps (default {d.warmup_steps})")
-    add("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay:g})")
-    add("--clip", type=float, help=f"gradient norm clip, 0: none (default {d.clip:g})")
-    add("--eval-every", type=int, help=f"validate every N steps, 0: at the end (default {d.eval_every})")
-    add("--eval-batches", type=int, help=f"validation segments (default {d.eval_batches})")
-    add("--out", help="run directory (default: runs/<timestamp>, or the resumed run's)")
-    add("--resume", help="checkpoint file or run directory to continue")
-    add("--seed", type=int, help=f"seed (default {d.seed})")
-    add("--checkpoint-every", type=int,
-        help=f"checkpoint every N steps, 0: at the end (default {d.checkpoint_every})")
-    add("--log-every", type=int, help=f"log the loss every N steps (default {d.log_every})")
-    return parser
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def _checkpoint_path(resume: str) -> Path:
-    path = Path(resume).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise TrainError(f"no checkpoint at {path}: pass a checkpoint file or a run directory "
-                         f"holding {CHECKPOINT}")
-    return path
-
-
-def load_checkpoint(resume: str) -> tuple[Path, dict]:
-    path = _checkpoint_path(resume)
-    try:
-        return path, torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise TrainError(f"cannot read checkpoint {path}: {exc}") from None
-
-
-def resolve_config(given: dict, checkpoint: dict | None, checkpoint_path: Path | None) -> TrainConfig:
-    """The run's config: the flags given, over the checkpoint's config when resuming."""
-    if checkpoint is None:
-        return TrainConfig(**given)
-    saved = checkpoint["config"]
-    saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
-             "memory_servers": tuple(saved["memory_servers"])}
-    differing = [f"{name}: checkpoint {saved[name]!r}, now {value!r}"
-                 for name, value in given.items()
-                 if name not in RUN_FIELDS and saved.get(name) != value]
-    if differing:
-        raise TrainError(f"checkpoint {checkpoint_path} is of a different run config ("
-                         + "; ".join(differing) + "); drop these flags to continue it, or start "
-                         "a new run without --resume")
-    config = TrainConfig(**{**saved, "out": None, "memory_servers": (), **given})
-    if config.out is None:
-        config.out = str(checkpoint_path.parent)
-    return config
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename it over the old one: a crash leaves one or the other."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _export_memories(memories: KNNMemoryList, config: TrainConfig) -> dict | None:
-    """In-process kNN memories as tensors (so the checkpoint loads with ``weights_only``)."""
-    if config.memory != "inproc":
-        return None
-    memories.collect_adds()
-    state = memories.backend.store.export_namespace(memories.backend.namespace)
-    for item in state["memories"]:
-        item["keys"] = torch.from_numpy(item["keys"])
-        item["values"] = torch.from_numpy(item["values"])
-    return state
-
-
-def _import_memories(memories: KNNMemoryList, state: dict) -> None:
-    state = {**state, "memories": [{**item, "keys": item["keys"].numpy(),
-                                    "values": item["values"].numpy()}
-                                   for item in state["memories"]]}
-    memories.backend.store.import_namespace(memories.backend.namespace, state)
-
-
-def _snapshot_remote(memories: KNNMemoryList, tag: str, master: bool, ddp: bool) -> None:
-    """Once every rank's adds are acknowledged, rank 0 has each server snapshot its shard of the
-    namespace; no rank goes on (and adds) before it returns. A memory failure of any rank (its
-    adds, or rank 0's snapshot) is raised on every rank, so all apply the failure policy to the
-    snapshot together and none is left waiting in a collective the others skipped."""
-    failures: list = [None]
-    try:
-        memories.collect_adds()
-    except FAILURES as exc:
-        failures = [exc]
-    if ddp:  # also the barrier: every rank's adds are in before rank 0 snapshots
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, failures[0])
-        failures = [next((exc for exc in gathered if exc is not None), None)]
-    if failures[0] is not None:
-        raise failures[0]
-    box: list = [None]
-    if master:
-        try:
-            memories.backend.client.snapshot(memories.backend.namespace, tag)
-        except MemoryServerError as exc:
-            box = [exc]
-    if ddp:
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
-
-
-def _servers_persist(memories: KNNMemoryList, master: bool) -> bool:
-    """Whether every memory server can snapshot (was started with --data-dir); says so if not."""
-    stats = memories.backend.client.stats()
-    volatile = [endpoint for endpoint, s in zip(memories.backend.client.servers, stats)
-                if not s["config"].get("persistent")]
-    if volatile and master:
-        tqdm.write(f"memtrans-train: warning: memory servers {', '.join(volatile)} run without "
-                   f"--data-dir, so checkpoints cannot hold their kNN memories and --resume "
-                   f"starts them empty; start the servers with --data-dir DIR to resume exactly")
-    return not volatile
-
-
-def _restore_remote(memories: KNNMemoryList, remote: dict | None, step: int, master: bool,
-                    ddp: bool) -> None:
-    """Rank 0 restores the checkpoint's snapshot on every server; no rank starts before."""
-    if remote is None:
-        raise TrainError(f"the checkpoint of step {step} holds no snapshot of its remote memories "
-                         f"(written by an older memtrans-train), so the run cannot continue "
-                         f"exactly; start a new run")
-    servers = memories.backend.client.servers
-    if remote["servers"] != len(servers):
-        raise TrainError(f"the checkpoint's memories are {remote['servers']} server shards, but "
-                         f"this run has {len(servers)} memory servers: resume with "
-                         f"--num-servers {remote['servers']} or {remote['servers']} "
-                         f"--memory-servers")
-    box: list = [None]
-    if master:
-        try:
-            memories.backend.client.restore(remote["namespace"], remote["tag"])
-        except MemoryServerError as exc:
-            box = [f"cannot restore the kNN memories of the checkpoint of step {step} (snapshot "
-                   f"{remote['tag']!r} of namespace {remote['namespace']!r}): {exc}. Resume "
-                   f"with servers that see the data directory the snapshot was written to"]
-    if ddp:
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise TrainError(box[0])
 
 
 # -----------------------------------------------------------------------------
@@ -558,10 +205,13 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
-def _lr(step: int, config: TrainConfig) -> float:
+def learning_rate(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    return config.lr
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class RunLog:
@@ -613,6 +263,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
     optimizer = _optimizer(raw_model, config)
     log = RunLog(out)
     step, xl = 0, None
+    trained_s = 0.0  # wall seconds spent in training steps, validation and checkpoints excluded
 
     with contextlib.ExitStack() as stack:
         remote = (checkpoint or {}).get("remote_memory")
@@ -639,17 +290,18 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             torch.set_rng_state(mine["rng"])
             xl = [m.to(device) for m in mine["xl"]] if mine["xl"] is not None else None
             if mine["knn"] is not None:
-                _import_memories(memories, mine["knn"])
+                import_memories(memories, mine["knn"])
             if servers is not None and remote is not None and remote["tag"] is None:
                 if master:
                     tqdm.write("memtrans-train: warning: the checkpoint holds no kNN memories "
                                "(its servers ran without --data-dir); they start empty")
             elif servers is not None:
-                _restore_remote(memories, remote, checkpoint["step"], master, ddp)
+                restore_remote(memories, remote, checkpoint["step"], master, ddp)
                 recovery.snapshot_taken(remote["namespace"], remote["tag"])
                 if local is not None:
                     local.snapshot_taken(remote["namespace"], remote["tag"])
             step = checkpoint["step"]
+            trained_s = checkpoint.get("train_seconds", 0.0)
 
         model = raw_model
         if ddp:
@@ -675,14 +327,14 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             without = recovery.run(step, "validation", lambda use_memory: evaluate(
                 raw_model, corpus, config, val_memories if use_memory else blank,
                 retrieval=False, **args))
-            log.write({"kind": "eval", "step": step, "val_bpb_memory": with_memory,
-                       "val_bpb_no_memory": without})
+            log.write({"kind": "eval", "step": step, "train_seconds": trained_s,
+                       "val_bpb_memory": with_memory, "val_bpb_no_memory": without})
             if master:
                 shown = f"{with_memory:.4f}" if with_memory is not None else "-"
                 tqdm.write(f"step {step}: validation bits/byte with memory {shown}, "
                            f"without {without:.4f}")
 
-        persistent = servers is None or _servers_persist(memories, master)
+        persistent = servers is None or servers_persist(memories, master)
 
         def checkpoint_now() -> None:
             remote_memory = None
@@ -693,7 +345,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                 previous = recovery.snapshot[1] if recovery.snapshot else SNAPSHOT_SLOTS[1]
                 tag = SNAPSHOT_SLOTS[1 - SNAPSHOT_SLOTS.index(previous)]
                 if not recovery.run(step, "snapshot", lambda use_memory: use_memory and (
-                        _snapshot_remote(memories, tag, master, ddp) or True)):
+                        snapshot_remote(memories, tag, master, ddp) or True)):
                     if master:
                         tqdm.write(f"step {step}: checkpoint skipped: the memory servers could "
                                    f"not snapshot; the previous checkpoint is kept")
@@ -706,7 +358,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                     local.snapshot_taken(namespace, tag)
             mine = {"stream": stream.state_dict(), "rng": torch.get_rng_state(),
                     "xl": [m.cpu() for m in xl] if xl is not None else None,
-                    "knn": _export_memories(memories, config)}
+                    "knn": export_memories(memories, config)}
             ranks = [None] * world_size if master else None
             if ddp:
                 dist.gather_object(mine, ranks, dst=0)
@@ -716,7 +368,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                 save_checkpoint(out / CHECKPOINT, {
                     "config": dataclasses.asdict(config), "step": step, "world_size": world_size,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "ranks": ranks, "remote_memory": remote_memory})
+                    "ranks": ranks, "remote_memory": remote_memory, "train_seconds": trained_s})
 
         bar = tqdm(total=config.steps, initial=step, disable=not master, unit="step",
                    dynamic_ncols=True)
@@ -726,7 +378,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
         while step < config.steps:
             started = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = _lr(step, config)
+                group["lr"] = learning_rate(step, config)
             for micro in range(config.grad_accum):
                 segment = next(stream)
                 recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
@@ -754,16 +406,17 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                     recovery.handle(exc, step, "collecting adds")
             step, window = step + 1, window + 1
             busy += time.perf_counter() - started
+            trained_s += time.perf_counter() - started
             bar.update()
 
             if step % config.log_every == 0 or step == config.steps:
                 nats, tokens, waited, skipped = _sum_over_ranks(
                     [nats, tokens, wait.take(), recovery.skipped], ddp, device)
                 bpb = nats / max(tokens, 1) / math.log(2)
-                record = {"kind": "train", "step": step, "train_bpb": bpb,
-                          "tokens_per_s": tokens / busy,
+                record = {"kind": "train", "step": step, "train_seconds": trained_s,
+                          "train_bpb": bpb, "tokens_per_s": tokens / busy,
                           "memory_wait_s_per_step": waited / world_size / window,
-                          "lr": _lr(step - 1, config), "memory_skipped": int(skipped)}
+                          "lr": learning_rate(step - 1, config), "memory_skipped": int(skipped)}
                 log.write(record)
                 bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 mem_wait=f"{1000 * record['memory_wait_s_per_step']:.0f}ms/step",
@@ -850,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" on {', '.join(servers)}" if servers else ""), flush=True)
             if master:
                 print(f"memtrans-train: corpus: {corpus.description}", flush=True)
-            train(config, corpus, checkpoint, ddp=ddp, rank=rank, world_size=world_size, device=device,
-                  servers=servers, out=out if master else None, local=local)
+            train(config, corpus, checkpoint, ddp=ddp, rank=rank, world_size=world_size,
+                  device=device, servers=servers, out=out if master else None, local=local)
             if master:
                 print(f"memtrans-train: done; checkpoint {out / CHECKPOINT}; "
                       f"{plot_validation(out)}", flush=True)

@@ -1,6 +1,5 @@
 """KNNMemory / KNNMemoryList: the seed's API with its memory bugs fixed."""
 
-import numpy as np
 import pytest
 import torch
 

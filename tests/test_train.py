@@ -49,6 +49,11 @@ def records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def figures(out: Path, kind: str) -> list[dict]:
+    """The records without their timings (which no two runs share)."""
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in records(out, kind)]
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -106,7 +111,7 @@ def test_resume_continues_exactly(corpus, inproc_run, tmp_path):
     resumed = [(r["step"], r["train_bpb"]) for r in records(out, "train")]
     whole = [(r["step"], r["train_bpb"]) for r in records(inproc_run, "train")]
     assert resumed == whole
-    assert records(out, "eval") == records(inproc_run, "eval")
+    assert figures(out, "eval") == figures(inproc_run, "eval")
 
 
 def test_memory_off_trains_without_retrieval(corpus, tmp_path):
@@ -213,7 +218,7 @@ def test_resume_with_remote_memory_continues_exactly(corpus, tmp_path):
     assert second.returncode == 0, second.stderr
     resumed = [(r["step"], r["train_bpb"]) for r in records(out, "train")]
     assert resumed == [(r["step"], r["train_bpb"]) for r in records(whole, "train")]
-    assert records(out, "eval") == records(whole, "eval")
+    assert figures(out, "eval") == figures(whole, "eval")
     assert len(list((out / "memory").glob("*.snapshot"))) == 2  # two slots, used in turn
 
 
@@ -472,3 +477,18 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    from memtrans.config import TrainConfig
+    from memtrans.train import learning_rate
+
+    config = TrainConfig(steps=110, warmup_steps=10, lr=1e-3, lr_schedule="cosine")
+    rates = [learning_rate(step, config) for step in range(110)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[10] == pytest.approx(1e-3) and rates[60] == pytest.approx(0.55e-3)
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))
+    assert learning_rate(110, config) == pytest.approx(1e-4)
+    assert learning_rate(10**6, config) == pytest.approx(1e-4)  # extended by --resume: held
+    constant = TrainConfig(steps=110, warmup_steps=10, lr=1e-3)
+    assert {learning_rate(step, constant) for step in range(10, 200)} == {1e-3}

@@ -1,0 +1,221 @@
+"""The training run's settings: ``TrainConfig`` (validated on construction) and the
+``memtrans-train`` flags that fill it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from .recovery import POLICIES
+
+MEMORY_MODES = ("remote", "inproc", "off")
+INDEX_KINDS = ("flat", "hnsw")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class TrainError(Exception):
+    """A run cannot start or go on; the message says what was wrong and what to do."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """One training run. The defaults train a ~0.8M-parameter model on the standard library in a
+    few minutes on 2 CPU cores: small enough to be the README demo, with documents (~100
+    segments each) far longer than the segment, so memory has something to remember."""
+
+    data: str | None = None
+    """Corpus: a directory of text files or one text / .gz file; None: the Python stdlib sources."""
+    val_fraction: float = 0.05
+    """Share of the documents held out for validation (chosen by a hash of their names)."""
+    steps: int = 200
+    """Optimizer steps in all (a resumed run continues up to this many)."""
+    batch_size: int = 4
+    """Batch rows per rank: documents read in parallel, each with its own memories."""
+    seq_len: int = 256
+    """Tokens (bytes) per segment. The paper uses 512; 256 halves the attention cost on CPU and
+    still gives a document of the default corpus ~100 segments."""
+    dim: int = 128
+    """Model width."""
+    depth: int = 4
+    """Transformer layers."""
+    heads: int = 4
+    """Attention heads."""
+    dim_head: int = 32
+    """Width of each head, and of the keys and values in the kNN memory."""
+    memorizing_layers: tuple[int, ...] = (3,)
+    """1-based layers with kNN attention; the paper puts one near the top."""
+    max_memories: int = 4096
+    """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
+    num_retrieved: int = 32
+    """Top-k memories each query retrieves (the paper's 32)."""
+    xl_max_memories: int = 256
+    """Transformer-XL memory per layer, in tokens (one segment, as in the paper); 0 disables it."""
+    memory: str = "remote"
+    """Where the kNN memory lives: ``remote`` (memory servers), ``inproc``, or ``off``."""
+    memory_servers: tuple[str, ...] = ()
+    """Endpoints of running memory servers; empty: ``MEMTRANS_SERVERS``, else start local ones."""
+    num_servers: int = 1
+    """Local memory servers to start when none are named."""
+    memory_timeout: float = 60.0
+    """Seconds a memory server may take to answer before it counts as failed."""
+    on_memory_failure: str = "stop"
+    """When a memory server fails: ``stop`` the run, ``skip`` memory for the failed segment, or
+    ``wait`` for the server and restore the last snapshot (see ``recovery.py``)."""
+    memory_wait_timeout: float = 300.0
+    """Seconds ``wait`` waits for a failed memory server to answer again."""
+    index: str = "flat"
+    """kNN index: ``flat`` (exact, the paper's) or ``hnsw`` (approximate)."""
+    grad_accum: int = 1
+    """Consecutive segments per optimizer step (gradients summed over them)."""
+    lr: float = 1e-3
+    """AdamW peak learning rate, reached after ``warmup_steps``."""
+    warmup_steps: int = 20
+    """Steps of linear learning-rate warmup."""
+    lr_schedule: str = "constant"
+    """After warmup: ``constant``, or ``cosine`` down to ``lr / 10`` at ``steps`` (lower-noise
+    final figures; ``--resume --steps N`` then stretches the rest of the schedule to ``N``)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices and embeddings; biases, norm gains and scales get none."""
+    clip: float = 1.0
+    """Gradient norm clip; 0 disables clipping."""
+    eval_every: int = 50
+    """Validate every this many steps (and at the end); 0: only at the end."""
+    eval_batches: int = 16
+    """Validation segments per evaluation (the same ones every time): 16 x 256 tokens, so the
+    memory holds real history for most of them."""
+    out: str | None = None
+    """Run directory (checkpoint, log.jsonl, plot, server logs); None: ``runs/<timestamp>``, or
+    the resumed checkpoint's directory."""
+    resume: str | None = None
+    """Checkpoint file, or run directory holding ``checkpoint.pt``, to continue."""
+    seed: int = 0
+    """Seeds the model initialisation and the document order."""
+    checkpoint_every: int = 50
+    """Write the checkpoint every this many steps (and at the end); 0: only at the end."""
+    log_every: int = 10
+    """Log the training loss every this many steps."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "dim", "depth", "heads", "dim_head",
+                     "max_memories", "num_retrieved", "num_servers", "grad_accum", "eval_batches",
+                     "log_every"):
+            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1,
+                     "a positive integer")
+        for name in ("xl_max_memories", "warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0,
+                     "a non-negative integer")
+        _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
+        _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
+        _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
+        _require("lr", self.lr, lambda v: v > 0, "a positive number")
+        _require("lr_schedule", self.lr_schedule, lambda v: v in LR_SCHEDULES,
+                 f"one of {LR_SCHEDULES}")
+        _require("weight_decay", self.weight_decay, lambda v: v >= 0, "a non-negative number")
+        _require("clip", self.clip, lambda v: v >= 0, "a non-negative number (0: no clipping)")
+        _require("memory_timeout", self.memory_timeout, lambda v: v > 0, "positive seconds")
+        _require("on_memory_failure", self.on_memory_failure, lambda v: v in POLICIES,
+                 f"one of {POLICIES}")
+        _require("memory_wait_timeout", self.memory_wait_timeout, lambda v: v > 0,
+                 "positive seconds")
+        if not self.memorizing_layers or not all(_is_int(l) and 1 <= l <= self.depth
+                                                 for l in self.memorizing_layers):
+            raise ValueError(f"memorizing_layers must be 1-based layer numbers in [1, depth="
+                             f"{self.depth}], got {self.memorizing_layers!r} (use --memory off "
+                             f"to train without retrieval)")
+        if self.num_retrieved > self.max_memories:
+            raise ValueError(f"num_retrieved ({self.num_retrieved}) cannot exceed max_memories "
+                             f"({self.max_memories}): a query retrieves from one row's memory")
+        if self.memory_servers and self.memory != "remote":
+            raise ValueError(f"memory_servers applies to memory 'remote' only, but memory is "
+                             f"{self.memory!r}: drop --memory-servers or use --memory remote")
+        bad = [s for s in self.memory_servers if "://" not in s]
+        if bad:
+            raise ValueError(f"memory_servers must be ZeroMQ endpoints like tcp://host:5555, got "
+                             f"{', '.join(bad)}")
+
+
+RUN_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint_every",
+              "log_every", "memory_servers", "num_servers", "memory_timeout",
+              "on_memory_failure", "memory_wait_timeout")
+"""What a resumed run may change; every other field is fixed by its checkpoint."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(name: str, value, ok, expected: str) -> None:
+    try:
+        valid = ok(value)
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3 or 2,3, "
+                                         f"got {text!r}") from None
+
+
+def _str_tuple(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``TrainConfig``; only the flags given end up in the namespace (see ``main``)."""
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="memtrans-train", argument_default=argparse.SUPPRESS,
+        description="Train a Memorizing Transformer on document streams (alone or under "
+                    "torchrun). With no flags: a small model on the Python standard library, "
+                    "memory on a local memory server.")
+    add = parser.add_argument
+    add("--data", help="corpus directory or text/.gz file (default: the Python stdlib sources)")
+    add("--val-fraction", type=float,
+        help=f"share of documents held out for validation (default {d.val_fraction:g})")
+    add("--steps", type=int, help=f"optimizer steps in all (default {d.steps})")
+    add("--batch-size", type=int, help=f"rows per rank (default {d.batch_size})")
+    add("--seq-len", type=int, help=f"tokens per segment (default {d.seq_len})")
+    add("--dim", type=int, help=f"model width (default {d.dim})")
+    add("--depth", type=int, help=f"layers (default {d.depth})")
+    add("--heads", type=int, help=f"attention heads (default {d.heads})")
+    add("--dim-head", type=int, help=f"head width (default {d.dim_head})")
+    add("--memorizing-layers", type=_int_tuple,
+        help=f"1-based kNN layers, comma-separated (default {','.join(map(str, d.memorizing_layers))})")
+    add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
+    add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
+    add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")
+    add("--memory", choices=MEMORY_MODES, help=f"kNN memory (default {d.memory})")
+    add("--memory-servers", type=_str_tuple,
+        help="comma-separated memory server endpoints (default: $MEMTRANS_SERVERS, else start "
+             "--num-servers local servers)")
+    add("--num-servers", type=int, help=f"local servers to start (default {d.num_servers})")
+    add("--memory-timeout", type=float,
+        help=f"seconds a memory server may take to answer (default {d.memory_timeout:g})")
+    add("--on-memory-failure", choices=POLICIES,
+        help=f"when a memory server fails: stop the run, skip memory for that segment, or wait "
+             f"for it and restore the last snapshot (default {d.on_memory_failure})")
+    add("--memory-wait-timeout", type=float,
+        help=f"seconds --on-memory-failure wait waits for a server (default "
+             f"{d.memory_wait_timeout:g})")
+    add("--index", choices=INDEX_KINDS, help=f"kNN index (default {d.index})")
+    add("--grad-accum", type=int, help=f"segments per optimizer step (default {d.grad_accum})")
+    add("--lr", type=float, help=f"learning rate (default {d.lr:g})")
+    add("--warmup-steps", type=int, help=f"linear warmup steps (default {d.warmup_steps})")
+    add("--lr-schedule", choices=LR_SCHEDULES,
+        help=f"after warmup: constant, or cosine to lr/10 at --steps (default {d.lr_schedule})")
+    add("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay:g})")
+    add("--clip", type=float, help=f"gradient norm clip, 0: none (default {d.clip:g})")
+    add("--eval-every", type=int, help=f"validate every N steps, 0: at the end (default {d.eval_every})")
+    add("--eval-batches", type=int, help=f"validation segments (default {d.eval_batches})")
+    add("--out", help="run directory (default: runs/<timestamp>, or the resumed run's)")
+    add("--resume", help="checkpoint file or run directory to continue")
+    add("--seed", type=int, help=f"seed (default {d.seed})")
+    add("--checkpoint-every", type=int,
+        help=f"checkpoint every N steps, 0: at the end (default {d.checkpoint_every})")
+    add("--log-every", type=int, help=f"log the loss every N steps (default {d.log_every})")
+    return parser

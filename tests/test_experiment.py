@@ -1,0 +1,74 @@
+"""``bench.experiment`` end to end at toy size: every arm trains as a real ``memtrans-train``
+process, the results, table and plot come out, and an interrupted experiment resumes."""
+
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from bench.experiment import main
+
+pytestmark = pytest.mark.timeout(240)
+
+TOY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16",
+       "--memorizing-layers", "2", "--seq-len", "64", "--batch-size", "2", "--num-retrieved", "8",
+       "--xl-max-memories", "64", "--log-every", "1", "--val-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 40_000)[:20]:
+        shutil.copy(path, root / path.name)
+    return root
+
+
+def experiment(out: Path, corpus: Path, steps: int, *extra: str) -> int:
+    return main(["--steps", str(steps), "--eval-every", "2", "--eval-batches", "4",
+                 "--sizes", "64,128", "--memory", "inproc", "--out", str(out),
+                 "--data", str(corpus), *TOY, *extra])
+
+
+def test_interrupted_experiment_resumes_and_reports_every_arm(corpus, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert experiment(out, corpus, 2) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert [p["step"] for p in first["curves"]["64"]] == [2]
+
+    # A longer experiment in the same directory continues each arm from its checkpoint.
+    assert experiment(out, corpus, 4) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["curves"]) == ["off", "64", "128"]
+    for arm, curve in results["curves"].items():
+        assert [p["step"] for p in curve] == [2, 4], arm
+        assert curve[0]["val_bpb"] == first["curves"][arm][0]["val_bpb"], arm
+        assert 0 < curve[0]["train_seconds"] < curve[1]["train_seconds"], arm
+        assert all(math.isfinite(p["val_bpb"]) for p in curve), arm
+        if arm == "off":
+            assert all(p["val_bpb_retrieval_off"] is None for p in curve)
+        else:  # 4 segments of 64 with a 64-token XL window: later segments retrieve something
+            assert all(p["val_bpb"] != p["val_bpb_retrieval_off"] for p in curve), arm
+    for arm in ("64", "128"):
+        assert json.loads((out / arm / "log.jsonl").read_text().splitlines()[0])["kind"] == "train"
+    assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| none (Transformer-XL) | 4 |" in printed and "| 128 tokens | 4 |" in printed
+
+    # Finished arms are not trained again.
+    assert experiment(out, corpus, 4) == 0
+    assert capsys.readouterr().out.count("already finished") == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "0"], "--sizes must be positive"),
+    (["--max-memories", "64"], "--max-memories is set per arm"),
+    (["--dim", "-1"], "arm off failed"),
+])
+def test_bad_input_stops_with_a_message(corpus, tmp_path, capsys, args, message):
+    assert experiment(tmp_path / "exp", corpus, 2, *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

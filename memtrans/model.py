@@ -92,11 +92,34 @@ def _causal_mask(i: int, j: int, device) -> torch.Tensor:
     return torch.ones((i, j), dtype=torch.bool, device=device).triu(j - i + 1)
 
 
+def _mask_stale_xl(sim: torch.Tensor, xl_valid, xl_len: int) -> torch.Tensor:
+    """Hide the XL columns of rows whose XL memory is from a previous document."""
+    if xl_valid is None or xl_len == 0:
+        return sim
+    stale = ~xl_valid.to(sim.device).view(-1, 1, 1, 1) & (
+        torch.arange(sim.shape[-1], device=sim.device) < xl_len)
+    return sim.masked_fill(stale, -torch.finfo(sim.dtype).max)
+
+
 def _split_xl(kv: torch.Tensor, xl_max_memories: int):
     """(what falls out of the XL window, the new XL memory) of stacked key/values."""
     if xl_max_memories > 0:
         return kv[:, :-xl_max_memories], kv[:, -xl_max_memories:]
     return kv, None
+
+
+def _add_current(knn_memory, discarded: torch.Tensor, xl_valid, xl_len: int) -> None:
+    """Add what left the XL window to the kNN memory, except the stale XL entries of rows that
+    started a new document (they belong to the previous one)."""
+    if xl_valid is None or xl_len == 0 or bool(xl_valid.all()):
+        knn_memory.add(discarded)
+        return
+    valid = xl_valid.nonzero(as_tuple=True)[0].tolist()
+    stale = (~xl_valid).nonzero(as_tuple=True)[0].tolist()
+    if valid:
+        knn_memory.row_group(valid).add(discarded[valid])
+    if discarded.shape[1] > xl_len:
+        knn_memory.row_group(stale).add(discarded[stale, xl_len:])
 
 
 class Attention(nn.Module):
@@ -113,9 +136,10 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, dim_head * 2, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def forward(self, x, *, xl_memory=None, rel_pos_bias=None):
+    def forward(self, x, *, xl_memory=None, rel_pos_bias=None, xl_valid=None):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads) * self.scale
         k, v = self.to_kv(x).chunk(2, dim=-1)
+        xl_len = xl_memory.shape[-3] if xl_memory is not None else 0
         if xl_memory is not None:
             k = torch.cat((xl_memory[..., 0, :], k), dim=-2)
             v = torch.cat((xl_memory[..., 1, :], v), dim=-2)
@@ -124,6 +148,7 @@ class Attention(nn.Module):
         if rel_pos_bias is not None:
             sim = sim + rel_pos_bias[..., -i:, -j:]
         sim = sim.masked_fill(_causal_mask(i, j, x.device), -torch.finfo(sim.dtype).max)
+        sim = _mask_stale_xl(sim, xl_valid, xl_len)
         attn = self.dropout(sim.softmax(dim=-1))
         out = rearrange(einsum("b h i j, b j d -> b h i d", attn, v), "b h n d -> b n (h d)")
         _, new_xl = _split_xl(torch.stack((k, v), dim=-2).detach(), self.xl_max_memories)
@@ -182,17 +207,21 @@ class KNNAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
 
-    def forward(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None):
+    def forward(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None,
+                xl_valid=None):
         return self.finish(self.begin(x, knn_memory=knn_memory, xl_memory=xl_memory,
-                                      add_knn_memory=add_knn_memory, rel_pos_bias=rel_pos_bias))
+                                      add_knn_memory=add_knn_memory, rel_pos_bias=rel_pos_bias,
+                                      xl_valid=xl_valid))
 
-    def begin(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None):
+    def begin(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None,
+              xl_valid=None):
         """Send the kNN search, compute local attention scores, send the add; nothing waits."""
         q = l2norm(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads))
         k, v = self.to_kv(x).chunk(2, dim=-1)
         k = l2norm(k)
         search = knn_memory.search_async(q, self.num_retrieved_memories)
 
+        xl_len = xl_memory.shape[-3] if xl_memory is not None else 0
         if xl_memory is not None:
             k = torch.cat((xl_memory[..., 0, :], k), dim=-2)
             v = torch.cat((xl_memory[..., 1, :], v), dim=-2)
@@ -202,10 +231,11 @@ class KNNAttention(nn.Module):
         if rel_pos_bias is not None:
             sim = sim + rel_pos_bias[..., -i:, -j:]
         sim = sim.masked_fill(_causal_mask(i, j, x.device), -torch.finfo(sim.dtype).max)
+        sim = _mask_stale_xl(sim, xl_valid, xl_len)
 
         discarded, new_xl = _split_xl(torch.stack((k, v), dim=-2).detach(), self.xl_max_memories)
         if add_knn_memory and discarded.shape[1] > 0:
-            knn_memory.add(discarded)
+            _add_current(knn_memory, discarded, xl_valid, xl_len)
         return dict(q=q, v=v, sim=sim, scale=scale, search=search, knn_memory=knn_memory,
                     new_xl=new_xl)
 
@@ -347,11 +377,14 @@ class MemorizingTransformer(nn.Module):
     # forward
 
     def forward(self, x, knn_memories, xl_memories=None, labels=None, add_knn_memory=True,
-                micro_batches: int = 1):
+                micro_batches: int = 1, xl_valid=None):
         """Logits (or loss with ``labels``), plus the new XL memories when XL memory is on.
 
         ``micro_batches > 1`` splits the batch into that many row groups run in turn: while one
         group waits for its kNN search, the others compute. The numbers are those of one batch.
+        ``xl_valid`` (bool, one per row) is False for a row whose ``xl_memories`` are from the
+        document before the one it starts here: they are masked out of attention and not added to
+        its kNN memory (default: every row's XL memory is valid).
         """
         batch_size, seq_len = x.shape
         device = x.device
@@ -359,6 +392,11 @@ class MemorizingTransformer(nn.Module):
         if not isinstance(micro_batches, int) or not 1 <= micro_batches <= batch_size:
             raise ValueError(f"micro_batches must be an integer in [1, batch size {batch_size}], "
                              f"got {micro_batches!r}")
+        if xl_valid is not None:
+            xl_valid = torch.as_tensor(xl_valid, dtype=torch.bool)
+            if xl_valid.shape != (batch_size,):
+                raise ValueError(f"xl_valid must hold one bool per batch row, shape "
+                                 f"({batch_size},), got {tuple(xl_valid.shape)}")
 
         if self.clear_memories_on_sos_token_id is not None:
             self.clear_memory(knn_memories, x, self.clear_memories_on_sos_token_id)
@@ -382,6 +420,7 @@ class MemorizingTransformer(nn.Module):
 
         groups = [g.tolist() for g in torch.arange(batch_size).tensor_split(micro_batches)]
         runs = [self._run_rows(x[rows], rows, knn_memories_seq, xl_memories, biases, add_knn_memory,
+                               None if xl_valid is None else xl_valid[rows],
                                whole_batch=micro_batches == 1) for rows in groups]
         results = _round_robin(runs)
         h = torch.cat([r[0] for r in results])
@@ -398,7 +437,8 @@ class MemorizingTransformer(nn.Module):
         loss = F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels, ignore_index=self.pad_id)
         return (loss, new_xl_memories) if has_xl else loss
 
-    def _run_rows(self, x, rows, knn_memories, xl_memories, biases, add_knn_memory, whole_batch):
+    def _run_rows(self, x, rows, knn_memories, xl_memories, biases, add_knn_memory, xl_valid,
+                  whole_batch):
         """The layers for one row group, as a generator that yields while its kNN search runs."""
         rel_pos_bias, knn_rel_pos_bias = biases
         if not whole_batch:
@@ -411,12 +451,14 @@ class MemorizingTransformer(nn.Module):
             xl_memory = next(xl_iter) if layer_num in self.xl_memory_layers else None
             if layer_num in self.memorizing_layers:
                 state = attn.fn.begin(attn.norm(h), knn_memory=next(knn_iter), xl_memory=xl_memory,
-                                      add_knn_memory=add_knn_memory, rel_pos_bias=knn_rel_pos_bias)
+                                      add_knn_memory=add_knn_memory, rel_pos_bias=knn_rel_pos_bias,
+                                      xl_valid=xl_valid)
                 yield
                 out, xl_mem = attn.fn.finish(state)
                 h = out + h
             else:
-                h, xl_mem = attn(h, xl_memory=xl_memory, rel_pos_bias=rel_pos_bias)
+                h, xl_mem = attn(h, xl_memory=xl_memory, rel_pos_bias=rel_pos_bias,
+                                 xl_valid=xl_valid)
             if xl_mem is not None:
                 new_xl_memories.append(xl_mem)
             h = ff(h)

@@ -1,9 +1,9 @@
 """`memtrans-train`: train a Memorizing Transformer on document streams, alone or under torchrun.
 
 Every batch row reads one long document in consecutive segments (``memtrans.data``); a row that
-starts a new document has its kNN memories cleared and its Transformer-XL memories zeroed before
-the segment is used, so a row's memories only ever hold the document it is reading (the paper's
-setup). One optimizer step takes ``grad_accum`` consecutive segments of the same documents, in
+starts a new document has its kNN memories cleared, and its Transformer-XL memories are masked out
+of that segment's attention and kept out of its kNN memory, so a row's memories only ever hold
+the document it is reading (the paper's setup). One optimizer step takes ``grad_accum`` consecutive segments of the same documents, in
 order, because memory order matters. Losses are in bits per byte: the cross entropy over the
 non-pad next tokens (the bytes of a document and its EOS) divided by ln 2.
 
@@ -127,24 +127,18 @@ class MemoryWait:
         return seconds
 
 
-def _reset_rows(segment, memories: KNNMemoryList, xl: list | None, wait: MemoryWait):
-    """Clear the kNN memories and zero the XL memories of rows that start a new document."""
+def _reset_rows(segment, memories: KNNMemoryList, wait: MemoryWait) -> None:
+    """Clear the kNN memories of rows that start a new document (``_forward`` masks their XL)."""
     rows = segment.reset.nonzero(as_tuple=True)[0]
-    if rows.numel() == 0:
-        return xl
-    with wait.measure():
-        memories.clear_memory(rows.tolist())
-    if xl is None:
-        return None
-    # Zeroed XL keys/values still take a share of the softmax for one segment; masking them
-    # would need an XL mask argument in the model.
-    keep = (~segment.reset).to(xl[0].dtype).view(-1, 1, 1, 1)
-    return [m * keep.to(m.device) for m in xl]
+    if rows.numel():
+        with wait.measure():
+            memories.clear_memory(rows.tolist())
 
 
 def _forward(model, segment, memories, xl, *, add_knn_memory: bool, device):
     out = model(segment.x.to(device), knn_memories=memories, xl_memories=xl,
-                labels=segment.labels.to(device), add_knn_memory=add_knn_memory)
+                labels=segment.labels.to(device), add_knn_memory=add_knn_memory,
+                xl_valid=~segment.reset)
     return out if isinstance(out, tuple) else (out, None)
 
 
@@ -166,7 +160,7 @@ def evaluate(model: MemorizingTransformer, corpus, config: TrainConfig, memories
     memories.clear_memory()
     xl, nats, tokens = None, 0.0, 0
     for segment in itertools.islice(stream, config.eval_batches):
-        xl = _reset_rows(segment, memories, xl, MemoryWait())
+        _reset_rows(segment, memories, MemoryWait())
         loss, xl = _forward(model, segment, memories, xl, add_knn_memory=retrieval, device=device)
         n = int((segment.labels != PAD_ID).sum())
         nats, tokens = nats + loss.item() * n, tokens + n
@@ -387,7 +381,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
 
                 def attempt(use_memory: bool, segment=segment, xl=xl):
                     knn = memories if use_memory else blank
-                    xl = _reset_rows(segment, knn, xl, wait)
+                    _reset_rows(segment, knn, wait)
                     return _forward(model, segment, knn, xl,
                                     add_knn_memory=retrieval and use_memory, device=device)
 

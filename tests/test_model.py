@@ -172,6 +172,27 @@ def test_xl_relative_positions_count_the_memory():
             assert table[t, s] == bias.relative_attention_bias.weight[bucket, 0]
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_stale_xl_memory_is_masked_and_kept_out_of_the_knn_memory(micro_batches):
+    """A row that starts a new document (xl_valid False) computes as if it had no XL memory, and
+    its previous document's XL entries do not enter its fresh kNN memory."""
+    model = model_of(xl_max_memories=16, max_knn_memories=64)
+    memories = model.create_knn_memories(batch_size=2)
+    fresh = model.create_knn_memories(batch_size=1)
+    x1, x2 = torch.randint(3, 64, (2, 16)), torch.randint(3, 64, (2, 16))
+    with torch.no_grad():
+        _, xl = model(x1, knn_memories=memories)
+        memories.clear_memory([1])  # row 1 starts its next document
+        logits, _ = model(x2, knn_memories=memories, xl_memories=xl,
+                          xl_valid=torch.tensor([True, False]), micro_batches=micro_batches)
+        alone = model(x2[1:], knn_memories=fresh)[0]
+        memories.collect_adds()
+    torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-5)
+    assert _row_entries(memories, 0) == 16 and _row_entries(memories, 1) == 0
+    with pytest.raises(ValueError, match=r"xl_valid must hold one bool per batch row, shape \(2,\)"):
+        model(x2, knn_memories=memories, xl_memories=xl, xl_valid=torch.tensor([True]))
+
+
 def test_bad_arguments_say_what_was_expected():
     model = model_of()
     memories = model.create_knn_memories(batch_size=2)

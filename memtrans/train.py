@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -448,14 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     master = rank == 0
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # run the finally blocks
     try:
-        if ddp:
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            if torch.cuda.is_available():
-                device = torch.device("cuda", local_rank)
-                torch.cuda.set_device(device)
-            else:
-                device = torch.device("cpu")
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if ddp and torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -476,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{out}, or choose another --out")
             out.mkdir(parents=True, exist_ok=True)
             config.out = str(out)
+        if ddp:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=collective_timeout(config))
 
         with contextlib.ExitStack() as stack:
             servers = local = None
@@ -522,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def collective_timeout(config: TrainConfig) -> timedelta:
+    """How long a rank waits for the others in a collective: longer than a rank may spend
+    waiting for a memory server under ``--on-memory-failure wait`` (torch's 30 minutes by
+    default), so a long wait ends by the policy, not by a collective timing out."""
+    return timedelta(seconds=max(1800.0, config.memory_wait_timeout + 600.0))
 
 
 def _peer_gone(exc: RuntimeError) -> bool:

@@ -492,3 +492,14 @@ def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
     assert learning_rate(10**6, config) == pytest.approx(1e-4)  # extended by --resume: held
     constant = TrainConfig(steps=110, warmup_steps=10, lr=1e-3)
     assert {learning_rate(step, constant) for step in range(10, 200)} == {1e-3}
+
+
+def test_collectives_outwait_a_memory_server_wait():
+    from datetime import timedelta
+
+    from memtrans.config import TrainConfig
+    from memtrans.train import collective_timeout
+
+    assert collective_timeout(TrainConfig()) == timedelta(minutes=30)  # torch's default
+    long_wait = TrainConfig(on_memory_failure="wait", memory_wait_timeout=7200.0)
+    assert collective_timeout(long_wait) > timedelta(seconds=7200)

@@ -1,7 +1,7 @@
 """The paper's experiment in miniature: validation bits per byte on held-out files for a model
 without kNN memory and for kNN memories of several sizes, trained for the same steps.
 
-    python -m bench.experiment [--steps 2000] [--sizes 2048,8192,32768] [--out runs/experiment]
+    python -m bench.experiment [--steps 3000] [--sizes 2048,8192,32768] [--out runs/experiment]
                                [any memtrans-train flag, e.g. --dim 256 --depth 6]
 
 Each arm is one ``memtrans-train`` run in its own process, one after another, with the same
@@ -11,13 +11,15 @@ script does not know are passed to every arm.
 
 Writes ``<out>/<arm>/`` (each run: log, checkpoint, its own plot), ``<out>/results.json``,
 ``<out>/validation.png`` (curves against step and against training wall time) and prints the
-README's table. Run it again with the same ``--out`` to finish an interrupted experiment: a
+README's two tables: the validation figures, and the final models' figures by how much of its
+document a token has before it (where a larger memory can help and a smaller one cannot). Run it again with the same ``--out`` to finish an interrupted experiment: a
 finished arm is kept, an unfinished one resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import subprocess
@@ -25,16 +27,24 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from bench.common import machine_line, table
+from memtrans import KNNMemoryList
+from memtrans.checkpoint import CHECKPOINT, resolve_config
+from memtrans.data import PAD_ID, load_corpus
+from memtrans.train import build_model
 
 OFF = "off"
 
 
 @dataclass(kw_only=True, slots=True)
 class ExperimentConfig:
-    steps: int = 2000
+    steps: int = 3000
     """Optimizer steps per arm."""
-    eval_every: int = 400
+    eval_every: int = 500
     """Validate every this many steps (and at the end)."""
     eval_batches: int = 128
     """Validation segments per evaluation: 128 x 256 tokens lets a 32K memory fill on the long
@@ -124,6 +134,57 @@ def _at_time(curve: list[dict], seconds: float) -> float:
     return math.nan  # before the first evaluation: no figure rather than an extrapolated one
 
 
+def _bucket_names(edges: tuple[int, ...]) -> list[str]:
+    def k(tokens: int) -> str:
+        return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
+    bounds = [0, *edges]
+    return [f"{k(a)}-{k(b)}" for a, b in zip(bounds, edges)] + [f">={k(edges[-1])}"]
+
+
+@torch.no_grad()
+def by_history(run: Path, edges: tuple[int, ...], segments: int) -> dict:
+    """Validation bits per byte of a run's final model on the same segments as its evaluations,
+    split by how many tokens of its document each token has before it (bucket ``i`` holds
+    histories in ``[edges[i-1], edges[i])``), with retrieval and, for memory arms, without."""
+    checkpoint = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)
+    config = resolve_config({}, checkpoint, run / CHECKPOINT)
+    model = build_model(config)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    corpus = load_corpus(config.data, val_fraction=config.val_fraction)
+    figures = {"buckets": _bucket_names(edges)}
+    for retrieval in (True, False) if config.memory != OFF else (False,):
+        memories = KNNMemoryList.create_memories(
+            batch_size=config.batch_size, num_memory_layers=model.num_memory_layers)(
+            dim=config.dim_head, max_memories=config.max_memories, multiprocessing=False,
+            index=config.index)
+        nats, tokens = np.zeros(len(edges) + 1), np.zeros(len(edges) + 1)
+        history, xl = np.zeros(config.batch_size, dtype=np.int64), None
+        stream = corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len)
+        for segment in itertools.islice(stream, segments):
+            reset = segment.reset.numpy()
+            history[reset] = 0
+            if reset.any():
+                memories.clear_memory(np.flatnonzero(reset).tolist())
+            logits, xl = model(segment.x, knn_memories=memories, xl_memories=xl,
+                               add_knn_memory=retrieval, xl_valid=~segment.reset)
+            loss = F.cross_entropy(logits.transpose(1, 2), segment.labels, ignore_index=PAD_ID,
+                                   reduction="none").numpy()
+            bucket = np.searchsorted(edges, history[:, None] + np.arange(config.seq_len),
+                                     side="right")
+            labelled = segment.labels.numpy() != PAD_ID
+            np.add.at(nats, bucket[labelled], loss[labelled])
+            np.add.at(tokens, bucket[labelled], 1)
+            history += config.seq_len
+        memories.cleanup()
+        key = "val_bpb" if retrieval or config.memory == OFF else "val_bpb_retrieval_off"
+        with np.errstate(invalid="ignore"):
+            figures[key] = (nats / tokens / math.log(2)).tolist()
+        figures[f"{key}_all"] = float(nats.sum() / tokens.sum() / math.log(2))
+        figures["tokens"] = tokens.astype(int).tolist()
+    return figures
+
+
 def summarize(config: ExperimentConfig) -> dict:
     out = Path(config.out)
     curves = {arm: _curve(out / arm, arm) for arm in config.arms}
@@ -135,10 +196,13 @@ def summarize(config: ExperimentConfig) -> dict:
         train = [r for r in read_log(out / arm) if r["kind"] == "train"]
         tokens_per_s[arm] = sum(r["tokens_per_s"] for r in train) / len(train)
     common_time = min(curve[-1]["train_seconds"] for curve in curves.values())
+    edges = tuple(sorted(config.sizes))
     return {"config": asdict(config), "machine": machine_line(), "curves": curves,
             "tokens_per_s": tokens_per_s, "common_seconds": common_time,
             "at_common_seconds": {arm: _at_time(curve, common_time)
-                                  for arm, curve in curves.items()}}
+                                  for arm, curve in curves.items()},
+            "by_history": {arm: by_history(out / arm, edges, config.eval_batches)
+                           for arm in config.arms}}
 
 
 def results_table(results: dict) -> str:
@@ -157,6 +221,22 @@ def results_table(results: dict) -> str:
     return table(["kNN memory per row", "steps", "training time", "tokens/s", "val bits/byte",
                   "vs none", f"at equal time ({results['common_seconds'] / 60:.1f} min)",
                   "same model, retrieval off"], rows)
+
+
+def history_table(results: dict) -> str:
+    """Final models' bits per byte by history length; empty buckets left out."""
+    first = next(iter(results["by_history"].values()))
+    shown = [i for i, n in enumerate(first["tokens"]) if n > 0]
+    rows = []
+    for arm, figures in results["by_history"].items():
+        name = "none (Transformer-XL)" if arm == OFF else f"{int(arm):,} tokens"
+        rows.append([name] + [f"{figures['val_bpb'][i]:.4f}" for i in shown])
+        if arm != OFF:
+            rows.append([f"{name}, retrieval off"]
+                        + [f"{figures['val_bpb_retrieval_off'][i]:.4f}" for i in shown])
+    rows.append(["tokens in bucket"] + [f"{first['tokens'][i]:,}" for i in shown])
+    return table(["kNN memory per row / history (tokens)"]
+                 + [first["buckets"][i] for i in shown], rows)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -211,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(config.out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "validation.png")
+    try:
+        plot(results, out / "validation.png")
+        plotted = f"plot: {out / 'validation.png'}"
+    except ImportError:
+        plotted = "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     print(results["machine"])
     print(f"Arms trained one after another; flags for every arm: "
           f"{' '.join(config.train_args) or '(memtrans-train defaults)'}")
     print(results_table(results))
-    print(f"results: {out / 'results.json'}; plot: {out / 'validation.png'}")
+    print()
+    print(history_table(results))
+    print(f"results: {out / 'results.json'}; {plotted}")
     return 0
 
 

@@ -52,11 +52,19 @@ def test_interrupted_experiment_resumes_and_reports_every_arm(corpus, tmp_path, 
             assert all(p["val_bpb_retrieval_off"] is None for p in curve)
         else:  # 4 segments of 64 with a 64-token XL window: later segments retrieve something
             assert all(p["val_bpb"] != p["val_bpb_retrieval_off"] for p in curve), arm
-    for arm in ("64", "128"):
-        assert json.loads((out / arm / "log.jsonl").read_text().splitlines()[0])["kind"] == "train"
+    # The by-history figures are the final evaluation's, split: together they give its figure.
+    for arm, figures in results["by_history"].items():
+        assert figures["buckets"] == ["0-64", "64-128", ">=128"]
+        assert sum(figures["tokens"]) > 0 and all(n > 0 for n in figures["tokens"]), arm
+        final = results["curves"][arm][-1]
+        assert figures["val_bpb_all"] == pytest.approx(final["val_bpb"], abs=1e-5), arm
+        if arm != "off":
+            assert figures["val_bpb_retrieval_off_all"] == pytest.approx(
+                final["val_bpb_retrieval_off"], abs=1e-5), arm
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| none (Transformer-XL) | 4 |" in printed and "| 128 tokens | 4 |" in printed
+    assert "| 128 tokens, retrieval off |" in printed
 
     # Finished arms are not trained again.
     assert experiment(out, corpus, 4) == 0

@@ -80,7 +80,9 @@ def test_other_clients_get_no_reply_and_no_data(keys, curve_server, who):
     before = _requests(keys, curve_server)
     with MemoryClient(curve_server.endpoint, timeout=0.5, **kwargs) as client:
         start = time.monotonic()
-        with pytest.raises(ServerUnavailable, match="did not answer"):
+        # A failed handshake leaves the request unanswered, or (once ZeroMQ has dropped the
+        # connection) with no peer to queue it to: either way it is refused at once.
+        with pytest.raises(ServerUnavailable, match="did not answer|cannot send"):
             client.search("secret", 0, [0, 1], KEYS, 3)
         assert time.monotonic() - start < 3
         with pytest.raises(ServerUnavailable):

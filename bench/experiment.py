@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine_line, table
-from memtrans import KNNMemoryList
 from memtrans.checkpoint import CHECKPOINT, resolve_config
 from memtrans.data import PAD_ID, load_corpus
-from memtrans.train import build_model
+from memtrans.train import build_model, make_memories
 
 OFF = "off"
 
@@ -154,10 +153,7 @@ def by_history(run: Path, edges: tuple[int, ...], segments: int) -> dict:
     corpus = load_corpus(config.data, val_fraction=config.val_fraction)
     figures = {"buckets": _bucket_names(edges)}
     for retrieval in (True, False) if config.memory != OFF else (False,):
-        memories = KNNMemoryList.create_memories(
-            batch_size=config.batch_size, num_memory_layers=model.num_memory_layers)(
-            dim=config.dim_head, max_memories=config.max_memories, multiprocessing=False,
-            index=config.index)
+        memories = make_memories(model, config, None)
         nats, tokens = np.zeros(len(edges) + 1), np.zeros(len(edges) + 1)
         history, xl = np.zeros(config.batch_size, dtype=np.int64), None
         stream = corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len)

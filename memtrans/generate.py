@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import SOS_ID, decode, encode
-from .train import TrainError, _make_memories, build_model, load_checkpoint, resolve_config
+from .train import TrainError, build_model, load_checkpoint, make_memories, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def generate(checkpoint: str, prime: str, *, length: int, temperature: float, to
     except OSError as exc:
         raise TrainError(f"cannot read priming document {prime}: {exc.strerror}") from None
     tokens = [SOS_ID, *encode(primer).tolist()]
-    memories = _make_memories(model, config, None)
+    memories = make_memories(model, config, None)
     try:
         reader = Reader(model, memories, config.seq_len)
         reader.read(tokens[:-1])

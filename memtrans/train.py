@@ -3,8 +3,8 @@
 Every batch row reads one long document in consecutive segments (``memtrans.data``); a row that
 starts a new document has its kNN memories cleared, and its Transformer-XL memories are masked out
 of that segment's attention and kept out of its kNN memory, so a row's memories only ever hold
-the document it is reading (the paper's setup). One optimizer step takes ``grad_accum`` consecutive segments of the same documents, in
-order, because memory order matters. Losses are in bits per byte: the cross entropy over the
+the document it is reading (the paper's setup). One optimizer step takes ``grad_accum``
+consecutive segments of the same documents, in order, because memory order matters. Losses are in bits per byte: the cross entropy over the
 non-pad next tokens (the bytes of a document and its EOS) divided by ln 2.
 
 Memory (``--memory``):
@@ -179,8 +179,9 @@ def build_model(config: TrainConfig) -> MemorizingTransformer:
         xl_max_memories=config.xl_max_memories, pad_id=PAD_ID)
 
 
-def _make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None,
-                   namespace: str | None = None):
+def make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None,
+                  namespace: str | None = None):
+    """The run's kNN memories: on ``servers``, or in this process when that is None."""
     if servers is not None:
         return model.create_knn_memories(batch_size=config.batch_size, servers=servers,
                                          namespace=namespace, index=config.index,
@@ -262,12 +263,12 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
 
     with contextlib.ExitStack() as stack:
         remote = (checkpoint or {}).get("remote_memory")
-        memories = _make_memories(raw_model, config, servers,
+        memories = make_memories(raw_model, config, servers,
                                   namespace=remote["namespace"] if remote else None)
         stack.callback(_quietly, memories.cleanup)
-        val_memories = _make_memories(raw_model, config, servers)
+        val_memories = make_memories(raw_model, config, servers)
         stack.callback(_quietly, val_memories.cleanup)
-        blank = _make_memories(raw_model, config, None)  # "without memory": stays empty
+        blank = make_memories(raw_model, config, None)  # "without memory": stays empty
         stack.callback(blank.cleanup)
         recovery = MemoryRecovery(config.on_memory_failure, config.memory_wait_timeout,
                                   [memories, val_memories] if servers is not None else [],
@@ -400,8 +401,8 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                 except FAILURES as exc:  # adds of this step lost; nothing to redo
                     recovery.handle(exc, step, "collecting adds")
             step, window = step + 1, window + 1
-            busy += time.perf_counter() - started
-            trained_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            busy, trained_s = busy + elapsed, trained_s + elapsed
             bar.update()
 
             if step % config.log_every == 0 or step == config.steps:

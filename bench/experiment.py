@@ -3,6 +3,7 @@ without kNN memory and for kNN memories of several sizes, trained for the same s
 
     python -m bench.experiment [--steps 3000] [--sizes 2048,8192,32768] [--out runs/experiment]
                                [any memtrans-train flag, e.g. --dim 256 --depth 6]
+    python -m bench.experiment --task recall [...]   # the recall task: bench/recall_experiment.py
 
 Each arm is one ``memtrans-train`` run in its own process, one after another, with the same
 model, seed and document order; only ``--memory`` and ``--max-memories`` differ. Every arm keeps
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 
 from bench.common import machine_line, table
 from memtrans.checkpoint import CHECKPOINT, resolve_config
-from memtrans.data import PAD_ID, load_corpus
-from memtrans.train import build_model, make_memories
+from memtrans.data import PAD_ID
+from memtrans.evaluation import xl_valid
+from memtrans.train import build_model, make_memories, open_corpus
 
 OFF = "off"
 
@@ -78,13 +80,11 @@ class ExperimentConfig:
         return [OFF] + [str(size) for size in self.sizes]
 
 
-def _train_command(config: ExperimentConfig, arm: str, run: Path) -> list[str]:
-    command = [sys.executable, "-m", "memtrans.train", "--steps", str(config.steps),
-               "--eval-every", str(config.eval_every), "--eval-batches", str(config.eval_batches)]
-    if (run / "checkpoint.pt").exists():
-        return command + ["--resume", str(run)]  # the rest of the config is in the checkpoint
-    memory = ["--memory", OFF] if arm == OFF else ["--memory", config.memory, "--max-memories", arm]
-    return command + memory + ["--out", str(run), *config.train_args]
+def arm_flags(config: ExperimentConfig) -> dict[str, list[str]]:
+    """Each arm's ``memtrans-train`` flags for a fresh start."""
+    return {arm: (["--memory", OFF] if arm == OFF else
+                  ["--memory", config.memory, "--max-memories", arm]) + list(config.train_args)
+            for arm in config.arms}
 
 
 def read_log(run: Path) -> list[dict]:
@@ -96,15 +96,21 @@ def finished(run: Path, steps: int) -> bool:
     return any(r["kind"] == "eval" and r["step"] >= steps for r in read_log(run))
 
 
-def run_arms(config: ExperimentConfig) -> None:
-    out = Path(config.out)
-    for number, arm in enumerate(config.arms, 1):
+def run_arms(out: Path, arms: dict[str, list[str]], *, steps: int, eval_every: int,
+             eval_batches: int) -> None:
+    """Train each arm in turn as its own ``memtrans-train`` process in ``out/<arm>``: from its
+    flags ``arms[arm]``, or resumed from its checkpoint (the rest of its config is in there);
+    an arm whose log has the evaluation at ``steps`` is kept."""
+    for number, (arm, flags) in enumerate(arms.items(), 1):
         run = out / arm
-        if finished(run, config.steps):
-            print(f"arm {number}/{len(config.arms)} ({arm}): already finished in {run}", flush=True)
+        if finished(run, steps):
+            print(f"arm {number}/{len(arms)} ({arm}): already finished in {run}", flush=True)
             continue
-        command = _train_command(config, arm, run)
-        print(f"arm {number}/{len(config.arms)} ({arm}): {' '.join(command[1:])}", flush=True)
+        command = [sys.executable, "-m", "memtrans.train", "--steps", str(steps),
+                   "--eval-every", str(eval_every), "--eval-batches", str(eval_batches)]
+        command += ["--resume", str(run)] if (run / CHECKPOINT).exists() else \
+            [*flags, "--out", str(run)]
+        print(f"arm {number}/{len(arms)} ({arm}): {' '.join(command[1:])}", flush=True)
         code = subprocess.call(command)
         if code != 0:
             raise RuntimeError(f"arm {arm} failed (memtrans-train exited with {code}); its run "
@@ -150,7 +156,7 @@ def by_history(run: Path, edges: tuple[int, ...], segments: int) -> dict:
     model = build_model(config)
     model.load_state_dict(checkpoint["model"])
     model.eval()
-    corpus = load_corpus(config.data, val_fraction=config.val_fraction)
+    corpus = open_corpus(config)
     figures = {"buckets": _bucket_names(edges)}
     for retrieval in (True, False) if config.memory != OFF else (False,):
         memories = make_memories(model, config, None)
@@ -163,7 +169,7 @@ def by_history(run: Path, edges: tuple[int, ...], segments: int) -> dict:
             if reset.any():
                 memories.clear_memory(np.flatnonzero(reset).tolist())
             logits, xl = model(segment.x, knn_memories=memories, xl_memories=xl,
-                               add_knn_memory=retrieval, xl_valid=~segment.reset)
+                               add_knn_memory=retrieval, xl_valid=xl_valid(segment))
             loss = F.cross_entropy(logits.transpose(1, 2), segment.labels, ignore_index=PAD_ID,
                                    reduction="none").numpy()
             bucket = np.searchsorted(edges, history[:, None] + np.arange(config.seq_len),
@@ -267,6 +273,12 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=("text", "recall"), default="text")
+    known, argv = task.parse_known_args(argv)
+    if known.task == "recall":
+        from bench.recall_experiment import main as recall_main
+        return recall_main(argv)
     d = ExperimentConfig()
     parser = argparse.ArgumentParser(prog="python -m bench.experiment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args, train_args = parser.parse_known_args(argv)
     try:
         config = ExperimentConfig(**vars(args), train_args=tuple(train_args))
-        run_arms(config)
+        run_arms(Path(config.out), arm_flags(config), steps=config.steps,
+                 eval_every=config.eval_every, eval_batches=config.eval_batches)
         results = summarize(config)
     except (ValueError, RuntimeError) as exc:
         print(f"bench.experiment: error: {exc}", file=sys.stderr)

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from .recovery import POLICIES
 
 MEMORY_MODES = ("remote", "inproc", "off")
+KNN_COMBINES = ("joint", "gate")
+RECALL = "recall"
+"""``--data recall``: the built-in long-range recall task (``memtrans.recall``)."""
 INDEX_KINDS = ("flat", "hnsw")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -24,7 +27,13 @@ class TrainConfig:
     segments each) far longer than the segment, so memory has something to remember."""
 
     data: str | None = None
-    """Corpus: a directory of text files or one text / .gz file; None: the Python stdlib sources."""
+    """Corpus: a directory of text files or one text / .gz file; ``recall``: the built-in recall
+    task (a directory of that name: ``./recall``); None: the Python stdlib sources."""
+    recall_bindings: int = 128
+    """Recall task: key -> value bindings per document (~18 tokens each)."""
+    recall_distance: int = 512
+    """Recall task: tokens from a memory-only binding to its query, at least; must be at least
+    ``seq_len + xl_max_memories``."""
     val_fraction: float = 0.05
     """Share of the documents held out for validation (chosen by a hash of their names)."""
     steps: int = 200
@@ -42,8 +51,12 @@ class TrainConfig:
     """Attention heads."""
     dim_head: int = 32
     """Width of each head, and of the keys and values in the kNN memory."""
-    memorizing_layers: tuple[int, ...] = (3,)
-    """1-based layers with kNN attention; the paper puts one near the top."""
+    memorizing_layers: tuple[int, ...] | None = None
+    """1-based layers with kNN attention; None: one three quarters of the way up (the paper's
+    layer 9 of 12; layer 3 of the default 4); empty: none (a plain Transformer-XL, memory off)."""
+    knn_combine: str = "joint"
+    """How a kNN layer mixes memory and local attention: ``joint`` (one softmax over both, the
+    seed's) or ``gate`` (separate softmaxes mixed by a learned per-head gate, the paper's)."""
     max_memories: int = 4096
     """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
     num_retrieved: int = 32
@@ -75,7 +88,8 @@ class TrainConfig:
     """After warmup: ``constant``, or ``cosine`` down to ``lr / 10`` at ``steps`` (lower-noise
     final figures; ``--resume --steps N`` then stretches the rest of the schedule to ``N``)."""
     weight_decay: float = 0.1
-    """AdamW weight decay on matrices and embeddings; biases, norm gains and scales get none."""
+    """AdamW weight decay on the weights of linear layers only; embeddings, position biases,
+    biases, norm gains, kNN temperatures and gates get none."""
     clip: float = 1.0
     """Gradient norm clip; 0 disables clipping."""
     eval_every: int = 50
@@ -105,6 +119,11 @@ class TrainConfig:
             _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0,
                      "a non-negative integer")
         _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
+        _require("knn_combine", self.knn_combine, lambda v: v in KNN_COMBINES,
+                 f"one of {KNN_COMBINES}")
+        for name in ("recall_bindings", "recall_distance"):
+            _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1,
+                     "a positive integer")
         _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
         _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _require("lr", self.lr, lambda v: v > 0, "a positive number")
@@ -117,11 +136,15 @@ class TrainConfig:
                  f"one of {POLICIES}")
         _require("memory_wait_timeout", self.memory_wait_timeout, lambda v: v > 0,
                  "positive seconds")
-        if not self.memorizing_layers or not all(_is_int(l) and 1 <= l <= self.depth
-                                                 for l in self.memorizing_layers):
+        if self.memorizing_layers is None:
+            self.memorizing_layers = (default_memorizing_layer(self.depth),)
+        if not all(_is_int(l) and 1 <= l <= self.depth for l in self.memorizing_layers):
             raise ValueError(f"memorizing_layers must be 1-based layer numbers in [1, depth="
-                             f"{self.depth}], got {self.memorizing_layers!r} (use --memory off "
-                             f"to train without retrieval)")
+                             f"{self.depth}], got {self.memorizing_layers!r} (leave it out for "
+                             f"layer {default_memorizing_layer(self.depth)})")
+        if not self.memorizing_layers and self.memory != "off":
+            raise ValueError(f"a model without memorizing layers has no kNN memory: use --memory "
+                             f"off with it, not {self.memory!r}")
         if self.num_retrieved > self.max_memories:
             raise ValueError(f"num_retrieved ({self.num_retrieved}) cannot exceed max_memories "
                              f"({self.max_memories}): a query retrieves from one row's memory")
@@ -132,6 +155,11 @@ class TrainConfig:
         if bad:
             raise ValueError(f"memory_servers must be ZeroMQ endpoints like tcp://host:5555, got "
                              f"{', '.join(bad)}")
+
+
+def default_memorizing_layer(depth: int) -> int:
+    """Three quarters of the way up, rounded up: 9 of 12 as in the paper, 3 of 4, 2 of 2."""
+    return max(1, -(-3 * depth // 4))
 
 
 RUN_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint_every",
@@ -174,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "torchrun). With no flags: a small model on the Python standard library, "
                     "memory on a local memory server.")
     add = parser.add_argument
-    add("--data", help="corpus directory or text/.gz file (default: the Python stdlib sources)")
     add("--val-fraction", type=float,
         help=f"share of documents held out for validation (default {d.val_fraction:g})")
     add("--steps", type=int, help=f"optimizer steps in all (default {d.steps})")
@@ -184,8 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--depth", type=int, help=f"layers (default {d.depth})")
     add("--heads", type=int, help=f"attention heads (default {d.heads})")
     add("--dim-head", type=int, help=f"head width (default {d.dim_head})")
+    add("--data", help="corpus directory or text/.gz file, or 'recall' for the built-in recall "
+        "task (default: the Python stdlib sources)")
+    add("--recall-bindings", type=int,
+        help=f"recall task: bindings per document (default {d.recall_bindings})")
+    add("--recall-distance", type=int,
+        help=f"recall task: tokens from a memory-only binding to its query (default "
+             f"{d.recall_distance})")
     add("--memorizing-layers", type=_int_tuple,
-        help=f"1-based kNN layers, comma-separated (default {','.join(map(str, d.memorizing_layers))})")
+        help=f"1-based kNN layers, comma-separated; '' for none (default: three quarters up, "
+             f"layer {d.memorizing_layers[0]} of depth {d.depth})")
+    add("--knn-combine", choices=KNN_COMBINES,
+        help=f"mix memory and local attention in one softmax (joint) or by a learned per-head "
+             f"gate (gate, the paper's) (default {d.knn_combine})")
     add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
     add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
     add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")

@@ -114,6 +114,11 @@ class Document:
     stop: int | None = None
     """``None``: to the end of the file."""
 
+    @property
+    def identity(self) -> str:
+        """What a saved stream position is checked against."""
+        return f"{self.name}\0{self.start}\0{self.stop}"
+
     def read(self) -> bytes:
         try:
             if self.path.name.endswith(".gz"):
@@ -149,6 +154,10 @@ class Segment:
     """(batch, seq_len) int64 targets."""
     reset: torch.Tensor
     """(batch,) bool."""
+    documents: tuple = ()
+    """Per row, the document this segment is from (None for a row with nothing left)."""
+    offsets: tuple[int, ...] = ()
+    """Per row, the position in its document's tokens of this segment's first input."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +171,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
 def _fingerprint(docs: Sequence[Document]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for doc in docs:
-        h.update(f"{doc.name}\0{doc.start}\0{doc.stop}\n".encode())
+        h.update(f"{doc.identity}\n".encode())
     return h.hexdigest()
 
 
@@ -188,7 +197,8 @@ class DocumentStream(Iterator[Segment]):
             raise CorpusError(f"rank must be in [0, {world_size}), got {rank!r}")
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise CorpusError(f"epochs must be a positive integer or None, got {epochs!r}")
-        self.docs = tuple(d if isinstance(d, Document) else Document(Path(d), str(d)) for d in docs)
+        self.docs = tuple(Document(Path(d), str(d)) if isinstance(d, (str, os.PathLike)) else d
+                          for d in docs)
         self.batch_size, self.seq_len, self.seed, self.epochs = batch_size, seq_len, seed, epochs
         self.rank, self.world_size = rank, world_size
         self.num_rows = world_size * batch_size
@@ -218,6 +228,7 @@ class DocumentStream(Iterator[Segment]):
         x = np.full((b, length), PAD_ID, dtype=np.int64)
         labels = np.full((b, length), PAD_ID, dtype=np.int64)
         reset = np.zeros(b, dtype=bool)
+        documents, offsets = [None] * b, [0] * b
         for row in range(b):
             tokens = self._tokens[row]
             if tokens is None or self._offset[row] >= len(tokens) - 1:
@@ -229,13 +240,15 @@ class DocumentStream(Iterator[Segment]):
                 self._offset[row] = 0
                 reset[row] = True
             start = self._offset[row]
+            documents[row], offsets[row] = self._document(row, self._started[row] - 1), start
             k = min(length, len(tokens) - 1 - start)
             x[row, :k] = tokens[start:start + k]
             labels[row, :k] = tokens[start + 1:start + 1 + k]
             self._offset[row] = start + k
         if not (labels[:, 0] != PAD_ID).any():  # a row with a document has at least one label
             raise StopIteration
-        return Segment(torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(reset))
+        return Segment(torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(reset),
+                       tuple(documents), tuple(offsets))
 
     def _settings(self) -> dict:
         return {"corpus": self._fingerprint, "batch_size": self.batch_size,

@@ -92,13 +92,29 @@ def _causal_mask(i: int, j: int, device) -> torch.Tensor:
     return torch.ones((i, j), dtype=torch.bool, device=device).triu(j - i + 1)
 
 
-def _mask_stale_xl(sim: torch.Tensor, xl_valid, xl_len: int) -> torch.Tensor:
-    """Hide the XL columns of rows whose XL memory is from a previous document."""
+def _stale_xl(xl_valid, xl_len: int):
+    """Per row, how many of the oldest XL entries are from a previous document (None: none).
+
+    ``xl_valid`` per row is a bool (the whole XL memory is, or is not, of this document) or the
+    number of its most recent entries that are (carried by the caller while a document's own
+    history fills an XL window longer than a segment).
+    """
     if xl_valid is None or xl_len == 0:
+        return None
+    if xl_valid.dtype == torch.bool:
+        valid = torch.where(xl_valid, xl_len, 0)
+    else:
+        valid = xl_valid.clamp(0, xl_len)
+    stale = xl_len - valid
+    return stale if bool(stale.any()) else None
+
+
+def _mask_stale_xl(sim: torch.Tensor, stale) -> torch.Tensor:
+    """Hide the XL columns that belong to a previous document."""
+    if stale is None:
         return sim
-    stale = ~xl_valid.to(sim.device).view(-1, 1, 1, 1) & (
-        torch.arange(sim.shape[-1], device=sim.device) < xl_len)
-    return sim.masked_fill(stale, -torch.finfo(sim.dtype).max)
+    hidden = torch.arange(sim.shape[-1], device=sim.device) < stale.to(sim.device).view(-1, 1, 1, 1)
+    return sim.masked_fill(hidden, -torch.finfo(sim.dtype).max)
 
 
 def _split_xl(kv: torch.Tensor, xl_max_memories: int):
@@ -108,18 +124,17 @@ def _split_xl(kv: torch.Tensor, xl_max_memories: int):
     return kv, None
 
 
-def _add_current(knn_memory, discarded: torch.Tensor, xl_valid, xl_len: int) -> None:
-    """Add what left the XL window to the kNN memory, except the stale XL entries of rows that
-    started a new document (they belong to the previous one)."""
-    if xl_valid is None or xl_len == 0 or bool(xl_valid.all()):
+def _add_current(knn_memory, discarded: torch.Tensor, stale) -> None:
+    """Add what left the XL window to the kNN memory, except the XL entries of a row that belong
+    to its previous document (a row's memory holds only the document it reads)."""
+    if stale is None:
         knn_memory.add(discarded)
         return
-    valid = xl_valid.nonzero(as_tuple=True)[0].tolist()
-    stale = (~xl_valid).nonzero(as_tuple=True)[0].tolist()
-    if valid:
-        knn_memory.row_group(valid).add(discarded[valid])
-    if discarded.shape[1] > xl_len:
-        knn_memory.row_group(stale).add(discarded[stale, xl_len:])
+    skip = stale.clamp(max=discarded.shape[1]).tolist()
+    for count in sorted(set(skip)):
+        rows = [r for r, s in enumerate(skip) if s == count]
+        if count < discarded.shape[1]:
+            knn_memory.row_group(rows).add(discarded[rows, count:])
 
 
 class Attention(nn.Module):
@@ -148,7 +163,7 @@ class Attention(nn.Module):
         if rel_pos_bias is not None:
             sim = sim + rel_pos_bias[..., -i:, -j:]
         sim = sim.masked_fill(_causal_mask(i, j, x.device), -torch.finfo(sim.dtype).max)
-        sim = _mask_stale_xl(sim, xl_valid, xl_len)
+        sim = _mask_stale_xl(sim, _stale_xl(xl_valid, xl_len))
         attn = self.dropout(sim.softmax(dim=-1))
         out = rearrange(einsum("b h i j, b j d -> b h i d", attn, v), "b h n d -> b n (h d)")
         _, new_xl = _split_xl(torch.stack((k, v), dim=-2).detach(), self.xl_max_memories)
@@ -185,18 +200,29 @@ class _GatherDot(torch.autograd.Function):
         return grad_q.view(ctx.q_shape), None, None
 
 
+KNN_COMBINES = ("joint", "gate")
+
+
 class KNNAttention(nn.Module):
     """Attention over the local context (and XL memory) plus the top-k of a kNN memory.
 
     Cosine-similarity attention (l2-normalised queries and keys) with a learned per-head
-    temperature; retrieved memories and local keys share one softmax. Only key/values that leave
-    the XL window are added to the kNN memory.
+    temperature. ``combine="joint"`` (the seed's): retrieved memories and local keys share one
+    softmax. ``combine="gate"`` (the paper's and meliad's): a softmax over the k retrieved
+    entries, another over the local keys, mixed per head by ``g = sigmoid(combine_gate)``
+    (initialised to 0, so g = 0.5): ``g * memory_out + (1 - g) * local_out``. Only key/values
+    that leave the XL window are added to the kNN memory.
+
+    ``probe``, when set (evaluation diagnostics), is called by ``finish`` with this segment's
+    local keys, the retrieval and the attention weights on the retrieved entries.
     """
 
     def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
                  num_retrieved_memories: int = 32, xl_max_memories: int = 0,
-                 attn_scale_init: float = 20, gate_output: bool = False):
+                 attn_scale_init: float = 20, gate_output: bool = False, combine: str = "joint"):
         super().__init__()
+        if combine not in KNN_COMBINES:
+            raise ValueError(f"knn_combine must be one of {KNN_COMBINES}, got {combine!r}")
         self.heads = heads
         self.scale = nn.Parameter(torch.ones(heads, 1, 1) * math.log(attn_scale_init))
         self.xl_max_memories = xl_max_memories
@@ -206,20 +232,27 @@ class KNNAttention(nn.Module):
         self.to_kv = nn.Linear(dim, dim_head * 2, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
+        self.combine_gate = nn.Parameter(torch.zeros(heads)) if combine == "gate" else None
+        self.probe = None
 
     def forward(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None,
-                xl_valid=None):
+                xl_valid=None, read_memory=None):
         return self.finish(self.begin(x, knn_memory=knn_memory, xl_memory=xl_memory,
                                       add_knn_memory=add_knn_memory, rel_pos_bias=rel_pos_bias,
-                                      xl_valid=xl_valid))
+                                      xl_valid=xl_valid, read_memory=read_memory))
 
     def begin(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None,
-              xl_valid=None):
-        """Send the kNN search, compute local attention scores, send the add; nothing waits."""
+              xl_valid=None, read_memory=None):
+        """Send the kNN search, compute local attention scores, send the add; nothing waits.
+
+        The search goes to ``read_memory`` (default ``knn_memory``), the add to ``knn_memory``.
+        """
+        read_memory = knn_memory if read_memory is None else read_memory
         q = l2norm(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads))
         k, v = self.to_kv(x).chunk(2, dim=-1)
         k = l2norm(k)
-        search = knn_memory.search_async(q, self.num_retrieved_memories)
+        search = read_memory.search_async(q, self.num_retrieved_memories)
+        local_keys = k.detach() if self.probe is not None else None
 
         xl_len = xl_memory.shape[-3] if xl_memory is not None else 0
         if xl_memory is not None:
@@ -231,18 +264,19 @@ class KNNAttention(nn.Module):
         if rel_pos_bias is not None:
             sim = sim + rel_pos_bias[..., -i:, -j:]
         sim = sim.masked_fill(_causal_mask(i, j, x.device), -torch.finfo(sim.dtype).max)
-        sim = _mask_stale_xl(sim, xl_valid, xl_len)
+        stale = _stale_xl(xl_valid, xl_len)
+        sim = _mask_stale_xl(sim, stale)
 
         discarded, new_xl = _split_xl(torch.stack((k, v), dim=-2).detach(), self.xl_max_memories)
         if add_knn_memory and discarded.shape[1] > 0:
-            _add_current(knn_memory, discarded, xl_valid, xl_len)
-        return dict(q=q, v=v, sim=sim, scale=scale, search=search, knn_memory=knn_memory,
-                    new_xl=new_xl)
+            _add_current(knn_memory, discarded, stale)
+        return dict(q=q, v=v, sim=sim, scale=scale, search=search, read_memory=read_memory,
+                    new_xl=new_xl, local_keys=local_keys)
 
     def finish(self, state):
         """Wait for the retrieved memories and combine them with the local attention."""
         q, v, sim, scale = state["q"], state["v"], state["sim"], state["scale"]
-        retrieval = state["knn_memory"].retrieved(state["search"])
+        retrieval = state["read_memory"].retrieved(state["search"])
         b, h, n, d = q.shape
         k = self.num_retrieved_memories
         device = q.device
@@ -254,12 +288,24 @@ class KNNAttention(nn.Module):
         sim_mem = _GatherDot.apply(q, mem_keys, positions) * scale
         sim_mem = sim_mem.masked_fill(positions == 0, mask_value)
 
-        attn = self.dropout(torch.cat((sim_mem, sim), dim=-1).softmax(dim=-1))
-        mem_attn, local_attn = attn[..., :k], attn[..., k:]
+        if self.combine_gate is None:
+            attn = self.dropout(torch.cat((sim_mem, sim), dim=-1).softmax(dim=-1))
+            mem_attn, local_attn = attn[..., :k], attn[..., k:]
+        else:
+            mem_attn = self.dropout(sim_mem.softmax(dim=-1))
+            local_attn = self.dropout(sim.softmax(dim=-1))
         local_out = einsum("b h i j, b j d -> b h i d", local_attn, v)
         mem_out = F.embedding_bag(positions.reshape(-1, k), mem_values,
-                                  per_sample_weights=mem_attn.reshape(-1, k), mode="sum")
-        out = local_out + mem_out.view(b, h, n, d)
+                                  per_sample_weights=mem_attn.reshape(-1, k),
+                                  mode="sum").view(b, h, n, d)
+        if self.combine_gate is None:
+            out = local_out + mem_out
+        else:
+            g = self.combine_gate.sigmoid().view(1, h, 1, 1)
+            out = g * mem_out + (1 - g) * local_out
+        if self.probe is not None:
+            self.probe(local_keys=state["local_keys"], positions=positions, mem_keys=mem_keys,
+                       mem_attn=mem_attn.detach())
         out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         if self.output_gate is not None:
             out = out * self.output_gate.tanh()
@@ -272,7 +318,17 @@ class MemorizingTransformer(nn.Module):
     ``memorizing_layers`` and ``xl_memory_layers`` are 1-based layer numbers. With ``labels`` the
     forward returns the loss (``pad_id`` ignored), else logits; plus the new XL memories when XL
     memory is on. ``gate_knn_output`` adds a flamingo-style tanh gate (initialised closed) to the
-    kNN layers' output, for grafting memory onto a trained model.
+    kNN layers' output, for grafting memory onto a trained model. ``knn_combine`` is how a kNN
+    layer mixes memory and local attention (``KNNAttention``): ``joint`` (default, the seed's, so
+    its checkpoints load) or ``gate`` (the paper's).
+
+    ``shift_knn_memories_down = s``: the i-th memorizing layer searches the memory that the
+    min(i + s, last)-th writes, and still writes its own, so a lower layer reads what a higher one
+    stored in earlier segments (Ernie-Doc's idea; the seed rotated which memory each layer both
+    read and wrote, which changes nothing). Never a lower layer's: that one has already added
+    this segment's entries when XL memory is off, and reading them would see the future.
+    ``shift_xl_memories_down = s``: the i-th XL layer attends over the XL memory the
+    (i + s)-th (mod their number) produced in the previous segment.
     """
 
     def __init__(self, *, num_tokens: int, dim: int, depth: int, dim_head: int = 64, heads: int = 8,
@@ -283,7 +339,8 @@ class MemorizingTransformer(nn.Module):
                  knn_memories_directory: str = DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY,
                  shift_knn_memories_down: int = 0, pad_id: int = 0, xl_max_memories: int = 0,
                  xl_memory_layers=None, shift_xl_memories_down: int = 0,
-                 knn_memory_multiprocessing: bool = False, gate_knn_output: bool = False):
+                 knn_memory_multiprocessing: bool = False, gate_knn_output: bool = False,
+                 knn_combine: str = "joint"):
         super().__init__()
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pad_id = pad_id
@@ -320,7 +377,8 @@ class MemorizingTransformer(nn.Module):
             if layer_num in self.memorizing_layers:
                 attn = KNNAttention(dim=dim, dim_head=dim_head, heads=knn_attn_heads,
                                     dropout=attn_dropout, num_retrieved_memories=num_retrieved_memories,
-                                    xl_max_memories=xl, gate_output=gate_knn_output)
+                                    xl_max_memories=xl, gate_output=gate_knn_output,
+                                    combine=knn_combine)
             else:
                 attn = Attention(dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout,
                                  xl_max_memories=xl)
@@ -382,9 +440,12 @@ class MemorizingTransformer(nn.Module):
 
         ``micro_batches > 1`` splits the batch into that many row groups run in turn: while one
         group waits for its kNN search, the others compute. The numbers are those of one batch.
-        ``xl_valid`` (bool, one per row) is False for a row whose ``xl_memories`` are from the
-        document before the one it starts here: they are masked out of attention and not added to
-        its kNN memory (default: every row's XL memory is valid).
+        ``xl_valid`` (one per row) says how much of a row's ``xl_memories`` belongs to the document
+        it reads: a bool (False: a row that starts a new document here, all of its XL memory is
+        from the previous one), or the number of most recent XL entries that are its document's
+        (its tokens read so far, capped at the XL length; needed when ``xl_max_memories`` is
+        longer than a segment, where the previous document stays in XL for several segments).
+        The rest is masked out of attention and not added to the kNN memory (default: all valid).
         """
         batch_size, seq_len = x.shape
         device = x.device
@@ -393,9 +454,11 @@ class MemorizingTransformer(nn.Module):
             raise ValueError(f"micro_batches must be an integer in [1, batch size {batch_size}], "
                              f"got {micro_batches!r}")
         if xl_valid is not None:
-            xl_valid = torch.as_tensor(xl_valid, dtype=torch.bool)
+            xl_valid = torch.as_tensor(xl_valid)
+            if xl_valid.dtype != torch.bool:
+                xl_valid = xl_valid.long()
             if xl_valid.shape != (batch_size,):
-                raise ValueError(f"xl_valid must hold one bool per batch row, shape "
+                raise ValueError(f"xl_valid must hold one bool or count per batch row, shape "
                                  f"({batch_size},), got {tuple(xl_valid.shape)}")
 
         if self.clear_memories_on_sos_token_id is not None:
@@ -406,11 +469,11 @@ class MemorizingTransformer(nn.Module):
             raise ValueError(f"expected {self.num_xl_memory_layers} XL memories (one per XL layer), "
                              f"got {len(xl_memories)}")
         knn_memories_seq = list(knn_memories)
-        if knn_memories_seq and self.shift_knn_memories_down > 0:
-            s = self.shift_knn_memories_down
-            knn_memories_seq = knn_memories_seq[s:] + knn_memories_seq[:s]
+        last = len(knn_memories_seq) - 1
+        read_memories = [knn_memories_seq[min(i + self.shift_knn_memories_down, last)]
+                         for i in range(len(knn_memories_seq))]
         if xl_memories and self.shift_xl_memories_down > 0:
-            s = self.shift_xl_memories_down
+            s = self.shift_xl_memories_down % len(xl_memories)
             xl_memories = xl_memories[s:] + xl_memories[:s]
 
         max_context = max([seq_len, *((m.shape[-3] if m is not None else 0) + seq_len
@@ -419,7 +482,8 @@ class MemorizingTransformer(nn.Module):
                   self.knn_rel_pos_bias(seq_len, max_context, device=device))
 
         groups = [g.tolist() for g in torch.arange(batch_size).tensor_split(micro_batches)]
-        runs = [self._run_rows(x[rows], rows, knn_memories_seq, xl_memories, biases, add_knn_memory,
+        runs = [self._run_rows(x[rows], rows, knn_memories_seq, read_memories, xl_memories, biases,
+                               add_knn_memory,
                                None if xl_valid is None else xl_valid[rows],
                                whole_batch=micro_batches == 1) for rows in groups]
         results = _round_robin(runs)
@@ -437,14 +501,15 @@ class MemorizingTransformer(nn.Module):
         loss = F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels, ignore_index=self.pad_id)
         return (loss, new_xl_memories) if has_xl else loss
 
-    def _run_rows(self, x, rows, knn_memories, xl_memories, biases, add_knn_memory, xl_valid,
-                  whole_batch):
+    def _run_rows(self, x, rows, knn_memories, read_memories, xl_memories, biases, add_knn_memory,
+                  xl_valid, whole_batch):
         """The layers for one row group, as a generator that yields while its kNN search runs."""
         rel_pos_bias, knn_rel_pos_bias = biases
         if not whole_batch:
             knn_memories = [m.row_group(rows) for m in knn_memories]
+            read_memories = [m.row_group(rows) for m in read_memories]
             xl_memories = [m[rows] if m is not None else None for m in xl_memories]
-        knn_iter, xl_iter = iter(knn_memories), iter(xl_memories)
+        knn_iter, read_iter, xl_iter = iter(knn_memories), iter(read_memories), iter(xl_memories)
         new_xl_memories = []
         h = self.token_emb(x)
         for layer_num, (attn, ff) in enumerate(self.layers, start=1):
@@ -452,7 +517,7 @@ class MemorizingTransformer(nn.Module):
             if layer_num in self.memorizing_layers:
                 state = attn.fn.begin(attn.norm(h), knn_memory=next(knn_iter), xl_memory=xl_memory,
                                       add_knn_memory=add_knn_memory, rel_pos_bias=knn_rel_pos_bias,
-                                      xl_valid=xl_valid)
+                                      xl_valid=xl_valid, read_memory=next(read_iter))
                 yield
                 out, xl_mem = attn.fn.finish(state)
                 h = out + h

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -58,10 +57,13 @@ from memory_server.client import MemoryClient
 from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_memories,
                          load_checkpoint, resolve_config, restore_remote, save_checkpoint,
                          servers_persist, snapshot_remote)
-from .config import TrainConfig, TrainError, build_parser
+from .config import RECALL, TrainConfig, TrainError, build_parser
 from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, load_corpus
+from .evaluation import (EvalSettings, evaluate, knn_layer_parameters, recall_line,
+                         sum_over_ranks, xl_valid)
 from .memory import KNNMemoryList, servers_from_env
 from .model import MemorizingTransformer
+from .recall import RecallCorpus, RecallTask
 from .recovery import FAILURES, MemoryFailure, MemoryRecovery
 from .servers import LocalServers, ServerStartError
 
@@ -139,36 +141,13 @@ def _reset_rows(segment, memories: KNNMemoryList, wait: MemoryWait) -> None:
 def _forward(model, segment, memories, xl, *, add_knn_memory: bool, device):
     out = model(segment.x.to(device), knn_memories=memories, xl_memories=xl,
                 labels=segment.labels.to(device), add_knn_memory=add_knn_memory,
-                xl_valid=~segment.reset)
+                xl_valid=xl_valid(segment))
     return out if isinstance(out, tuple) else (out, None)
 
 
-def _sum_over_ranks(values: list[float], ddp: bool, device) -> list[float]:
-    if not ddp:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-@torch.no_grad()
-def evaluate(model: MemorizingTransformer, corpus, config: TrainConfig, memories: KNNMemoryList,
-             *, retrieval: bool, rank: int, world_size: int, ddp: bool, device) -> float:
-    """Validation bits per byte on the first ``eval_batches`` segments, from empty memories."""
-    model.eval()
-    stream = corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len, rank=rank,
-                               world_size=world_size)
-    memories.clear_memory()
-    xl, nats, tokens = None, 0.0, 0
-    for segment in itertools.islice(stream, config.eval_batches):
-        _reset_rows(segment, memories, MemoryWait())
-        loss, xl = _forward(model, segment, memories, xl, add_knn_memory=retrieval, device=device)
-        n = int((segment.labels != PAD_ID).sum())
-        nats, tokens = nats + loss.item() * n, tokens + n
-    memories.collect_adds()
-    model.train()
-    nats, tokens = _sum_over_ranks([nats, tokens], ddp, device)
-    return nats / max(tokens, 1) / math.log(2)
+def eval_settings(config: TrainConfig, rank: int = 0, world_size: int = 1) -> EvalSettings:
+    return EvalSettings(batch_size=config.batch_size, seq_len=config.seq_len,
+                        segments=config.eval_batches, rank=rank, world_size=world_size)
 
 
 def build_model(config: TrainConfig) -> MemorizingTransformer:
@@ -176,7 +155,16 @@ def build_model(config: TrainConfig) -> MemorizingTransformer:
         num_tokens=NUM_TOKENS, dim=config.dim, depth=config.depth, heads=config.heads,
         dim_head=config.dim_head, memorizing_layers=config.memorizing_layers,
         max_knn_memories=config.max_memories, num_retrieved_memories=config.num_retrieved,
-        xl_max_memories=config.xl_max_memories, pad_id=PAD_ID)
+        xl_max_memories=config.xl_max_memories, pad_id=PAD_ID, knn_combine=config.knn_combine)
+
+
+def open_corpus(config: TrainConfig):
+    """The run's corpus: the recall task for ``--data recall``, else files (``load_corpus``)."""
+    if config.data == RECALL:
+        task = RecallTask(bindings=config.recall_bindings, distance=config.recall_distance)
+        task.check_window(config.seq_len, config.xl_max_memories)
+        return RecallCorpus.create(task)
+    return load_corpus(config.data, val_fraction=config.val_fraction)
 
 
 def make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None,
@@ -194,10 +182,14 @@ def make_memories(model: MemorizingTransformer, config: TrainConfig, servers: li
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping)."""
+    """AdamW with weight decay on the weights of linear layers (the matmuls) only. Embeddings,
+    relative-position biases, biases, norm gains, kNN temperatures and gates get none: decay
+    would pull a temperature of shape (heads, 1, 1) towards 1, whatever its number of dims."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if id(p) in decayed],
+               "weight_decay": config.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
@@ -307,28 +299,42 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
         wait.watch(memories)
         retrieval = config.memory != "off"
 
+        recall = isinstance(corpus, RecallCorpus)
+
         def validate() -> None:
-            args = dict(rank=rank, world_size=world_size, ddp=ddp, device=device)
+            settings = eval_settings(config, rank, world_size)
+
+            def run(knn: KNNMemoryList, with_retrieval: bool) -> dict:
+                return evaluate(raw_model, corpus, settings, knn, retrieval=with_retrieval,
+                                ddp=ddp, device=device, recall=recall)
 
             def with_memory_attempt(use_memory: bool):
                 if not use_memory:  # skipped: reported as no figure rather than a wrong one
-                    evaluate(raw_model, corpus, config, blank, retrieval=False, **args)
+                    run(blank, False)
                     return None
-                return evaluate(raw_model, corpus, config, val_memories, retrieval=True, **args)
+                return run(val_memories, True)
 
             with_memory = recovery.run(step, "validation", with_memory_attempt) \
                 if retrieval else None
-            if retrieval and ddp and _sum_over_ranks([float(with_memory is None)], ddp, device)[0]:
+            if retrieval and ddp and sum_over_ranks([float(with_memory is None)], ddp, device)[0]:
                 with_memory = None  # a rank skipped: its share of the figure had no memory
-            without = recovery.run(step, "validation", lambda use_memory: evaluate(
-                raw_model, corpus, config, val_memories if use_memory else blank,
-                retrieval=False, **args))
-            log.write({"kind": "eval", "step": step, "train_seconds": trained_s,
-                       "val_bpb_memory": with_memory, "val_bpb_no_memory": without})
+            without = recovery.run(step, "validation", lambda use_memory: run(
+                val_memories if use_memory else blank, False))
+            record = {"kind": "eval", "step": step, "train_seconds": trained_s,
+                      "val_bpb_memory": with_memory["bpb"] if with_memory else None,
+                      "val_bpb_no_memory": without["bpb"]}
+            if recall:
+                record["recall_memory"] = with_memory
+                record["recall_no_memory"] = without
+            if raw_model.num_memory_layers:
+                record["knn_layers"] = knn_layer_parameters(raw_model)
+            log.write(record)
             if master:
-                shown = f"{with_memory:.4f}" if with_memory is not None else "-"
+                shown = f"{with_memory['bpb']:.4f}" if with_memory is not None else "-"
                 tqdm.write(f"step {step}: validation bits/byte with memory {shown}, "
-                           f"without {without:.4f}")
+                           f"without {without['bpb']:.4f}")
+                if recall:
+                    tqdm.write(f"step {step}: recall {recall_line(with_memory, without)}")
 
         persistent = servers is None or servers_persist(memories, master)
 
@@ -406,7 +412,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             bar.update()
 
             if step % config.log_every == 0 or step == config.steps:
-                nats, tokens, waited, skipped = _sum_over_ranks(
+                nats, tokens, waited, skipped = sum_over_ranks(
                     [nats, tokens, wait.take(), recovery.skipped], ddp, device)
                 bpb = nats / max(tokens, 1) / math.log(2)
                 record = {"kind": "train", "step": step, "train_seconds": trained_s,
@@ -463,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(given, checkpoint, checkpoint_path)
         except ValueError as exc:
             raise TrainError(f"invalid setting: {exc}") from None
-        corpus = load_corpus(config.data, val_fraction=config.val_fraction)
+        corpus = open_corpus(config)
         corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len, rank=rank,
                           world_size=world_size)  # fail now, not at the first evaluation
         out = Path(config.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

@@ -189,8 +189,131 @@ def test_stale_xl_memory_is_masked_and_kept_out_of_the_knn_memory(micro_batches)
         memories.collect_adds()
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-5)
     assert _row_entries(memories, 0) == 16 and _row_entries(memories, 1) == 0
-    with pytest.raises(ValueError, match=r"xl_valid must hold one bool per batch row, shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"xl_valid must hold one bool or count per batch row, "
+                                         r"shape \(2,\)"):
         model(x2, knn_memories=memories, xl_memories=xl, xl_valid=torch.tensor([True]))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_xl_longer_than_a_segment_never_shows_or_stores_the_previous_document(micro_batches):
+    """With XL 32 and 16-token segments the previous document stays in XL for two segments: a
+    row given its valid XL counts (0, then 16) computes and stores exactly what it does when it
+    starts alone, with no XL and fresh memories."""
+    model = model_of(xl_max_memories=32, max_knn_memories=128)
+    memories = model.create_knn_memories(batch_size=2)
+    fresh = model.create_knn_memories(batch_size=1)
+    segments = [torch.randint(3, 64, (2, 16)) for _ in range(5)]
+    with torch.no_grad():
+        xl = None
+        for x in segments[:3]:
+            _, xl = model(x, knn_memories=memories, xl_memories=xl)
+        memories.clear_memory([1])  # row 1 starts its next document at segment 3
+        alone_xl = None
+        for read, x in zip((0, 16), segments[3:]):
+            logits, xl = model(x, knn_memories=memories, xl_memories=xl,
+                               xl_valid=torch.tensor([48 + read, read]),
+                               micro_batches=micro_batches)
+            alone, alone_xl = model(x[1:], knn_memories=fresh, xl_memories=alone_xl)
+            torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-5)
+        memories.collect_adds()
+        fresh.collect_adds()
+    assert _row_entries(memories, 1) == _row_entries(fresh, 0) == 0  # nothing left XL yet
+    # Row 0 kept reading one document: its whole XL memory is valid and its memory fills.
+    assert _row_entries(memories, 0) == 5 * 16 - 32
+
+
+def test_shift_knn_memories_down_reads_the_memory_of_a_higher_layer():
+    """Layer 1 of 2 searches the memory layer 2 writes; each still writes its own."""
+    model = model_of(depth=3, memorizing_layers=(1, 2), shift_knn_memories_down=1)
+    unshifted = model_of(depth=3, memorizing_layers=(1, 2))
+    unshifted.load_state_dict(model.state_dict())
+    x = torch.randint(3, 64, (2, 16))
+    searched = []
+    outputs = []
+    for m in (model, unshifted):
+        memories = m.create_knn_memories(batch_size=2)
+        with torch.no_grad():
+            m(x, knn_memories=memories)  # fills both memories
+            for number, memory in enumerate(memories):
+                search = memory.search_async
+
+                def spy(q, k, number=number, search=search):
+                    searched.append(number)
+                    return search(q, k)
+
+                memory.search_async = spy
+            outputs.append(m(x.flip(1), knn_memories=memories))
+        memories.cleanup()
+    assert searched == [1, 1, 0, 1]  # shifted: both layers read memory 1; unshifted: their own
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_shift_xl_memories_down_hands_each_layer_the_xl_of_the_one_above():
+    model = model_of(xl_max_memories=8, shift_xl_memories_down=1)
+    x = torch.randint(3, 64, (2, 16))
+    memories = model.create_knn_memories(batch_size=2)
+    with torch.no_grad():
+        _, xl = model(x, knn_memories=memories)
+        shifted, _ = model(x, knn_memories=memories, xl_memories=xl, add_knn_memory=False)
+        model.shift_xl_memories_down = 0
+        unshifted, _ = model(x, knn_memories=memories, xl_memories=xl, add_knn_memory=False)
+        rotated, _ = model(x, knn_memories=memories, xl_memories=xl[1:] + xl[:1],
+                           add_knn_memory=False)
+    torch.testing.assert_close(shifted, rotated)
+    assert not torch.allclose(shifted, unshifted)
+
+
+def test_gate_combine_matches_a_dense_float64_reference_and_its_gradients():
+    """knn_combine="gate": separate softmaxes over the retrieved and the local keys, mixed per
+    head by sigmoid(gate); forward and every gradient equal a dense float64 formula."""
+    model = model_of(max_knn_memories=40, knn_combine="gate").double().train()
+    attn = model.layers[1][0].fn
+    assert attn.combine_gate.shape == (2,) and (attn.combine_gate == 0).all()
+    with torch.no_grad():
+        attn.combine_gate.copy_(torch.tensor([0.7, -1.2]))
+    memories = model.create_knn_memories(batch_size=2)
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(3):
+            attn(x + torch.randn_like(x), knn_memory=memories[0], add_knn_memory=True)
+        memories.collect_adds()
+    got, _ = attn(x, knn_memory=memories[0], add_knn_memory=False)
+    grads = torch.autograd.grad(got.square().sum(), [attn.to_q.weight, attn.to_kv.weight,
+                                                      attn.scale, attn.combine_gate])
+
+    def dense():
+        q = torch.nn.functional.normalize(attn.to_q(x).view(2, 16, 2, 8).transpose(1, 2), dim=-1)
+        k, v = attn.to_kv(x).chunk(2, dim=-1)
+        k = torch.nn.functional.normalize(k, dim=-1)
+        scale = attn.scale.exp()
+        sim = torch.einsum("bhid,bjd->bhij", q, k) * scale
+        sim = sim.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+        mem_kv, mem_mask = memories[0].search(q.detach().float(), 4)
+        mem_kv = mem_kv.double()
+        sim_mem = torch.einsum("bhid,bhijd->bhij", q, mem_kv[..., 0, :]) * scale
+        sim_mem = sim_mem.masked_fill(~mem_mask, float("-inf"))
+        local = torch.einsum("bhij,bjd->bhid", sim.softmax(-1), v)
+        remote = torch.einsum("bhij,bhijd->bhid", sim_mem.softmax(-1), mem_kv[..., 1, :])
+        g = attn.combine_gate.sigmoid().view(1, 2, 1, 1)
+        return attn.to_out((g * remote + (1 - g) * local).transpose(1, 2).reshape(2, 16, 16))
+
+    expected = dense()
+    expected_grads = torch.autograd.grad(expected.square().sum(), [
+        attn.to_q.weight, attn.to_kv.weight, attn.scale, attn.combine_gate])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    memories.cleanup()
+
+
+def test_joint_models_have_no_gate_parameters_and_load_seed_names():
+    joint = model_of()
+    assert not any("combine_gate" in name for name in joint.state_dict())
+    gated = model_of(knn_combine="gate")
+    assert [n for n in gated.state_dict() if n not in joint.state_dict()] == \
+        ["layers.1.0.fn.combine_gate"]
+    with pytest.raises(ValueError, match="knn_combine must be one of"):
+        model_of(knn_combine="mean")
 
 
 def test_bad_arguments_say_what_was_expected():

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from memory_server.client import MemoryClient
 from servers import free_port
@@ -503,3 +504,73 @@ def test_collectives_outwait_a_memory_server_wait():
     assert collective_timeout(TrainConfig()) == timedelta(minutes=30)  # torch's default
     long_wait = TrainConfig(on_memory_failure="wait", memory_wait_timeout=7200.0)
     assert collective_timeout(long_wait) > timedelta(seconds=7200)
+
+
+def test_weight_decay_applies_to_linear_weights_only():
+    """The kNN temperature (shape heads x 1 x 1), gates, embeddings and position biases are not
+    decayed: decay shrank the temperature from 20 towards 13 over a cosine run."""
+    from memtrans.config import TrainConfig
+    from memtrans.train import _optimizer, build_model
+
+    config = TrainConfig(knn_combine="gate")
+    model = build_model(config)
+    decayed, plain = _optimizer(model, config).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert decayed["weight_decay"] == config.weight_decay and plain["weight_decay"] == 0
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert decayed_names == linear
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert {"layers.2.0.fn.scale", "layers.2.0.fn.combine_gate", "token_emb.weight",
+            "rel_pos_bias.relative_attention_bias.weight"} <= plain_names
+
+
+@pytest.mark.parametrize("depth, layer", [(1, 1), (2, 2), (4, 3), (6, 5), (12, 9)])
+def test_the_default_memorizing_layer_follows_the_depth(depth, layer):
+    from memtrans.config import TrainConfig
+
+    assert TrainConfig(depth=depth).memorizing_layers == (layer,)
+
+
+def test_a_model_without_memorizing_layers_needs_memory_off():
+    from memtrans.config import TrainConfig
+
+    assert TrainConfig(memorizing_layers=(), memory="off").memorizing_layers == ()
+    with pytest.raises(ValueError, match="no kNN memory: use --memory off"):
+        TrainConfig(memorizing_layers=())
+
+
+RECALL = ["--data", "recall", "--recall-bindings", "40", "--recall-distance", "256",
+          "--seq-len", "64", "--xl-max-memories", "192", "--dim", "32", "--depth", "2",
+          "--heads", "2", "--dim-head", "16", "--batch-size", "2", "--max-memories", "512",
+          "--num-retrieved", "8", "--eval-batches", "12", "--log-every", "1", "--steps", "2",
+          "--eval-every", "2"]
+
+
+@pytest.mark.parametrize("extra", [["--memory", "inproc", "--knn-combine", "gate"],
+                                   ["--memory", "off", "--memorizing-layers", ""]])
+def test_recall_run_reports_answers_by_kind_hit_rate_and_gates(tmp_path, extra):
+    """--data recall at depth 2 with no --memorizing-layers (the default follows the depth)."""
+    out = tmp_path / "recall"
+    result = run("--out", str(out), *RECALL, *extra)
+    assert result.returncode == 0, result.stderr
+    assert "recall task: 40 bindings per document" in result.stdout
+    (record,) = records(out, "eval")
+    off = record["recall_no_memory"]
+    assert off["in_context_tokens"] > 0 and off["memory_only_tokens"] > 0
+    assert 0 <= off["memory_only_accuracy"] <= 1 and off["memory_only_bits"] > 0
+    if "gate" in extra:
+        on = record["recall_memory"]
+        assert on["in_context_tokens"] == off["in_context_tokens"]
+        assert 0 <= on["hit_rate_layer2"] <= 1 and off["hit_rate_layer2"] == 0
+        (layer,) = record["knn_layers"].values()
+        assert len(layer["temperature"]) == 2 and all(0 < g < 1 for g in layer["gate"])
+    else:
+        assert record["recall_memory"] is None and "knn_layers" not in record
+        assert "hit_rate_layer2" not in off
+
+
+def test_recall_distance_inside_the_window_is_refused(tmp_path):
+    result = run("--out", str(tmp_path / "r"), *RECALL, "--memory", "inproc",
+                 "--recall-distance", "100")
+    assert_clean_error(result, "inside the model's local + XL window", "--recall-distance >= 256")

@@ -235,6 +235,17 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _pressure(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(tuple(int(v) for v in part.split(":")) for part in text.split(",") if part)
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected MEMORIES:DISTANCE pairs like "
+                                         f"1024:512,4096:2048, got {text!r}")
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     d = RecallExperimentConfig()
     parser = argparse.ArgumentParser(prog="python -m bench.experiment --task recall",
@@ -244,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
     parser.add_argument("--memory", default=d.memory, help="inproc (default) or remote")
+    parser.add_argument("--pressure", type=_pressure, default=d.pressure,
+                        help="memory-pressure settings MEMORIES:DISTANCE,... (default "
+                             "1024:512,4096:2048,16384:8192)")
     parser.add_argument("--pressure-documents", type=int, default=d.pressure_documents)
     parser.add_argument("--out", default=d.out)
     args, train_args = parser.parse_known_args(argv)

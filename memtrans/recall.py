@@ -65,9 +65,9 @@ class RecallTask:
     has left both)."""
     in_context_fraction: float = 0.5
     """Share of bindings queried in context; the rest are queried from memory only."""
-    in_context_lag: int = 6
+    in_context_lag: int = 4
     """An in-context query is due 1 to this many bindings after its own (one query per step)."""
-    in_context_span: int = 160
+    in_context_span: int = 112
     """An in-context query starts at most this many tokens after its binding starts (else it is
     dropped), so it is inside any XL window of at least ``in_context_span + LINE`` (9) tokens."""
     train_documents: int = 100_000

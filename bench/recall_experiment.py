@@ -12,7 +12,7 @@ the final checkpoints, it evaluates on the validation documents:
 - the **leak control**: each memory arm reading memories that another row's documents filled
   (adds go to the row's own memory, searches to the next row's): it must stay at chance;
 - the **memory pressure** of the ``memory`` arm: documents whose bindings fill 1K, 4K and 16K
-  memories per row, with memory-only queries 2x, 8x and 32x the XL window away.
+  memories per row, with memory-only queries 2x, 8x and 32x the XL window away (``--pressure``).
 
 Writes ``<out>/<arm>/`` (each run), ``<out>/results.json``, ``<out>/recall.png`` (answer accuracy
 against steps) and prints the README's tables. Run it again with the same ``--out`` to finish an
@@ -53,8 +53,8 @@ class RecallExperimentConfig:
     """Validation segments per evaluation; more than the validation documents hold: all."""
     memory: str = "inproc"
     """Where the memory arms keep their memory: ``inproc`` or ``remote`` (a local server)."""
-    pressure: tuple[tuple[int, int], ...] = ((1024, 512), (4096, 2048), (16384, 8192))
-    """(kNN memories per row, memory-only distance in tokens) for the pressure evaluation."""
+    pressure: tuple[tuple[int, int], ...] = ((1024, 2), (4096, 8), (16384, 32))
+    """(kNN memories per row, memory-only distance in XL windows) for the pressure evaluation."""
     pressure_documents: int = 4
     """Validation documents per pressure setting (one per row with the default 4 rows)."""
     out: str = "runs/recall"
@@ -104,11 +104,12 @@ def leak_control(run: Path, segments: int) -> dict:
 
 def pressure(run: Path, settings: tuple[tuple[int, int], ...], documents: int) -> list[dict]:
     """The final model on documents whose bindings fill ``max_memories`` per row, with
-    memory-only queries ``distance`` tokens away: twice as many tokens as the memory holds plus
-    the distance, so most queries search a full memory."""
+    memory-only queries ``windows`` XL windows away: twice as many tokens as the memory holds
+    plus the distance, so most queries search a full memory."""
     model, config = _load(run)
     rows = []
-    for max_memories, distance in settings:
+    for max_memories, windows in settings:
+        distance = windows * config.xl_max_memories
         task = RecallTask(bindings=(2 * max_memories + distance) // (2 * LINE), distance=distance,
                           val_documents=documents)
         task.check_window(config.seq_len, config.xl_max_memories)
@@ -241,8 +242,8 @@ def _pressure(text: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         pairs = ()
     if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected MEMORIES:DISTANCE pairs like "
-                                         f"1024:512,4096:2048, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected MEMORIES:XL_WINDOWS pairs like "
+                                         f"1024:2,4096:8, got {text!r}")
     return pairs
 
 
@@ -256,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
     parser.add_argument("--memory", default=d.memory, help="inproc (default) or remote")
     parser.add_argument("--pressure", type=_pressure, default=d.pressure,
-                        help="memory-pressure settings MEMORIES:DISTANCE,... (default "
-                             "1024:512,4096:2048,16384:8192)")
+                        help="memory-pressure settings MEMORIES:XL_WINDOWS,... (default "
+                             "1024:2,4096:8,16384:32)")
     parser.add_argument("--pressure-documents", type=int, default=d.pressure_documents)
     parser.add_argument("--out", default=d.out)
     args, train_args = parser.parse_known_args(argv)

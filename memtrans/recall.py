@@ -1,11 +1,21 @@
 """A long-range recall task where the kNN memory must decide the answer (``--data recall``).
 
-Each document is a stream of lines ``abc:WXYZ`` (a newline after each): three lowercase
-letters, the key, bound to four uppercase letters, the value. Keys are unique within a document and drawn
-fresh for every document, with their values, so no weights can learn them; the document is its
-own only source. The first line that names a key is its *binding* (its value cannot be predicted);
-the key comes back exactly once later as a *query*, the same line again, whose value tokens (the
-*answer*) can only be predicted by finding the binding:
+Each document is a stream of lines ``=abcWXYZ`` (a newline after each): a *binding* of a key
+(three lowercase letters) to a value (four uppercase letters). Keys are unique within a document
+and drawn fresh for every document, with their values, so no weights can learn them; the
+document is its own only source. A key comes back exactly once later as a *query*, the same line
+with ``?`` for ``=``, whose value tokens (the *answer*) can only be predicted by finding the
+binding. Two choices make copying learnable by a small model in minutes:
+
+- the marker tells a query from a binding before the value starts, so copying a value only
+  ever helps where it is right (a model that copied imperfectly would lose on every binding);
+- the value follows the key directly, so the plainest induction circuit (find the earlier
+  position after the current token, copy what is there) already answers part of the queries
+  from the key's last letter alone, and matching more letters refines it. With a separator
+  (``abc:WXYZ``) every value follows the same token and nothing short of matching the whole key
+  helps; on this machine a model then stayed at chance for 3,000 steps.
+
+Queries are of two kinds:
 
 - an **in-context** query starts at most ``in_context_span`` tokens after its binding, less than
   the Transformer-XL window, so the binding is in the local + XL context. These
@@ -40,8 +50,10 @@ from .data import BYTE_OFFSET, EOS_ID, SOS_ID, CorpusError, DocumentStream
 
 KEY_LETTERS = 3
 VALUE_LETTERS = 4
-LINE = KEY_LETTERS + 1 + VALUE_LETTERS + 1
-"""Tokens per line: key, ``:``, value, newline."""
+LINE = 1 + KEY_LETTERS + VALUE_LETTERS + 1
+"""Tokens per line: ``=`` (binding) or ``?`` (query), key, value, newline."""
+VALUE_START = 1 + KEY_LETTERS
+"""Offset of the first value token in a line."""
 VALUE_ALPHABET = 26
 CHANCE_ACCURACY = 1 / VALUE_ALPHABET
 CHANCE_BITS = math.log2(VALUE_ALPHABET)
@@ -185,10 +197,10 @@ class RecallDocument:
         out = np.empty(len(lines) * LINE, dtype=np.uint8)
         positions, kinds, sources = [], [], []
         for i, (b, kind) in enumerate(lines):
-            out[i * LINE:(i + 1) * LINE] = _line(keys[b], values[b])
+            out[i * LINE:(i + 1) * LINE] = _line(b"=" if kind < 0 else b"?", keys[b], values[b])
             if kind >= 0:
                 for j in range(VALUE_LETTERS):
-                    offset = KEY_LETTERS + 1 + j
+                    offset = VALUE_START + j
                     positions.append(1 + i * LINE + offset)
                     kinds.append(kind)
                     sources.append(bound_at[b] + offset)
@@ -207,8 +219,8 @@ def _unique_keys(rng: np.random.Generator, n: int) -> np.ndarray:
     return letters.astype(np.uint8) + ord("a")
 
 
-def _line(key: np.ndarray, value: np.ndarray) -> np.ndarray:
-    return np.concatenate((key, [ord(":")], value.astype(np.uint8) + ord("A"), [ord("\n")]))
+def _line(marker: bytes, key: np.ndarray, value: np.ndarray) -> np.ndarray:
+    return np.concatenate(([ord(marker)], key, value.astype(np.uint8) + ord("A"), [ord("\n")]))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,7 +11,7 @@ from memtrans.data import CorpusError, decode
 from memtrans.evaluation import EvalSettings, RecallProbe, evaluate, other_rows
 from memtrans.memory import KNNMemoryList
 from memtrans.recall import (IN_CONTEXT, KEY_LETTERS, LINE, MEMORY_ONLY, VALUE_LETTERS,
-                             RecallCorpus, RecallDocument, RecallTask)
+                             VALUE_START, RecallCorpus, RecallDocument, RecallTask)
 
 SEQ, XL = 256, 256
 
@@ -26,11 +26,12 @@ def test_an_oracle_that_looks_bindings_up_answers_every_query(task):
         doc = RecallDocument(task, 1, index)
         tokens, answers = doc.build()
         lines = lines_of(doc)
-        assert all(re.fullmatch(r"[a-z]{%d}:[A-Z]{%d}" % (KEY_LETTERS, VALUE_LETTERS), l)
+        assert all(re.fullmatch(r"[=?][a-z]{%d}[A-Z]{%d}" % (KEY_LETTERS, VALUE_LETTERS), l)
                    for l in lines)
         seen, queried, oracle_answers = {}, set(), []
         for number, line in enumerate(lines):
-            key, value = line.split(":")
+            key, value = line[1:1 + KEY_LETTERS], line[1 + KEY_LETTERS:]
+            assert (line[0] == "?") == (key in seen)
             if key in seen:  # a query: the oracle answers with the binding's value
                 assert key not in queried, "a key is queried at most once"
                 queried.add(key)
@@ -39,7 +40,7 @@ def test_an_oracle_that_looks_bindings_up_answers_every_query(task):
             else:
                 seen[key] = value
         # Answers name exactly the value tokens of the query lines, and their sources hold them.
-        expected = sorted(1 + n * LINE + KEY_LETTERS + 1 + j for n, _ in oracle_answers
+        expected = sorted(1 + n * LINE + VALUE_START + j for n, _ in oracle_answers
                           for j in range(VALUE_LETTERS))
         assert sorted(answers.positions.tolist()) == expected
         assert (tokens[answers.positions] == tokens[answers.sources]).all()
@@ -70,8 +71,8 @@ def test_documents_are_deterministic_and_validation_is_another_seed():
     corpus = RecallCorpus.create(RecallTask(train_documents=10, val_documents=4))
     again = RecallCorpus.create(RecallTask(train_documents=10, val_documents=4))
     assert np.array_equal(corpus.train[3].tokens(), again.train[3].tokens())
-    train_keys = {l.split(":")[0] for d in corpus.train for l in lines_of(d)}
-    val_keys = {l.split(":")[0] for d in corpus.val for l in lines_of(d)}
+    train_keys = {l[1:1 + KEY_LETTERS] for d in corpus.train for l in lines_of(d)}
+    val_keys = {l[1:1 + KEY_LETTERS] for d in corpus.val for l in lines_of(d)}
     assert not np.array_equal(corpus.train[0].tokens()[:50], corpus.val[0].tokens()[:50])
     assert len(val_keys - train_keys) > 0  # fresh bindings, not a reshuffle of training ones
 
@@ -79,8 +80,8 @@ def test_documents_are_deterministic_and_validation_is_another_seed():
 def test_window_and_size_errors_say_what_to_do():
     with pytest.raises(CorpusError, match=r"inside the model's local \+ XL window.*>= 512"):
         RecallTask(distance=300).check_window(256, 256)
-    with pytest.raises(CorpusError, match="--xl-max-memories >= 167"):
-        RecallTask().check_window(64, 128)
+    with pytest.raises(CorpusError, match="--xl-max-memories >= 121"):
+        RecallTask().check_window(64, 100)
     with pytest.raises(CorpusError, match="bindings must be a positive integer"):
         RecallTask(bindings=0)
 

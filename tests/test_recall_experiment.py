@@ -20,7 +20,7 @@ def test_recall_experiment_reports_every_arm_the_leak_control_and_memory_pressur
                                                                                     capsys):
     out = tmp_path / "recall"
     args = ["--task", "recall", "--steps", "2", "--eval-every", "1", "--eval-batches", "12",
-            "--pressure", "512:256,1024:384", "--pressure-documents", "2", "--out", str(out), *TOY]
+            "--pressure", "512:2,1024:3", "--pressure-documents", "2", "--out", str(out), *TOY]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["curves"]) == ["none", "memory", "gate"]
@@ -35,12 +35,12 @@ def test_recall_experiment_reports_every_arm_the_leak_control_and_memory_pressur
         assert leak["memory_only_tokens"] == \
             results["curves"][arm][-1]["with_memory"]["memory_only_tokens"]
     assert [(p["max_memories"], p["distance"]) for p in results["pressure"]] == \
-        [(512, 256), (1024, 384)]
+        [(512, 384), (1024, 576)]
     assert all(p["memory_only_tokens"] > 0 for p in results["pressure"])
     assert (out / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| kNN memory (joint softmax), leak control |" in printed
-    assert "| 1,024 | 384 (2x XL) |" in printed
+    assert "| 1,024 | 576 (3x XL) |" in printed
     assert "Learned per head: memory layer 2: temperature" in printed
 
     assert main(args) == 0  # finished arms are kept

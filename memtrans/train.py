@@ -18,7 +18,9 @@ Memory (``--memory``):
 
 Validation runs the first ``--eval-batches`` segments of the validation split twice with fresh
 memories, with retrieval and without (``add_knn_memory=False`` on empty memories), and appends both
-bits-per-byte figures to ``<out>/log.jsonl``.
+bits-per-byte figures to ``<out>/log.jsonl`` (``evaluation.py``), with the learned temperatures
+(and gates) of the kNN layers. On ``--data recall`` (``recall.py``) it adds the answer accuracy and
+bits per answer token of in-context and memory-only queries, and the retrieval hit rate.
 
 Checkpoints and ``--resume``: ``checkpoint.py``.
 

@@ -163,6 +163,7 @@ def test_eos_clears_after_the_memories_were_used():
 def test_xl_relative_positions_count_the_memory():
     """With XL memory, query t sits m tokens after the memory; the seed measured from 0."""
     bias = T5RelativePositionBias(scale=1.0, heads=1)
+    torch.nn.init.normal_(bias.relative_attention_bias.weight)  # distinct buckets (init: zero)
     i, m = 4, 6
     table = bias(i, i + m, device="cpu")[0, 0]
     for t in range(i):
@@ -314,6 +315,14 @@ def test_joint_models_have_no_gate_parameters_and_load_seed_names():
         ["layers.1.0.fn.combine_gate"]
     with pytest.raises(ValueError, match="knn_combine must be one of"):
         model_of(knn_combine="mean")
+
+
+def test_position_biases_start_at_zero():
+    """Times sqrt(dim_head), a unit-normal start would add position noise of std ~6 to every
+    attention logit and drown the content scores that copying needs."""
+    model = model_of()
+    assert (model.rel_pos_bias.relative_attention_bias.weight == 0).all()
+    assert (model.knn_rel_pos_bias.relative_attention_bias.weight == 0).all()
 
 
 def test_bad_arguments_say_what_was_expected():

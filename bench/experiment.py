@@ -298,21 +298,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"bench.experiment: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(config.out)
+    report(results, Path(config.out), plot, "validation.png",
+           f"Arms trained one after another; flags for every arm: "
+           f"{' '.join(config.train_args) or '(memtrans-train defaults)'}",
+           [results_table(results), "", history_table(results)])
+    return 0
+
+
+def report(results: dict, out: Path, plot, png: str, flags: str, lines: list[str]) -> None:
+    """Write ``results.json`` and the plot into ``out``, print the tables."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
     try:
-        plot(results, out / "validation.png")
-        plotted = f"plot: {out / 'validation.png'}"
+        plot(results, out / png)
+        plotted = f"plot: {out / png}"
     except ImportError:
         plotted = "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     print(results["machine"])
-    print(f"Arms trained one after another; flags for every arm: "
-          f"{' '.join(config.train_args) or '(memtrans-train defaults)'}")
-    print(results_table(results))
-    print()
-    print(history_table(results))
+    print(flags)
+    for line in lines:
+        print(line)
     print(f"results: {out / 'results.json'}; {plotted}")
-    return 0
 
 
 if __name__ == "__main__":

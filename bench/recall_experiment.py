@@ -22,7 +22,6 @@ interrupted experiment: finished arms are kept, an unfinished one resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_line, table
-from bench.experiment import read_log, run_arms
+from bench.experiment import read_log, report, run_arms
 from memtrans.checkpoint import CHECKPOINT, resolve_config
 from memtrans.evaluation import EvalSettings, evaluate, other_rows
 from memtrans.recall import CHANCE_ACCURACY, CHANCE_BITS, LINE, RecallCorpus, RecallTask
@@ -270,21 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"bench.experiment: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(config.out)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    try:
-        plot(results, out / "recall.png")
-        plotted = f"plot: {out / 'recall.png'}"
-    except ImportError:
-        plotted = "no plot: matplotlib is not installed (pip install -e '.[bench]')"
-    print(results["machine"])
-    print(f"Arms trained one after another; flags for every arm: --data recall "
-          f"{' '.join(config.train_args)}")
-    print(results_table(results))
-    print()
-    print(pressure_table(results))
-    print(gates_line(results))
-    print(f"results: {out / 'results.json'}; {plotted}")
+    report(results, Path(config.out), plot, "recall.png",
+           f"Arms trained one after another; flags for every arm: --data recall "
+           f"{' '.join(config.train_args)}",
+           [results_table(results), "", pressure_table(results), gates_line(results)])
     return 0
 
 

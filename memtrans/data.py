@@ -276,8 +276,29 @@ def _in_validation(name: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
+class DocumentStreams:
+    """The training and validation streams of a corpus's ``train`` and ``val`` documents."""
+
+    __slots__ = ()
+
+    def train_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
+                     world_size: int = 1, seed: int = 0) -> DocumentStream:
+        """Endless training segments, reshuffled every epoch."""
+        return DocumentStream(self.train, batch_size=batch_size, seq_len=seq_len, rank=rank,
+                              world_size=world_size, seed=seed)
+
+    def val_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
+                   world_size: int = 1) -> DocumentStream:
+        """One pass over the validation documents, the same segments at every evaluation."""
+        rows = world_size * batch_size
+        if len(self.val) < rows:
+            raise CorpusError(self.too_few_for_validation(rows))
+        return DocumentStream(self.val, batch_size=batch_size, seq_len=seq_len, rank=rank,
+                              world_size=world_size, seed=0, epochs=1)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Corpus:
+class Corpus(DocumentStreams):
     """The documents of a corpus, split into train and validation (see the module docstring)."""
 
     root: Path
@@ -295,22 +316,10 @@ class Corpus:
     def val_files(self) -> list[Path]:
         return list(dict.fromkeys(doc.path for doc in self.val))
 
-    def train_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
-                     world_size: int = 1, seed: int = 0) -> DocumentStream:
-        """Endless training segments, reshuffled every epoch."""
-        return DocumentStream(self.train, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                              world_size=world_size, seed=seed)
-
-    def val_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
-                   world_size: int = 1) -> DocumentStream:
-        """One pass over the validation documents, the same segments at every evaluation."""
-        rows = world_size * batch_size
-        if len(self.val) < rows:
-            raise CorpusError(f"{self.root}: the validation split has {len(self.val)} documents "
-                              f"but evaluation uses {rows} rows (world_size x batch_size); raise "
-                              f"val_fraction (now {self.val_fraction}) or evaluate with fewer rows")
-        return DocumentStream(self.val, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                              world_size=world_size, seed=0, epochs=1)
+    def too_few_for_validation(self, rows: int) -> str:
+        return (f"{self.root}: the validation split has {len(self.val)} documents but evaluation "
+                f"uses {rows} rows (world_size x batch_size); raise val_fraction (now "
+                f"{self.val_fraction}) or evaluate with fewer rows")
 
 
 def _sniff(path: Path) -> bytes:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import BYTE_OFFSET, EOS_ID, SOS_ID, CorpusError, DocumentStream
+from .data import BYTE_OFFSET, EOS_ID, SOS_ID, CorpusError, DocumentStreams
 
 KEY_LETTERS = 3
 VALUE_LETTERS = 4
@@ -224,7 +224,7 @@ def _line(marker: bytes, key: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class RecallCorpus:
+class RecallCorpus(DocumentStreams):
     """The recall task as a corpus: the same streams as ``memtrans.data.Corpus``."""
 
     task: RecallTask
@@ -242,16 +242,6 @@ class RecallCorpus:
     def description(self) -> str:
         return self.task.describe()
 
-    def train_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
-                     world_size: int = 1, seed: int = 0) -> DocumentStream:
-        return DocumentStream(self.train, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                              world_size=world_size, seed=seed)
-
-    def val_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
-                   world_size: int = 1) -> DocumentStream:
-        if len(self.val) < world_size * batch_size:
-            raise CorpusError(f"the recall task has {len(self.val)} validation documents but "
-                              f"evaluation uses {world_size * batch_size} rows: raise "
-                              f"--recall-val-documents")
-        return DocumentStream(self.val, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                              world_size=world_size, seed=0, epochs=1)
+    def too_few_for_validation(self, rows: int) -> str:
+        return (f"the recall task has {len(self.val)} validation documents but evaluation uses "
+                f"{rows} rows (world_size x batch_size): evaluate with fewer rows")

@@ -54,15 +54,15 @@ class RecallExperimentConfig:
     """Where the memory arms keep their memory: ``inproc`` or ``remote`` (a local server)."""
     pressure: tuple[tuple[int, int], ...] = ((1024, 2), (4096, 8), (16384, 32))
     """(kNN memories per row, memory-only distance in XL windows) for the pressure evaluation."""
-    pressure_documents: int = 4
-    """Validation documents per pressure setting (one per row with the default 4 rows)."""
+    pressure_documents: int | None = None
+    """Validation documents per pressure setting; None: one per batch row of the arm."""
     out: str = "runs/recall"
     train_args: tuple[str, ...] = ()
     """Further ``memtrans-train`` flags, the same for every arm."""
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "eval_batches", "pressure_documents"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got "
                                  f"{getattr(self, name)}")
         if self.memory not in ("remote", "inproc"):
@@ -101,7 +101,8 @@ def leak_control(run: Path, segments: int) -> dict:
         memories.cleanup()
 
 
-def pressure(run: Path, settings: tuple[tuple[int, int], ...], documents: int) -> list[dict]:
+def pressure(run: Path, settings: tuple[tuple[int, int], ...],
+             documents: int | None) -> list[dict]:
     """The final model on documents whose bindings fill ``max_memories`` per row, with
     memory-only queries ``windows`` XL windows away: twice as many tokens as the memory holds
     plus the distance, so most queries search a full memory."""
@@ -110,7 +111,7 @@ def pressure(run: Path, settings: tuple[tuple[int, int], ...], documents: int) -
     for max_memories, windows in settings:
         distance = windows * config.xl_max_memories
         task = RecallTask(bindings=(2 * max_memories + distance) // (2 * LINE), distance=distance,
-                          val_documents=documents)
+                          val_documents=documents or config.batch_size)
         task.check_window(config.seq_len, config.xl_max_memories)
         sized = replace(config, max_memories=max_memories)
         memories = make_memories(model, sized, None)

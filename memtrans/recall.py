@@ -40,6 +40,7 @@ validation documents use a different seed from training ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -153,10 +154,10 @@ class RecallDocument:
         return f"{self.task.identity()}:{self.name}"
 
     def tokens(self) -> np.ndarray:
-        return self.build()[0]
+        return _built(self)[0]
 
     def answers(self) -> Answers:
-        return self.build()[1]
+        return _built(self)[1]
 
     def build(self) -> tuple[np.ndarray, Answers]:
         task = self.task
@@ -208,6 +209,16 @@ class RecallDocument:
         return tokens, Answers(np.array(positions, dtype=np.int64),
                                np.array(kinds, dtype=np.int64),
                                np.array(sources, dtype=np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def _built(doc: RecallDocument) -> tuple[np.ndarray, Answers]:
+    """A document's tokens and answers, kept for the rows reading it (the evaluation asks at
+    every segment); read-only, since every caller shares them."""
+    tokens, answers = doc.build()
+    for array in (tokens, answers.positions, answers.kinds, answers.sources):
+        array.flags.writeable = False
+    return tokens, answers
 
 
 def _unique_keys(rng: np.random.Generator, n: int) -> np.ndarray:

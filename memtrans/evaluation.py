@@ -125,13 +125,13 @@ class RecallProbe:
                     (predicted[row, at] == segment.labels[row, at]).sum())
                 self.sums[f"{name}_nats"] += float(losses[row, at].sum())
             memory_only = kinds == MEMORY_ONLY
+            here = (answers.sources >= offset) & (answers.sources < offset + seq_len) & \
+                (answers.kinds == MEMORY_ONLY)  # memory-only bindings read in this segment
             for (number, attn), keys, call in zip(self.layers, self._keys, seen):
                 self._hits(number, attn, keys.setdefault(row, {}), call, row,
                            index[memory_only], sources[memory_only])
-                mine = (answers.sources >= offset) & (answers.sources < offset + seq_len) & \
-                    (answers.kinds == MEMORY_ONLY)
-                for pos in answers.sources[mine]:
-                    keys[row][int(pos)] = call["local_keys"][row, int(pos) - offset]
+                for pos in answers.sources[here].tolist():
+                    keys[row][pos] = call["local_keys"][row, pos - offset]
 
     def _hits(self, number: int, attn: KNNAttention, keys: dict, call: dict, row: int,
               at: np.ndarray, sources: np.ndarray) -> None:

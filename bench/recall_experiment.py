@@ -111,6 +111,7 @@ def pressure(run: Path, settings: tuple[tuple[int, int], ...],
     for max_memories, windows in settings:
         distance = windows * config.xl_max_memories
         task = RecallTask(bindings=(2 * max_memories + distance) // (2 * LINE), distance=distance,
+                          in_context_fraction=config.recall_in_context_fraction,
                           val_documents=documents or config.batch_size)
         task.check_window(config.seq_len, config.xl_max_memories)
         sized = replace(config, max_memories=max_memories)

@@ -34,6 +34,9 @@ class TrainConfig:
     recall_distance: int = 512
     """Recall task: tokens from a memory-only binding to its query, at least; must be at least
     ``seq_len + xl_max_memories``."""
+    recall_in_context_fraction: float = 0.5
+    """Recall task: share of bindings queried while still in the local + XL context (these
+    train the copying that memory-only queries need); the rest are queried from memory only."""
     val_fraction: float = 0.05
     """Share of the documents held out for validation (chosen by a hash of their names)."""
     steps: int = 200
@@ -124,6 +127,8 @@ class TrainConfig:
         for name in ("recall_bindings", "recall_distance"):
             _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1,
                      "a positive integer")
+        _require("recall_in_context_fraction", self.recall_in_context_fraction,
+                 lambda v: 0 <= v <= 1, "in [0, 1]")
         _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
         _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _require("lr", self.lr, lambda v: v > 0, "a positive number")
@@ -218,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recall-distance", type=int,
         help=f"recall task: tokens from a memory-only binding to its query (default "
              f"{d.recall_distance})")
+    add("--recall-in-context-fraction", type=float,
+        help=f"recall task: share of bindings queried in context, the rest from memory only "
+             f"(default {d.recall_in_context_fraction})")
     add("--memorizing-layers", type=_int_tuple,
         help=f"1-based kNN layers, comma-separated; '' for none (default: three quarters up, "
              f"layer {d.memorizing_layers[0]} of depth {d.depth})")

@@ -163,7 +163,8 @@ def build_model(config: TrainConfig) -> MemorizingTransformer:
 def open_corpus(config: TrainConfig):
     """The run's corpus: the recall task for ``--data recall``, else files (``load_corpus``)."""
     if config.data == RECALL:
-        task = RecallTask(bindings=config.recall_bindings, distance=config.recall_distance)
+        task = RecallTask(bindings=config.recall_bindings, distance=config.recall_distance,
+                          in_context_fraction=config.recall_in_context_fraction)
         task.check_window(config.seq_len, config.xl_max_memories)
         return RecallCorpus.create(task)
     return load_corpus(config.data, val_fraction=config.val_fraction)

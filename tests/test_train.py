@@ -574,3 +574,17 @@ def test_recall_distance_inside_the_window_is_refused(tmp_path):
     result = run("--out", str(tmp_path / "r"), *RECALL, "--memory", "inproc",
                  "--recall-distance", "100")
     assert_clean_error(result, "inside the model's local + XL window", "--recall-distance >= 256")
+
+
+def test_recall_in_context_fraction_reaches_the_task_and_is_range_checked(tmp_path):
+    from memtrans.config import TrainConfig
+    from memtrans.train import open_corpus
+
+    corpus = open_corpus(TrainConfig(data="recall", recall_in_context_fraction=1.0,
+                                     recall_bindings=40, recall_distance=512))
+    answers = corpus.val[0].answers()
+    assert corpus.task.in_context_fraction == 1.0
+    assert len(answers.kinds) > 0 and (answers.kinds == 0).all()
+    result = run("--out", str(tmp_path / "r"), *RECALL, "--memory", "inproc",
+                 "--recall-in-context-fraction", "1.5")
+    assert_clean_error(result, "recall_in_context_fraction", "in [0, 1]")

@@ -24,6 +24,32 @@ from .index import INDEX_KINDS, FlatIndex, HNSWIndex, hnsw_segment_size, ring_si
 
 VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
+# Every integer field of a NamespaceConfig has a range, checked before any faiss call, so no
+# client (by open or by a snapshot it restores) can crash the server or make it loop for ever.
+MAX_DIM = 4096
+MAX_MEMORIES = 1 << 24
+MAX_LAYERS = 1024
+MAX_ROWS = 1 << 20
+CONFIG_RANGES = {
+    "dim": (1, MAX_DIM),
+    "max_memories": (1, MAX_MEMORIES),
+    "num_layers": (1, MAX_LAYERS),
+    "num_rows": (1, MAX_ROWS),
+    "hnsw_m": (2, 256),  # faiss's HNSW segfaults on the first add with M=1 (its 1/log M is inf)
+    "hnsw_segments": (1, 64),  # a search runs and merges one HNSW search per segment
+    "ef_search": (1, 4096),
+    "ef_construction": (1, 4096),
+}
+"""Field -> (min, max), both included."""
+MAX_MEMORY_FLOATS = 1 << 28
+"""Cap on ``max_memories * dim``: one full memory holds at most 1 GiB of float32 keys."""
+MAX_NAMESPACE_MEMORIES = 1 << 20
+"""Cap on ``num_layers * num_rows``, the memories one namespace may have (and one ``clear`` of
+every layer visits)."""
+MAX_K = 2048
+"""Cap on ``k`` of a search, whatever ``max_memories``: a reply holds rows x queries x k
+positions."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NamespaceConfig:
@@ -51,12 +77,19 @@ class NamespaceConfig:
     """HNSW build breadth."""
 
     def __post_init__(self):
-        for name in ("dim", "max_memories", "num_layers", "num_rows", "hnsw_m", "hnsw_segments",
-                     "ef_search", "ef_construction"):
+        for name, (lo, hi) in CONFIG_RANGES.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidRequest(f"namespace config: {name} must be a positive integer, "
-                                     f"got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidRequest(f"namespace config: {name} must be an integer in "
+                                     f"[{lo}, {hi}], got {value!r:.100}")
+        for a, b, cap, what in (("max_memories", "dim", MAX_MEMORY_FLOATS,
+                                 "1 GiB of float32 keys per memory"),
+                                ("num_layers", "num_rows", MAX_NAMESPACE_MEMORIES,
+                                 "memories per namespace")):
+            product = getattr(self, a) * getattr(self, b)
+            if product > cap:
+                raise InvalidRequest(f"namespace config: {a} x {b} = {product} is over {cap} "
+                                     f"({what}); lower {a} or {b}")
         if self.index not in INDEX_KINDS:
             raise InvalidRequest(f"namespace config: index must be one of {INDEX_KINDS}, "
                                  f"got {self.index!r}")
@@ -216,10 +249,12 @@ class MemoryStore:
     """
 
     def __init__(self, *, threads: int = 1, max_bytes: int | None = None,
-                 max_namespaces: int | None = None, max_memories_per_namespace: int | None = None):
+                 max_namespaces: int | None = None, max_memories_per_namespace: int | None = None,
+                 max_result_bytes: int | None = None):
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.max_bytes = max_bytes
+        self.max_result_bytes = max_result_bytes
         self.max_namespaces = max_namespaces
         self.max_memories_per_namespace = max_memories_per_namespace
         self._namespaces: dict[str, _Namespace] = {}
@@ -335,11 +370,20 @@ class MemoryStore:
         cfg = ns.config
         rows = _check_rows(rows, cfg, layer)
         _check_array("queries", queries, (len(rows), None, cfg.dim), finite=True)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cfg.max_memories:
-            raise InvalidRequest(f"k must be an integer in [1, max_memories={cfg.max_memories}], "
-                                 f"got {k!r}")
+        most = min(cfg.max_memories, MAX_K)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= most:
+            raise InvalidRequest(f"k must be an integer in [1, {most}] (at most max_memories="
+                                 f"{cfg.max_memories} and MAX_K={MAX_K}), got {k!r}")
         with self._lock:
             memories = [ns.memories.get((layer, int(row))) for row in rows]
+        if self.max_result_bytes is not None:
+            nbytes = _result_bytes(cfg, memories, queries.shape[1], k)
+            if nbytes > self.max_result_bytes:
+                raise LimitExceeded(
+                    f"search of {len(rows)} rows x {queries.shape[1]} queries x k={k} could "
+                    f"return {nbytes} bytes, over max_result_bytes={self.max_result_bytes} "
+                    f"(memory-server --max-message-bytes); send fewer rows or queries per "
+                    f"request, or a smaller k")
 
         def search_row(i: int):
             memory = memories[i]
@@ -508,6 +552,15 @@ def _check_array(name: str, array, shape: tuple, *, finite: bool) -> None:
         raise InvalidRequest(f"{name} must have shape {want}, got {tuple(array.shape)}")
     if finite and not np.isfinite(array).all():
         raise InvalidRequest(f"{name} contains NaN or Inf")
+
+
+def _result_bytes(cfg: NamespaceConfig, memories: list, q: int, k: int) -> int:
+    """At most the array bytes of a search reply: int32 positions, and the distinct entries
+    retrieved (one per position at most, and no more than the memories hold) as float32 keys and
+    values of at most 4 bytes, whatever dtype they travel in."""
+    positions = len(memories) * q * k
+    entries = min(positions, sum(m.live for m in memories if m is not None))
+    return 4 * positions + (1 + entries) * cfg.dim * 8
 
 
 def _gather(memory: Memory, slots: np.ndarray):

@@ -1,14 +1,20 @@
-"""Fuzzing a live server: 100,000 generated malformed requests over a raw DEALER socket.
+"""Fuzzing a live server over a raw DEALER socket.
 
-Every request is broken on purpose (so none may change anything): random bytes, truncated
-headers, a wrong type in each header field and each argument, missing and extra fields, bad array
-specs, huge declared shapes, frame-count and frame-size mismatches, oversized messages, and
-well-formed requests with out-of-range values. Requests are pipelined in windows; each must get an
-error reply within a bounded wait, the server must stay up, and every memory (stats and the full
-search results of a pre-filled namespace) must be the same before and after.
+100,000 generated malformed requests. Every request is broken on purpose (so none may change
+anything): random bytes, truncated headers, a wrong type in each header field and each argument,
+missing and extra fields, bad array specs, huge declared shapes, frame-count and frame-size
+mismatches, oversized messages, and well-formed requests with out-of-range values. Requests are
+pipelined in windows; each must get an error reply within a bounded wait, the server must stay
+up, and every memory (stats and the full search results of a pre-filled namespace) must be the
+same before and after.
+
+10,000 random namespace configs, by ``open`` and by ``restore`` of a snapshot holding them: each
+is refused with a clean error or works for an add and a search. The server is the child process
+that would crash (hnsw_m=1 once made faiss segfault), so a crash fails the test with its output.
 """
 
 import random
+import time
 
 import msgpack
 import numpy as np
@@ -17,7 +23,8 @@ import zmq
 
 from memory_server import MemoryClient, NamespaceConfig
 from memory_server.errors import ERRORS_BY_CODE
-from memory_server.protocol import OPS, PROTOCOL_VERSION, decode_reply
+from memory_server.protocol import OPS, PROTOCOL_VERSION, decode_reply, encode_request
+from snapshots import forge_snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -337,3 +344,123 @@ def test_100k_malformed_requests_all_answered_and_nothing_changes(memory_server)
                 "config_mismatch", "limit_exceeded"} <= set(codes), codes
         assert fingerprint(client) == before
         assert client.stats()[0]["requests"]["malformed"]["count"] >= REQUESTS // 2
+
+
+CONFIGS = 10_000
+RESTORE_EVERY = 10  # every tenth config comes in by restore instead of open
+K_CAP = 2048  # the documented cap on k (README, Limits)
+# Typical valid values of each integer field, then edges and values of other types.
+TYPICAL = {"dim": (1, 65), "max_memories": (1, 500), "num_layers": (1, 5), "num_rows": (1, 9),
+           "hnsw_m": (2, 49), "hnsw_segments": (1, 9), "ef_search": (1, 257),
+           "ef_construction": (1, 257)}
+EDGES = [0, 1, 2, 3, 4, 63, 64, 65, 255, 256, 257, 1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096,
+         4097, 2**16, 2**16 + 1, 2**20, 2**20 + 1, 2**24, 2**24 + 1, 2**28, 2**31, 2**32,
+         2**63 - 1, 2**64 - 1, -1, -(2**63)]
+ODD = [True, False, None, 1.0, 2.5, float("inf"), float("nan"), "4", [], {}]
+
+
+def random_config(rng: random.Random) -> dict:
+    config = {}
+    for name, (lo, hi) in TYPICAL.items():
+        required = name in ("dim", "max_memories", "num_layers", "num_rows")
+        if rng.random() < (0.01 if required else 0.3):
+            continue  # missing: refused if required, the default if not
+        u = rng.random()
+        config[name] = (rng.randrange(lo, hi) if u < 0.85 else rng.choice(EDGES) if u < 0.97
+                        else rng.choice(ODD))
+    if rng.random() < 0.9:
+        config["index"] = rng.choice(["hnsw"] * 11 + ["flat"] * 8 + ["ivf", 1])
+    if rng.random() < 0.9:
+        config["value_dtype"] = rng.choice(["float16"] * 9 + ["float32"] * 9 + ["bfloat16", None])
+    if rng.random() < 0.01:
+        config["colour"] = "blue"
+    return config
+
+
+def _fits(value, lo: int = 1, hi: int = 4096) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+class ConfigCaller:
+    """One request at a time to a server that may die: fails at once, with its output, if so."""
+
+    def __init__(self, server):
+        self.server = server
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(server.endpoint)
+        self.id = 0
+
+    def __call__(self, what: str, op: str, args: dict, arrays: dict | None = None):
+        self.id += 1
+        self.sock.send_multipart(encode_request(self.id, op, args, arrays))
+        deadline = time.monotonic() + 30
+        while not self.sock.poll(100):
+            code = self.server.proc.poll()
+            assert code is None, (f"the server died (exit {code}) on {op} of {what}:\n"
+                                  f"{self.server.output()[-3000:]}")
+            assert time.monotonic() < deadline, f"no reply within 30 s to {op} of {what}"
+        reply = decode_reply(self.sock.recv_multipart())
+        assert reply.id == self.id and reply.code != "internal", (what, op, reply)
+        return reply
+
+    def close(self):
+        self.sock.close()
+
+
+def exercise(call, rng: np.random.Generator, what: str, namespace: str, config: dict) -> None:
+    """An accepted config must take two adds (the second may wrap the ring) and a search."""
+    dim, max_memories = config["dim"], config["max_memories"]
+    layer, rows = config["num_layers"] - 1, np.array([config["num_rows"] - 1])
+    for n in rng.integers(1, 41, size=2):
+        keys = rng.standard_normal((1, n, dim), dtype=np.float32)
+        reply = call(what, "add", {"namespace": namespace, "layer": layer},
+                     {"rows": rows, "keys": keys, "values": keys})
+        assert reply.ok, (what, reply)
+    k = int(rng.choice([1, min(max_memories, K_CAP), max_memories, rng.integers(1, 65)]))
+    reply = call(what, "search", {"namespace": namespace, "layer": layer, "k": k},
+                 {"rows": rows, "queries": rng.standard_normal((1, 2, dim), dtype=np.float32)})
+    if k > min(max_memories, K_CAP):
+        assert reply.code == "invalid_request" and "k must be" in reply.message, (what, reply)
+    else:
+        assert reply.ok and reply.arrays["positions"].shape == (1, 2, k), (what, reply)
+        assert (reply.arrays["positions"][..., 0] > 0).all(), (what, reply)
+
+
+def test_10k_random_configs_by_open_and_restore_never_crash(memory_server, tmp_path):
+    (server,) = memory_server(1, "--data-dir", str(tmp_path), "--log-level", "WARNING")
+    rng, nprng = random.Random(4321), np.random.default_rng(4321)
+    call = ConfigCaller(server)
+    outcomes: dict[str, int] = {}
+    try:
+        for i in range(CONFIGS):
+            config, namespace = random_config(rng), f"c{i}"
+            restoring = i % RESTORE_EVERY == 0
+            what = f"config #{i} {config} by {'restore' if restoring else 'open'}"
+            if restoring:
+                memories = []
+                if _fits(config.get("dim")) and _fits(config.get("max_memories"), hi=2**64):
+                    n = min(5, config["max_memories"])
+                    keys = nprng.standard_normal((n, config["dim"]), dtype=np.float32)
+                    dtype = config.get("value_dtype", "float32")
+                    values = keys.astype(dtype) if dtype in ("float16", "float32") else keys
+                    memories = [(0, 0, n, keys, values)]
+                forge_snapshot(tmp_path, namespace, "t", config, memories)
+                reply = call(what, "restore", {"namespace": namespace, "tag": "t"})
+                refused = "snapshot_error"
+            else:
+                reply = call(what, "open", {"namespace": namespace, "config": config})
+                refused = "invalid_request"
+            if reply.ok:
+                exercise(call, nprng, what, namespace, config)
+                assert call(what, "drop", {"namespace": namespace}).ok
+            else:
+                assert reply.code == refused and "namespace config" in reply.message, (what,
+                                                                                     reply)
+            key = f"{'restore' if restoring else 'open'} {'ok' if reply.ok else 'refused'}"
+            outcomes[key] = outcomes.get(key, 0) + 1
+    finally:
+        call.close()
+    assert server.proc.poll() is None
+    # Enough of each kind to mean something: accepted and refused, by both ops.
+    assert min(outcomes.values()) >= 100 and len(outcomes) == 4, outcomes

@@ -1,6 +1,7 @@
 """Server limits (each refused with an error naming its flag), namespace expiry, and health:
 `memory-server status` and the Prometheus metrics port."""
 
+import re
 import subprocess
 import sys
 import time
@@ -9,7 +10,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from memory_server import LimitExceeded, MemoryClient, NamespaceConfig, UnknownNamespace
+from memory_server import (InvalidRequest, LimitExceeded, MemoryClient, NamespaceConfig,
+                           UnknownNamespace)
 from servers import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -38,6 +40,26 @@ def test_each_limit_names_its_flag(memory_server):
             client.add("wide", 0, [0], big, big)
         stats = client.stats()[0]
         assert (stats["namespaces"], stats["entries"], stats["bytes"]) == (2, 0, 0)
+
+
+def test_search_k_and_reply_size_are_bounded_before_any_work(memory_server):
+    """k is capped at 2048 whatever max_memories, and a search whose reply could pass
+    --max-message-bytes is refused up front (a 117-byte search with k = 2**26 once made a
+    256 MiB reply)."""
+    (server,) = memory_server(1, "--max-message-bytes", "1M")
+    config = NamespaceConfig(dim=4, max_memories=2**22, num_layers=1, num_rows=1)
+    keys = np.random.default_rng(0).standard_normal((1, 300, 4), dtype=np.float32)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.open("ns", config)
+        client.add("ns", 0, [0], keys, keys)
+        with pytest.raises(InvalidRequest, match=re.escape("k must be an integer in [1, 2048]")):
+            client.search("ns", 0, [0], keys[:, :1], 2**22)
+        # 300 x 2048 positions (int32) alone are 2.4 MB: over the 1 MiB the server sends.
+        with pytest.raises(LimitExceeded, match=r"max_result_bytes=1048576.*"
+                                                r"--max-message-bytes"):
+            client.search("ns", 0, [0], keys, 2048)
+        assert client.search("ns", 0, [0], keys[:, :100], 64).mask.all()
+        assert client.stats()[0]["requests"]["search"]["errors"] == 2
 
 
 def test_idle_namespace_expires_and_says_so(memory_server):

@@ -158,7 +158,24 @@ def test_bad_namespace_config_is_refused(server):
         9, "open", {"namespace": "x", "config": {"dim": 0, "max_memories": 4, "num_layers": 1,
                                                  "num_rows": 1}}))
     assert (reply.ok, reply.code, reply.id) == (False, "invalid_request", 9)
-    assert "dim must be a positive integer" in reply.message
+    assert "dim must be an integer in [1, 4096], got 0" in reply.message
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"index": "hnsw", "hnsw_m": 1}, "hnsw_m must be an integer in [2, 256], got 1"),
+    ({"num_layers": 10**15}, "num_layers must be an integer in [1, 1024]"),
+    ({"num_rows": 2**40}, "num_rows must be an integer in [1, 1048576]"),
+    ({"dim": 2048, "max_memories": 2**20}, "max_memories x dim = 2147483648 is over 268435456"),
+])
+def test_config_out_of_range_is_refused_and_the_server_lives(server, client, changes, words):
+    """hnsw_m=1 used to be accepted, and the next add killed the server (SIGSEGV in faiss);
+    num_layers=10**15 made a clear of every layer hold a worker forever."""
+    config = {"dim": 4, "max_memories": 8, "num_layers": 1, "num_rows": 1, **changes}
+    reply = raw_call(server.endpoint, encode_request(9, "open", {"namespace": "x",
+                                                                 "config": config}))
+    assert (reply.ok, reply.code, reply.id) == (False, "invalid_request", 9), reply
+    assert words in reply.message
+    assert client.ping()
 
 
 def test_a_single_frame_over_the_hard_ceiling_disconnects_and_the_server_lives_on(server, client):

@@ -1,6 +1,7 @@
 """Snapshots through real servers: exact round trips, restore at start, and files that must be
 refused (one flipped byte, truncated, foreign, renamed) or survive a server killed mid-write."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from memory_server import InvalidRequest, MemoryClient, NamespaceConfig, Snapsho
 from memory_server.client import shard_tag
 from memory_server.snapshot import read_snapshot, snapshot_path
 from servers import free_port
+from snapshots import forge_snapshot
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,3 +183,30 @@ def test_kill_during_snapshot_keeps_the_previous_one(memory_server, tmp_path):
                              f"big:{shard_tag('t', 0, 1)}")
     with MemoryClient(again.endpoint, timeout=60) as client:
         assert_same(searches(client, "big", big), before)
+
+
+CRASHING = {"dim": 4, "max_memories": 8, "num_layers": 1, "num_rows": 1, "index": "hnsw",
+            "hnsw_m": 1}  # faiss segfaults on the first add to an HNSW graph with M=1
+ONE_MEMORY = [(0, 0, 3, np.ones((3, 4), np.float32), np.ones((3, 4), np.float32))]
+
+
+def test_restore_of_a_config_out_of_range_is_refused_and_the_server_lives(memory_server,
+                                                                          tmp_path):
+    forge_snapshot(tmp_path, "bad", shard_tag("t", 0, 1), CRASHING, ONE_MEMORY)
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        with pytest.raises(SnapshotError, match=re.escape("hnsw_m must be an integer in [2, 256], "
+                                                          "got 1")):
+            client.restore("bad", "t")
+        assert client.ping() and client.stats()[0]["namespaces"] == 0
+
+
+def test_restore_at_start_of_a_config_out_of_range_exits_2(tmp_path):
+    forge_snapshot(tmp_path, "bad", "t", CRASHING, ONE_MEMORY)
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_server", "--bind", f"tcp://127.0.0.1:{free_port()}",
+         "--data-dir", str(tmp_path), "--restore", "bad:t"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "hnsw_m must be an integer in [2, 256]" in result.stderr
+    assert "Traceback" not in result.stderr

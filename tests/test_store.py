@@ -1,5 +1,7 @@
 """MemoryStore: exact retrieval, true FIFO eviction, row isolation, limits and argument errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -152,7 +154,7 @@ def test_float16_values():
     (lambda s, q: s.search("ns", 0, np.array([0]), q * np.inf, 2), "NaN or Inf"),
     (lambda s, q: s.search("ns", 0, np.array([3]), q, 2), r"rows must be in \[0, num_rows=3\)"),
     (lambda s, q: s.search("ns", 2, np.array([0]), q, 2), r"layer must be an integer in \[0, 2\)"),
-    (lambda s, q: s.search("ns", 0, np.array([0]), q, 0), r"k must be an integer in \[1, max_memories=64\]"),
+    (lambda s, q: s.search("ns", 0, np.array([0]), q, 0), r"k must be an integer in \[1, 64\]"),
     (lambda s, q: s.search("ns", 0, np.array([0]), q, 65), "k must be"),
     (lambda s, q: s.add("ns", 0, np.array([0, 0]), np.repeat(q, 2, 0), np.repeat(q, 2, 0)), "distinct"),
     (lambda s, q: s.search("ns", 0, np.array([0]), q.astype(np.float64), 2), "float32"),
@@ -191,7 +193,7 @@ def test_namespace_errors_and_limits():
 
 
 def test_config_validation():
-    with pytest.raises(InvalidRequest, match="dim must be a positive integer"):
+    with pytest.raises(InvalidRequest, match=re.escape("dim must be an integer in [1, 4096]")):
         NamespaceConfig(dim=0, max_memories=4, num_layers=1, num_rows=1)
     with pytest.raises(InvalidRequest, match="index must be one of"):
         NamespaceConfig(dim=4, max_memories=4, num_layers=1, num_rows=1, index="ivf")
@@ -257,3 +259,75 @@ def test_add_refused_by_max_bytes_writes_no_row(threads):
     store.add("ns", 0, np.arange(2), keys[:2], keys[:2])  # nothing was left reserved
     assert store.stats()["entries"] == 2 * 256
     store.close()
+
+
+BASE = dict(dim=4, max_memories=8, num_layers=1, num_rows=1)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"dim": 0}, "dim must be an integer in [1, 4096]"),
+    ({"dim": 4097}, "dim must be an integer in [1, 4096]"),
+    ({"max_memories": 0}, "max_memories must be an integer in [1, 16777216]"),
+    ({"max_memories": 2**24 + 1}, "max_memories must be an integer in [1, 16777216]"),
+    ({"num_layers": 10**15}, "num_layers must be an integer in [1, 1024]"),
+    ({"num_rows": 2**20 + 1}, "num_rows must be an integer in [1, 1048576]"),
+    ({"hnsw_m": 1}, "hnsw_m must be an integer in [2, 256]"),  # M=1 segfaults faiss on add
+    ({"hnsw_m": 257}, "hnsw_m must be an integer in [2, 256]"),
+    ({"hnsw_segments": 65}, "hnsw_segments must be an integer in [1, 64]"),
+    ({"ef_search": 4097}, "ef_search must be an integer in [1, 4096]"),
+    ({"ef_construction": 0}, "ef_construction must be an integer in [1, 4096]"),
+    ({"ef_construction": 2**63}, "ef_construction must be an integer in [1, 4096]"),
+    ({"dim": True}, "dim must be an integer"),
+    ({"hnsw_m": 16.0}, "hnsw_m must be an integer"),
+    ({"dim": 4096, "max_memories": 2**16 + 1},
+     "max_memories x dim = 268439552 is over 268435456"),
+    ({"num_layers": 1024, "num_rows": 1025},
+     "num_layers x num_rows = 1049600 is over 1048576"),
+])
+def test_every_config_field_has_a_stated_range(changes, words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        NamespaceConfig(**{**BASE, **changes})
+    with pytest.raises(InvalidRequest, match=re.escape(words)):  # the path open and restore take
+        NamespaceConfig.from_dict({**BASE, **changes})
+
+
+def test_configs_at_the_caps_work():
+    """The largest accepted values of each field open, add and search without trouble."""
+    store = MemoryStore()
+    for name, config in {
+        "wide": dict(dim=4096, max_memories=2**16, num_layers=1, num_rows=1),
+        "long": dict(dim=16, max_memories=2**24, num_layers=1, num_rows=1),
+        "many": dict(dim=4, max_memories=8, num_layers=1024, num_rows=1024),
+        "hnsw": dict(dim=8, max_memories=64, num_layers=1, num_rows=1, index="hnsw", hnsw_m=2,
+                     hnsw_segments=64, ef_search=4096, ef_construction=4096),
+        "hnsw-wide": dict(dim=8, max_memories=64, num_layers=1, num_rows=1, index="hnsw",
+                          hnsw_m=256, hnsw_segments=1, ef_search=1, ef_construction=1),
+    }.items():
+        config = NamespaceConfig(**config)
+        store.open(name, config)
+        keys = unit(np.random.default_rng(13), 1, 100, config.dim)
+        layer, row = config.num_layers - 1, config.num_rows - 1
+        store.add(name, layer, np.array([row]), keys, keys)
+        k = min(config.max_memories, 2048)
+        found = store.search(name, layer, np.array([row]), keys[:, :3], k)
+        assert found.positions.shape == (1, 3, k) and found.mask[0, :, 0].all(), name
+        store.clear(name, np.array([row]))
+        assert not store.search(name, layer, np.array([row]), keys[:, :3], 1).mask.any()
+
+
+def test_k_is_capped_whatever_max_memories():
+    store = make_store(max_memories=4096, rows=1)
+    fill(store, np.random.default_rng(14), [0], steps=1, n=5)
+    queries = unit(np.random.default_rng(15), 1, 2, 16)
+    assert store.search("ns", 0, np.array([0]), queries, 2048).positions.shape == (1, 2, 2048)
+    with pytest.raises(InvalidRequest, match=re.escape("k must be an integer in [1, 2048]")):
+        store.search("ns", 0, np.array([0]), queries, 2049)
+
+
+def test_search_larger_than_max_result_bytes_is_refused_before_it_runs():
+    store = make_store(max_memories=4096, rows=2, max_result_bytes=1 << 20)
+    fill(store, np.random.default_rng(16), [0, 1], steps=1, n=5)
+    queries = unit(np.random.default_rng(17), 2, 100, 16)
+    store.search("ns", 0, np.arange(2), queries, 64)  # 2 x 100 x 64 positions: 51 KB
+    with pytest.raises(LimitExceeded, match=r"max_result_bytes=1048576 .*--max-message-bytes"):
+        store.search("ns", 0, np.arange(2), queries, 2048)  # 1.6 MB of positions alone

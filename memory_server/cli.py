@@ -2,7 +2,9 @@
 and its ``keygen`` and ``status`` subcommands.
 
 Exit status: 0 after a clean shutdown, 2 for bad flags, an endpoint that cannot be bound or a
-``--restore`` snapshot that cannot be loaded (with a one-line message on stderr, no traceback).
+``--restore`` snapshot that cannot be loaded (with a one-line message on stderr, no traceback),
+3 when requests were still running at the ``--drain-timeout`` deadline after SIGTERM and were
+abandoned.
 ``status`` exits 1 when the server does not answer; ``keygen`` 2 when a key file exists already.
 """
 
@@ -18,7 +20,7 @@ from . import auth, health
 from .errors import MemoryServerError
 from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
-from .server import DEFAULT_BIND, WIRE_DTYPES, BindError, ServerConfig, serve
+from .server import DEFAULT_BIND, WIRE_DTYPES, BindError, DrainTimeout, ServerConfig, serve
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wire-dtype", default=None, choices=WIRE_DTYPES,
                         help="dtype of the values in search replies; float16 halves their bytes "
                              "(keys stay float32) (default: as the namespace stores them)")
+    parser.add_argument("--drain-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="at SIGTERM or SIGINT, how long requests in flight may run; what is "
+                             "still running then is abandoned and the exit status is 3 "
+                             "(default: %(default)s)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                         help="logging threshold (default: %(default)s)")
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServerConfig(bind=args.bind, threads=args.threads, max_bytes=args.max_bytes,
                               max_message_bytes=args.max_message_bytes, insecure=args.insecure,
-                              wire_dtype=args.wire_dtype,
+                              wire_dtype=args.wire_dtype, drain_timeout=args.drain_timeout,
                               data_dir=args.data_dir, restore=tuple(args.restore),
                               curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
                               max_namespaces=args.max_namespaces,
@@ -191,4 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BindError, MemoryServerError) as exc:
         print(f"memory-server: error: {exc}", file=sys.stderr)
         return 2
+    except DrainTimeout as exc:
+        print(f"memory-server: error: {exc}", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)  # the abandoned requests' threads cannot be joined: exit without them
     return 0

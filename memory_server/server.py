@@ -43,7 +43,10 @@ Security and limits
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
-    reading, lets the requests it accepted finish, sends their replies and returns.
+    reading, lets the requests it accepted finish, sends their replies and returns. Requests still
+    running ``drain_timeout`` seconds later are abandoned: their clients get an ``unavailable``
+    reply at once, and ``run`` raises ``DrainTimeout``, because their threads cannot be joined
+    (the process should exit without them).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import ipaddress
+import itertools
 import logging
+import math
 import os
 import queue
 import signal
@@ -66,8 +71,8 @@ import numpy as np
 import zmq
 
 from . import auth, metrics, snapshot
-from .errors import (InvalidRequest, MemoryServerError, ProtocolError, SnapshotError,
-                     UnknownNamespace)
+from .errors import (InvalidRequest, MemoryServerError, ProtocolError, ServerUnavailable,
+                     SnapshotError, UnknownNamespace)
 from .protocol import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request,
                        decode_request, encode_error, encode_reply)
 from .store import MemoryStore, NamespaceConfig
@@ -92,6 +97,11 @@ class BindError(OSError):
     """The server could not listen on its endpoint (in use, bad address, no permission)."""
 
 
+class DrainTimeout(RuntimeError):
+    """The server stopped with requests unfinished after its drain deadline. Their worker threads
+    may still run, and joining them could take for ever: exit the process without them."""
+
+
 WIRE_DTYPES = ("float32", "float16")
 """Value dtypes a search reply may carry (numpy has no bfloat16, so it is not offered)."""
 
@@ -112,6 +122,8 @@ class ServerConfig:
     wire_dtype: str | None = None
     """Dtype of the values in search replies (None: as stored, the namespace's ``value_dtype``);
     ``float16`` halves their bytes on the wire. Keys always travel as float32."""
+    drain_timeout: float = 10.0
+    """Seconds a stopping server lets accepted requests finish before it abandons them."""
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
@@ -166,6 +178,10 @@ class ServerConfig:
         if self.namespace_ttl is not None and not (isinstance(self.namespace_ttl, (int, float))
                                                    and self.namespace_ttl > 0):
             raise ValueError(f"namespace_ttl must be positive seconds, got {self.namespace_ttl!r}")
+        if not (isinstance(self.drain_timeout, (int, float)) and 0 < self.drain_timeout
+                < math.inf):
+            raise ValueError(f"drain_timeout must be positive seconds, got "
+                             f"{self.drain_timeout!r}")
         if (self.curve_secret_key is None) != (self.curve_allow is None):
             raise ValueError("CURVE needs both --curve-secret-key (the server's key) and "
                              "--curve-allow (the clients' public keys); make keys with "
@@ -240,7 +256,9 @@ class Server:
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = Wakeup()
         self._stopping = False
-        self._pending = 0  # accepted and not yet answered; touched by the I/O thread only
+        # Accepted and not yet answered, ticket -> (identity, request id, op); I/O thread only.
+        self._pending: dict[int, tuple[bytes, int, str]] = {}
+        self._tickets = itertools.count()
         self._metrics = _Metrics()
         self._restore_lock = threading.Lock()
         self._started = time.monotonic()
@@ -274,33 +292,59 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
         reading = False
+        deadline = None  # when a stopping server gives up on what is still running
+        abandoned = 0
         try:
             for item in cfg.restore:  # before any request: a client sees the restored memories
                 namespace, _, tag = item.rpartition(":")
                 self._restore(namespace, tag)
             self._start_background()
-            while not (self._stopping and self._pending == 0):
-                want = not self._stopping and self._pending < cfg.max_pending
+            while not (self._stopping and not self._pending):
+                if self._stopping and deadline is None:
+                    deadline = time.monotonic() + cfg.drain_timeout
+                want = not self._stopping and len(self._pending) < cfg.max_pending
                 if want and not reading:
                     poller.register(self._router, zmq.POLLIN)
                 elif reading and not want:
                     poller.unregister(self._router)
                 reading = want
-                events = dict(poller.poll(_POLL_MS))
+                wait_ms = _POLL_MS if deadline is None else \
+                    max(0, min(_POLL_MS, math.ceil((deadline - time.monotonic()) * 1000)))
+                events = dict(poller.poll(wait_ms))
                 if self._wakeup.read_fd in events:
                     self._wakeup.drain()
                 if events.get(self._router):
                     self._receive()
                 self._send_replies()
+                if deadline is not None and self._pending and time.monotonic() >= deadline:
+                    abandoned = self._abandon()
+                    break
         finally:
-            self._close()
+            self._close(wait=not abandoned)
         log.info("memory-server on %s stopped", self.endpoint)
+        if abandoned:
+            raise DrainTimeout(f"stopped with {abandoned} requests unfinished after the drain "
+                               f"deadline of {cfg.drain_timeout:g} s (--drain-timeout)")
+
+    def _abandon(self) -> int:
+        """Answer every unfinished request with ``unavailable``; returns how many there were."""
+        ops = sorted({op for _, _, op in self._pending.values()})
+        log.error("drain deadline of %g s (--drain-timeout) passed: abandoning %d unfinished "
+                  "request(s) (%s)", self.config.drain_timeout, len(self._pending),
+                  ", ".join(ops))
+        for identity, request_id, op in self._pending.values():
+            self._send(identity, encode_error(
+                request_id, ServerUnavailable.code,
+                f"the memory server stopped before finishing this {op} request: it was still "
+                f"running {self.config.drain_timeout:g} s after the stop request "
+                f"(--drain-timeout), so whether it took effect is unknown"))
+        return len(self._pending)
 
     # I/O thread
 
     def _receive(self) -> None:
         for _ in range(_RECV_BATCH):
-            if self._stopping or self._pending >= self.config.max_pending:
+            if self._stopping or len(self._pending) >= self.config.max_pending:
                 return
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -332,10 +376,11 @@ class Server:
             self._metrics.record("shutdown", received, ok=True)
             self.stop()
         else:
-            self._pending += 1
+            ticket = next(self._tickets)
+            self._pending[ticket] = (identity, request.id, request.op)
             scope, layers = _scope(identity, request)
-            self._sequencer.submit(scope, layers, partial(self._execute, identity, request,
-                                                          received))
+            self._sequencer.submit(scope, layers, partial(self._execute, ticket, identity,
+                                                          request, received))
 
     def _send(self, identity: bytes, frames: list) -> None:
         try:
@@ -346,11 +391,11 @@ class Server:
     def _send_replies(self) -> None:
         while True:
             try:
-                identity, frames, op, received, ok = self._replies.get_nowait()
+                ticket, identity, frames, op, received, ok = self._replies.get_nowait()
             except queue.Empty:
                 return
+            del self._pending[ticket]
             self._send(identity, frames)
-            self._pending -= 1
             self._metrics.record(op, received, ok)
 
     def _wake(self) -> None:
@@ -381,15 +426,16 @@ class Server:
                 self._expired.add(name)
                 log.info("namespace %r expired after %g s idle (--namespace-ttl)", name, ttl)
 
-    def _close(self) -> None:
+    def _close(self, wait: bool = True) -> None:
+        """Release everything; ``wait=False`` leaves abandoned requests' threads unjoined."""
         self._idle_stop.set()
         for item in self._background:
             if isinstance(item, threading.Thread):
                 item.join()
             else:
                 item.shutdown()
-        self._sequencer.close()
-        self.store.close()
+        self._sequencer.close(wait)
+        self.store.close(wait)
         self._router.close(linger=_CLOSE_LINGER_MS)
         if self._auth is not None:
             self._auth.stop()
@@ -397,7 +443,7 @@ class Server:
 
     # worker threads
 
-    def _execute(self, identity: bytes, request: Request, received: float) -> None:
+    def _execute(self, ticket: int, identity: bytes, request: Request, received: float) -> None:
         """Run one request and queue its reply; never raises, so every request is answered."""
         ok = False
         try:
@@ -415,7 +461,7 @@ class Server:
             frames = encode_error(request.id, "internal",
                                   f"internal server error in {request.op}: "
                                   f"{type(exc).__name__}: {exc} (see the server log)")
-        self._replies.put((identity, frames, request.op, received, ok))
+        self._replies.put((ticket, identity, frames, request.op, received, ok))
         self._wake()
 
     def _op_open(self, args: dict, arrays: dict):
@@ -498,6 +544,7 @@ class Server:
             "version": VERSION,
             "protocol": PROTOCOL_VERSION,
             "config": {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
+                       "drain_timeout": cfg.drain_timeout,
                        "max_message_bytes": cfg.max_message_bytes,
                        "max_namespaces": cfg.max_namespaces,
                        "max_memories_per_namespace": cfg.max_memories_per_namespace,
@@ -624,8 +671,8 @@ class _Sequencer:
             for later in ready:
                 self._pool.submit(self._run, scope, later)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
 class _ExpiredNames:

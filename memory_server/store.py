@@ -265,9 +265,10 @@ class MemoryStore:
                                         initializer=faiss.omp_set_num_threads,
                                         initargs=(1,)) if threads > 1 else None
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the row threads; ``wait=False`` leaves rows still running to finish unjoined."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
     # namespaces
 
@@ -400,14 +401,16 @@ class MemoryStore:
         """Empty the memories of ``rows`` in ``layers`` (default: every layer)."""
         ns = self._namespace(namespace)
         cfg = ns.config
-        layers = range(cfg.num_layers) if layers is None else layers
+        layers = range(cfg.num_layers) if layers is None else list(layers)
         rows = list(_check_rows(rows, cfg, 0))
         try:  # all checked before any is cleared: a bad list clears nothing
             for layer in layers:
                 _check_layer(layer, cfg)
         except InvalidRequest:
             raise InvalidRequest(f"layers must be integers in [0, {cfg.num_layers}), got "
-                                 f"{list(layers)}") from None
+                                 f"{list(layers)!r:.200}") from None
+        if len(set(layers)) != len(layers):
+            raise InvalidRequest(f"layers must be distinct, got {list(layers)!r:.200}")
         for layer in layers:
             with self._lock:
                 memories = [ns.memories.get((layer, int(row))) for row in rows]

@@ -178,6 +178,17 @@ def test_config_out_of_range_is_refused_and_the_server_lives(server, client, cha
     assert client.ping()
 
 
+def test_clear_with_repeated_layers_is_refused_at_once(server, client):
+    before = snapshot(client)
+    start = time.monotonic()
+    reply = raw_call(server.endpoint, encode_request(
+        3, "clear", {"namespace": NS, "layers": [0] * 65535}, {"rows": np.arange(4)}))
+    assert (reply.ok, reply.code) == (False, "invalid_request")
+    assert "layers must be distinct" in reply.message
+    assert time.monotonic() - start < 5
+    assert snapshot(client) == before
+
+
 def test_a_single_frame_over_the_hard_ceiling_disconnects_and_the_server_lives_on(server, client):
     big = np.zeros(4 << 20, np.uint8)  # over 2 * max_message_bytes + header: dropped by ZeroMQ
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -226,6 +237,27 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(memory_server):
         server.proc.send_signal(signal.SIGTERM)
         assert search.result(timeout=30).positions.shape == (2, 2000, 32)
     assert server.proc.wait(15) == 0
+
+
+def test_sigterm_abandons_what_passes_the_drain_deadline_and_exits_3(memory_server):
+    """An add that takes far longer than --drain-timeout is in flight at SIGTERM: the server
+    exits soon after the deadline, non-zero, and tells the waiting client why."""
+    (server,) = memory_server(1, "--drain-timeout", "1")
+    keys = np.random.default_rng(0).standard_normal((1, 20_000, 64), dtype=np.float32)
+    with MemoryClient(server.endpoint, timeout=60) as client:
+        client.open("slow", NamespaceConfig(dim=64, max_memories=20_000, num_layers=1,
+                                            num_rows=1, index="hnsw", hnsw_m=64, hnsw_segments=1,
+                                            ef_construction=2048))  # 20,000 adds: ~20 s here
+        add = client.add_async("slow", 0, [0], keys, keys)
+        client.ping()  # same connection, in order: the server has accepted the add
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ServerUnavailable, match=r"stopped before finishing this add.*"
+                                                    r"--drain-timeout"):
+            add.result(timeout=30)
+        assert server.proc.wait(15) == 3
+        assert time.monotonic() - start < 1 + 4
+    assert "abandoning 1 unfinished request" in server.output()
 
 
 def test_sigint_and_the_shutdown_op_exit_0(memory_server):
@@ -317,7 +349,8 @@ def test_insecure_bind_warns_loudly():
 
 
 @pytest.mark.parametrize("flags", [["--threads", "0"], ["--max-bytes", "8X"],
-                                   ["--log-level", "LOUD"], ["--no-such-flag"]])
+                                   ["--drain-timeout", "0"], ["--log-level", "LOUD"],
+                                   ["--no-such-flag"]])
 def test_bad_flags_exit_2(flags, capsys):
     with pytest.raises(SystemExit) as info:
         main(flags)
@@ -337,6 +370,7 @@ def test_parse_bytes():
 def test_server_config_validates():
     assert ServerConfig(threads=2).bind == "tcp://127.0.0.1:5555"
     for bad in ({"threads": 0}, {"max_bytes": 0}, {"max_message_bytes": -1},
+                {"drain_timeout": 0}, {"drain_timeout": float("inf")},
                 {"bind": "127.0.0.1:5555"}, {"bind": "tcp://10.0.0.1:5555"}):
         with pytest.raises(ValueError):
             ServerConfig(**bad)

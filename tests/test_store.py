@@ -331,3 +331,19 @@ def test_search_larger_than_max_result_bytes_is_refused_before_it_runs():
     store.search("ns", 0, np.arange(2), queries, 64)  # 2 x 100 x 64 positions: 51 KB
     with pytest.raises(LimitExceeded, match=r"max_result_bytes=1048576 .*--max-message-bytes"):
         store.search("ns", 0, np.arange(2), queries, 2048)  # 1.6 MB of positions alone
+
+
+@pytest.mark.parametrize("layers, rows, words", [
+    ([0, 0], [0], "layers must be distinct"),
+    ([0, 1, 0], [0, 1], "layers must be distinct"),
+    (None, [0, 0], "rows must be distinct"),
+    (None, [3], "rows must be in [0, num_rows=3)"),
+    ([1], [-1], "rows must be in [0, num_rows=3)"),
+])
+def test_clear_refuses_repeated_or_out_of_range_layers_and_rows(layers, rows, words):
+    store = make_store(rows=3, layers=2)
+    fill(store, np.random.default_rng(18), [0, 1], steps=1, n=5, layer=0)
+    before = store.stats()
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        store.clear("ns", np.array(rows), layers=layers)
+    assert store.stats() == before

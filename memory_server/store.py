@@ -344,9 +344,16 @@ class MemoryStore:
         if keys.shape[1] == 0:
             return
         n = keys.shape[1]
-        memories = [self._memory(ns, layer, int(row)) for row in rows]
         value_dtype = VALUE_DTYPES[cfg.value_dtype]
-        values = values.astype(value_dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned of
+            values = values.astype(value_dtype, copy=False)
+        if value_dtype is not np.float32 and not np.isfinite(values).all():
+            raise InvalidRequest(
+                f"values overflow value_dtype {cfg.value_dtype} (finite up to "
+                f"+-{float(np.finfo(value_dtype).max):g}): "
+                f"{np.count_nonzero(~np.isfinite(values))} of them would be stored as inf; scale "
+                f"them down or open the namespace with value_dtype float32")
+        memories = [self._memory(ns, layer, int(row)) for row in rows]
         # All rows or none: reserve the growth of every row before writing any, so an add refused
         # by max_bytes leaves no row written.
         planned = []

@@ -347,3 +347,22 @@ def test_clear_refuses_repeated_or_out_of_range_layers_and_rows(layers, rows, wo
     with pytest.raises(InvalidRequest, match=re.escape(words)):
         store.clear("ns", np.array(rows), layers=layers)
     assert store.stats() == before
+
+
+@pytest.mark.parametrize("value", [1e5, -65520.0, 3e38])
+def test_float16_storage_refuses_values_it_cannot_hold(value):
+    store = MemoryStore()
+    store.open("ns", NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=2,
+                                     value_dtype="float16"))
+    keys = np.ones((2, 3, 4), np.float32)
+    values = np.ones((2, 3, 4), np.float32)
+    values[1, 2, 3] = value
+    before = store.stats()
+    with pytest.raises(InvalidRequest, match=re.escape("values overflow value_dtype float16 "
+                                                       "(finite up to +-65504)")):
+        store.add("ns", 0, np.arange(2), keys, values)
+    assert store.stats() == before
+    values[1, 2, 3] = 65504.0  # the largest float16 stores as is
+    store.add("ns", 0, np.arange(2), keys, values)
+    kv, _ = store.search("ns", 0, np.array([1]), keys[1:, :1], 3).dense()
+    assert np.isfinite(kv).all() and kv[0, 0, :, 1].max() == 65504.0

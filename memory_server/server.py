@@ -250,7 +250,7 @@ class Server:
         self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
                                  max_namespaces=config.max_namespaces,
                                  max_memories_per_namespace=config.max_memories_per_namespace,
-                                 max_result_bytes=config.max_message_bytes)
+                                 max_search_bytes=config.max_message_bytes)
         self._sequencer = _Sequencer(
             ThreadPoolExecutor(config.threads, thread_name_prefix="memory-server-request"))
         self._replies: queue.SimpleQueue = queue.SimpleQueue()

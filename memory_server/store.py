@@ -49,6 +49,9 @@ every layer visits)."""
 MAX_K = 2048
 """Cap on ``k`` of a search, whatever ``max_memories``: a reply holds rows x queries x k
 positions."""
+SEARCH_SLOT_BYTES = 16
+"""What a search allocates per neighbour (row x query x k): faiss's float32 score and int64 id,
+and the reply's int32 position."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -246,15 +249,19 @@ class MemoryStore:
     with one OpenMP thread: row threads and OpenMP threads at once oversubscribe the cores (a 64K
     flat search of 8 rows took 5.2 s that way on 2 cores, 3.0 s with rows in parallel). With
     ``threads=1`` rows go one after another and faiss parallelises each search itself.
+
+    ``max_search_bytes`` refuses, before anything is allocated, a search of more neighbours
+    (rows x queries x k) than it holds at ``SEARCH_SLOT_BYTES`` each; the server passes its
+    message size limit.
     """
 
     def __init__(self, *, threads: int = 1, max_bytes: int | None = None,
                  max_namespaces: int | None = None, max_memories_per_namespace: int | None = None,
-                 max_result_bytes: int | None = None):
+                 max_search_bytes: int | None = None):
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.max_bytes = max_bytes
-        self.max_result_bytes = max_result_bytes
+        self.max_search_bytes = max_search_bytes
         self.max_namespaces = max_namespaces
         self.max_memories_per_namespace = max_memories_per_namespace
         self._namespaces: dict[str, _Namespace] = {}
@@ -382,16 +389,15 @@ class MemoryStore:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= most:
             raise InvalidRequest(f"k must be an integer in [1, {most}] (at most max_memories="
                                  f"{cfg.max_memories} and MAX_K={MAX_K}), got {k!r}")
+        nbytes = len(rows) * queries.shape[1] * k * SEARCH_SLOT_BYTES
+        if self.max_search_bytes is not None and nbytes > self.max_search_bytes:
+            raise LimitExceeded(
+                f"search of {len(rows)} rows x {queries.shape[1]} queries x k={k} needs {nbytes} "
+                f"bytes ({SEARCH_SLOT_BYTES} a neighbour), over max_search_bytes="
+                f"{self.max_search_bytes} (memory-server --max-message-bytes); send fewer rows "
+                f"or queries per request, or a smaller k")
         with self._lock:
             memories = [ns.memories.get((layer, int(row))) for row in rows]
-        if self.max_result_bytes is not None:
-            nbytes = _result_bytes(cfg, memories, queries.shape[1], k)
-            if nbytes > self.max_result_bytes:
-                raise LimitExceeded(
-                    f"search of {len(rows)} rows x {queries.shape[1]} queries x k={k} could "
-                    f"return {nbytes} bytes, over max_result_bytes={self.max_result_bytes} "
-                    f"(memory-server --max-message-bytes); send fewer rows or queries per "
-                    f"request, or a smaller k")
 
         def search_row(i: int):
             memory = memories[i]
@@ -562,15 +568,6 @@ def _check_array(name: str, array, shape: tuple, *, finite: bool) -> None:
         raise InvalidRequest(f"{name} must have shape {want}, got {tuple(array.shape)}")
     if finite and not np.isfinite(array).all():
         raise InvalidRequest(f"{name} contains NaN or Inf")
-
-
-def _result_bytes(cfg: NamespaceConfig, memories: list, q: int, k: int) -> int:
-    """At most the array bytes of a search reply: int32 positions, and the distinct entries
-    retrieved (one per position at most, and no more than the memories hold) as float32 keys and
-    values of at most 4 bytes, whatever dtype they travel in."""
-    positions = len(memories) * q * k
-    entries = min(positions, sum(m.live for m in memories if m is not None))
-    return 4 * positions + (1 + entries) * cfg.dim * 8
 
 
 def _gather(memory: Memory, slots: np.ndarray):

@@ -43,9 +43,9 @@ def test_each_limit_names_its_flag(memory_server):
 
 
 def test_search_k_and_reply_size_are_bounded_before_any_work(memory_server):
-    """k is capped at 2048 whatever max_memories, and a search whose reply could pass
-    --max-message-bytes is refused up front (a 117-byte search with k = 2**26 once made a
-    256 MiB reply)."""
+    """k is capped at 2048 whatever max_memories, and a search of more rows x queries x k than
+    --max-message-bytes holds at 16 bytes each is refused up front (a 117-byte search with
+    k = 2**26 once made a 256 MiB reply)."""
     (server,) = memory_server(1, "--max-message-bytes", "1M")
     config = NamespaceConfig(dim=4, max_memories=2**22, num_layers=1, num_rows=1)
     keys = np.random.default_rng(0).standard_normal((1, 300, 4), dtype=np.float32)
@@ -54,8 +54,8 @@ def test_search_k_and_reply_size_are_bounded_before_any_work(memory_server):
         client.add("ns", 0, [0], keys, keys)
         with pytest.raises(InvalidRequest, match=re.escape("k must be an integer in [1, 2048]")):
             client.search("ns", 0, [0], keys[:, :1], 2**22)
-        # 300 x 2048 positions (int32) alone are 2.4 MB: over the 1 MiB the server sends.
-        with pytest.raises(LimitExceeded, match=r"max_result_bytes=1048576.*"
+        # 300 queries x 2048 neighbours x 16 bytes are 9.8 MB: over the 1 MiB allowed.
+        with pytest.raises(LimitExceeded, match=r"max_search_bytes=1048576.*"
                                                 r"--max-message-bytes"):
             client.search("ns", 0, [0], keys, 2048)
         assert client.search("ns", 0, [0], keys[:, :100], 64).mask.all()

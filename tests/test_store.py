@@ -324,13 +324,14 @@ def test_k_is_capped_whatever_max_memories():
         store.search("ns", 0, np.array([0]), queries, 2049)
 
 
-def test_search_larger_than_max_result_bytes_is_refused_before_it_runs():
-    store = make_store(max_memories=4096, rows=2, max_result_bytes=1 << 20)
+def test_search_over_max_search_bytes_is_refused_before_it_runs():
+    store = make_store(max_memories=4096, rows=2, max_search_bytes=1 << 20)
     fill(store, np.random.default_rng(16), [0, 1], steps=1, n=5)
     queries = unit(np.random.default_rng(17), 2, 100, 16)
-    store.search("ns", 0, np.arange(2), queries, 64)  # 2 x 100 x 64 positions: 51 KB
-    with pytest.raises(LimitExceeded, match=r"max_result_bytes=1048576 .*--max-message-bytes"):
-        store.search("ns", 0, np.arange(2), queries, 2048)  # 1.6 MB of positions alone
+    store.search("ns", 0, np.arange(2), queries, 327)  # 2 x 100 x 327 x 16 bytes <= 1 MiB
+    with pytest.raises(LimitExceeded, match=r"needs 1049600 bytes .*max_search_bytes=1048576 "
+                                            r".*--max-message-bytes"):
+        store.search("ns", 0, np.arange(2), queries, 328)
 
 
 @pytest.mark.parametrize("layers, rows, words", [

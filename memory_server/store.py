@@ -49,6 +49,9 @@ every layer visits)."""
 MAX_K = 2048
 """Cap on ``k`` of a search, whatever ``max_memories``: a reply holds rows x queries x k
 positions."""
+MAX_TOTAL = 1 << 62
+"""Entries a memory may have been given since its last clear (its sequence numbers are int64);
+a restored snapshot claiming more is refused."""
 SEARCH_SLOT_BYTES = 16
 """What a search allocates per neighbour (row x query x k): faiss's float32 score and int64 id,
 and the reply's int32 position."""
@@ -456,6 +459,10 @@ class MemoryStore:
             keys = np.asarray(item["keys"], dtype=np.float32)
             values = np.asarray(item["values"], dtype=VALUE_DTYPES[config.value_dtype])
             total = int(item["total"])
+            if not 0 <= total < MAX_TOTAL:
+                raise InvalidRequest(f"memory (layer {layer}, row {row}) of namespace "
+                                     f"{namespace!r} claims {total} entries; at most "
+                                     f"{MAX_TOTAL - 1} can have been added")
             if keys.shape != values.shape or keys.ndim != 2 or keys.shape[1] != config.dim \
                     or keys.shape[0] != min(memory.ring, keys.shape[0]) \
                     or not 0 <= min(total, memory.ring) <= keys.shape[0]:

@@ -234,6 +234,16 @@ def test_export_import_gives_identical_searches(index):
                                   other.search("ns", 0, np.arange(2), queries, 8).dense()[0])
 
 
+@pytest.mark.parametrize("total", [-1, 2**62, 2**64 - 1])
+def test_import_refuses_an_entry_count_out_of_range(total):
+    store = make_store(rows=1, layers=1, max_memories=8, dim=4)
+    state = store.export_namespace("ns")
+    keys = np.ones((8, 4), np.float32)
+    state["memories"] = [{"layer": 0, "row": 0, "total": total, "keys": keys, "values": keys}]
+    with pytest.raises(InvalidRequest, match=f"claims {total} entries; at most {2**62 - 1}"):
+        MemoryStore().import_namespace("ns", state)
+
+
 def test_clear_with_one_bad_layer_clears_nothing():
     store = make_store(rows=2, layers=2)
     fill(store, np.random.default_rng(11), [0, 1], steps=1, n=5, layer=0)

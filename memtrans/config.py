@@ -60,6 +60,9 @@ class TrainConfig:
     knn_combine: str = "joint"
     """How a kNN layer mixes memory and local attention: ``joint`` (one softmax over both, the
     seed's) or ``gate`` (separate softmaxes mixed by a learned per-head gate, the paper's)."""
+    smear_keys: bool = True
+    """Smeared keys (``memtrans.model.KeySmear``): each key mixes in the previous token's, which
+    makes copying from context (and so from memory) learnable in far fewer steps."""
     max_memories: int = 4096
     """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
     num_retrieved: int = 32
@@ -122,6 +125,7 @@ class TrainConfig:
             _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0,
                      "a non-negative integer")
         _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
+        _require("smear_keys", self.smear_keys, lambda v: isinstance(v, bool), "True or False")
         _require("knn_combine", self.knn_combine, lambda v: v in KNN_COMBINES,
                  f"one of {KNN_COMBINES}")
         for name in ("recall_bindings", "recall_distance"):
@@ -232,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--knn-combine", choices=KNN_COMBINES,
         help=f"mix memory and local attention in one softmax (joint) or by a learned per-head "
              f"gate (gate, the paper's) (default {d.knn_combine})")
+    add("--smear-keys", action=argparse.BooleanOptionalAction,
+        help=f"mix each attention key with the previous token's (Olsson et al.'s smeared keys; "
+             f"default {'on' if d.smear_keys else 'off'})")
     add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
     add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
     add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")

@@ -389,3 +389,36 @@ def test_micro_batches_give_the_same_numbers():
     assert entries(whole) == entries(split) > 0
     with pytest.raises(ValueError, match="micro_batches must be an integer in"):
         model(x, knn_memories=whole, micro_batches=6)
+
+
+def test_smeared_keys_stay_causal_and_carry_the_previous_token():
+    """Smeared keys (``smear_keys=True``): a key mixes in the previous token's key, never a later
+    one's, through kNN and XL memory; and every smear weight learns."""
+    model = model_of(smear_keys=True, xl_max_memories=6, max_knn_memories=64)
+    smears = [n for n, _ in model.named_parameters() if "key_smear" in n]
+    assert len(smears) == 3  # every layer, the kNN one included
+    first, second = torch.randint(3, 64, (2, 16)), torch.randint(3, 64, (2, 16))
+    outputs = []
+    for change in (False, True):
+        memories = model.create_knn_memories(batch_size=2)
+        with torch.no_grad():
+            _, xl = model(first, knn_memories=memories)
+            x = second.clone()
+            if change:
+                x[:, 9] = (x[:, 9] + 1) % 64
+            logits, _ = model(x, knn_memories=memories, xl_memories=xl)
+        outputs.append(logits)
+    torch.testing.assert_close(outputs[0][:, :9], outputs[1][:, :9], rtol=0, atol=0)
+
+    attn = model.layers[0][0].fn
+    k = torch.randn(1, 5, 8)
+    smeared = attn.key_smear(k)
+    torch.testing.assert_close(smeared[:, 0], 0.5 * k[:, 0])
+    torch.testing.assert_close(smeared[:, 1:], 0.5 * k[:, 1:] + 0.5 * k[:, :-1])
+
+    model.train()
+    memories = model.create_knn_memories(batch_size=2)
+    loss, _ = model(first, knn_memories=memories, labels=first)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if "key_smear" in n)

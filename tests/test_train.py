@@ -588,3 +588,24 @@ def test_recall_in_context_fraction_reaches_the_task_and_is_range_checked(tmp_pa
     result = run("--out", str(tmp_path / "r"), *RECALL, "--memory", "inproc",
                  "--recall-in-context-fraction", "1.5")
     assert_clean_error(result, "recall_in_context_fraction", "in [0, 1]")
+
+
+def test_smeared_keys_flag_reaches_the_model_and_old_checkpoints_resume_without():
+    from dataclasses import asdict
+
+    from memtrans.checkpoint import resolve_config
+    from memtrans.config import TrainConfig, build_parser
+    from memtrans.train import build_model
+
+    def smears(config):
+        return sum("key_smear" in n for n, _ in build_model(config).named_parameters())
+
+    assert TrainConfig().smear_keys and smears(TrainConfig()) == TrainConfig().depth
+    off = vars(build_parser().parse_args(["--no-smear-keys"]))
+    assert off == {"smear_keys": False} and smears(TrainConfig(**off)) == 0
+    saved = asdict(TrainConfig(out="old"))
+    del saved["smear_keys"]  # a checkpoint written before the flag existed
+    resumed = resolve_config({}, {"config": saved}, Path("old/checkpoint.pt"))
+    assert resumed.smear_keys is False
+    with pytest.raises(ValueError, match="smear_keys must be True or False"):
+        TrainConfig(smear_keys="yes")

@@ -28,14 +28,15 @@ class ProtocolError(InvalidRequest):
     """A message did not follow the wire format (see ``protocol.py``); nothing was changed.
 
     ``request_id`` is the id of the offending request when it could be read, else None, so the
-    server can still address its error reply.
+    server can still address its error reply; ``version`` the protocol version to answer in.
     """
 
     code = "protocol_error"
 
-    def __init__(self, message: str, request_id: int | None = None):
+    def __init__(self, message: str, request_id: int | None = None, version: int | None = None):
         super().__init__(message)
         self.request_id = request_id
+        self.version = version
 
 
 class UnknownNamespace(MemoryServerError):

@@ -1,6 +1,7 @@
 """The memory-server daemon as a real process: bad input, limits, shutdown, ordering, faults and
 the command line."""
 
+import os
 import re
 import signal
 import subprocess
@@ -300,6 +301,54 @@ def test_each_client_reads_its_writes_under_concurrency(memory_server):
     with ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(run, t) for t in range(clients)]:
             future.result(timeout=60)
+
+
+def test_a_request_sent_again_with_its_session_and_seq_is_answered_once(memory_server):
+    """What a client sends after a reconnect: the same request, session and seq on another
+    connection. A finished add is answered with its kept reply and not run again; a finished
+    search, and a failed add (which changed nothing), run again; a seq reused by another request
+    is refused, and so is a retry older than the session's window of 64 finished requests."""
+    (server,) = memory_server(1)
+    session = os.urandom(16)
+    keys = np.ones((1, 3, 4), np.float32)
+    rows = np.array([0])
+
+    def call(request_id: int, op: str, args: dict, arrays=None, seq=None) -> Reply:
+        return raw_call(server.endpoint, encode_request(request_id, op, args, arrays,
+                                                        session=session, seq=seq or request_id))
+
+    config = {"namespace": "once", "config": CONFIG.to_dict()}
+    add = (2, "add", {"namespace": "once", "layer": 0}, {"rows": rows, "keys": keys,
+                                                         "values": keys})
+    search = (3, "search", {"namespace": "once", "layer": 0, "k": 1},
+              {"rows": rows, "queries": keys[:, :1]})
+    replies = [call(1, "open", config), call(*add), call(*add), call(*search), call(*search)]
+    assert all(r.ok for r in replies) and len({r.instance for r in replies}) == 1
+    nan = np.full_like(keys, np.nan)
+    failed = (4, "add", add[2], {"rows": rows, "keys": nan, "values": nan})
+    assert [call(*failed).code for _ in range(2)] == ["invalid_request"] * 2
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        stats = client.stats()[0]
+    assert stats["per_namespace"]["once"]["entries"] == 3
+    assert stats["requests"]["add"]["count"] == 1 + 2 and stats["requests"]["add"]["errors"] == 2
+    assert stats["requests"]["search"]["count"] == 2
+    assert stats["sessions"]["retries_answered"] == 1
+
+    reused = call(5, "clear", {"namespace": "once"}, {"rows": rows}, seq=2)
+    assert reused.code == "invalid_request" and "a retry must repeat its request" in reused.message
+    for seq in range(6, 6 + 64):  # pushes seqs 1 to 4 out of the window
+        assert call(seq, "open", config).ok
+    old = call(*add)
+    assert old.code == "unavailable" and "whether it ran is unknown" in old.message, old.message
+
+
+def test_version_1_requests_are_still_served_in_version_1(server):
+    header = {"v": 1, "id": 9, "op": "ping", "args": {}, "arrays": []}
+    reply = raw_call(server.endpoint, [msgpack.packb(header)])
+    assert reply.ok and reply.id == 9 and reply.instance is None  # a version 1 reply has none
+    refused = raw_call(server.endpoint, [msgpack.packb({**header, "session": b"s" * 16,
+                                                        "seq": 1})])
+    assert refused.code == "protocol_error" and "unexpected ['seq', 'session']" in refused.message
 
 
 def test_killed_server_fails_fast_naming_it_then_the_client_recovers(memory_server):

@@ -45,6 +45,13 @@ class UnknownNamespace(MemoryServerError):
     code = "unknown_namespace"
 
 
+class ServerRestarted(UnknownNamespace):
+    """A namespace this client opened is gone because its server restarted (or another server
+    took its address) since, so the memories it held there were lost. Raised by the client when
+    the server answering ``unknown_namespace`` is another instance than the one that opened it;
+    never sent on the wire."""
+
+
 class ConfigMismatch(MemoryServerError):
     """A namespace was opened again with a configuration different from the one it has."""
 

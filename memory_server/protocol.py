@@ -80,6 +80,13 @@ _SESSION_FIELDS = ("session", "seq")
 SESSION_BYTES = (8, 64)
 """Length range of a session id."""
 
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+"""ZeroMQ heartbeats (ZMTP PING and PONG, libzmq >= 4.2) on both ends of every connection: a
+peer that sends nothing for HEARTBEAT_TIMEOUT_MS after a PING has its connection closed, so a
+dead host or a frozen process is noticed within 2 s whatever the requests' time-outs. libzmq's
+own I/O thread answers them, so a server busy with a long request still does."""
+
 MAX_MESSAGE_BYTES = 256 << 20
 """Default cap on a request's total size (all frames). A batch-8 search of 4096 queries of width
 64 is 8 MiB; adds are smaller. The server's ``--max-message-bytes`` overrides it."""

@@ -36,6 +36,12 @@ Retries
     heard from forgotten first). A retry older than its session's window is refused with
     ``unavailable`` (whether it ran is unknown) rather than run again.
 
+Failure detection
+    The ROUTER sends ZeroMQ heartbeats (``protocol.HEARTBEAT_*``), so a client that died without
+    closing its connection has it closed within 2 s, and clients do the same towards the server.
+    Every reply names this process's ``instance`` (random at start), so a client can tell a
+    restarted server that lost its namespaces from the one it opened them on.
+
 Snapshots
     With ``--data-dir``, ``snapshot`` copies a namespace out of the store (each memory under its
     lock) and writes it atomically (``snapshot.py``); ``restore`` and ``--restore NAMESPACE:TAG``
@@ -89,8 +95,9 @@ import zmq
 from . import auth, metrics, snapshot
 from .errors import (InvalidRequest, MemoryServerError, ProtocolError, ServerUnavailable,
                      SnapshotError, UnknownNamespace)
-from .protocol import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request,
-                       decode_request, encode_error, encode_reply)
+from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_HEADER_BYTES,
+                       MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
+                       encode_reply)
 from .store import MemoryStore, NamespaceConfig
 from .wakeup import Wakeup
 
@@ -266,6 +273,9 @@ class Server:
         # message is received and refused politely against max_message_bytes.
         self._router.setsockopt(zmq.MAXMSGSIZE,
                                 min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1))
+        # Connections of clients that died without closing them are closed within 2 s.
+        self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         try:
             self._router.bind(config.bind)
         except zmq.ZMQError as exc:

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from memory_server import (ConfigMismatch, InvalidRequest, LimitExceeded, NamespaceConfig,
-                           ServerUnavailable, UnknownNamespace)
+                           ServerRestarted, ServerUnavailable, UnknownNamespace)
 from memory_server.cli import main, parse_bytes
 from memory_server.client import MemoryClient
 from memory_server.protocol import PROTOCOL_VERSION, Reply, decode_reply, encode_request
@@ -368,6 +368,63 @@ def test_killed_server_fails_fast_naming_it_then_the_client_recovers(memory_serv
         client.open("faults", config)  # a restarted server starts empty
         client.add("faults", 0, [0], keys, keys)
         assert client.search("faults", 0, [0], keys, 1).mask.all()
+
+
+def _slow_search(client: MemoryClient):
+    """A search of a few seconds here, accepted by the server when this returns."""
+    config = NamespaceConfig(dim=64, max_memories=65536, num_layers=1, num_rows=1)
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, 65536, 64), dtype=np.float32)
+    client.open("slow", config)
+    client.add("slow", 0, [0], keys, keys)
+    search = client.search_async("slow", 0, [0],
+                                 rng.standard_normal((1, 8192, 64), dtype=np.float32), 1)
+    client.ping()  # same connection, in order: the server has accepted the search
+    return search
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_silent_server_fails_the_request_in_flight_within_seconds(memory_server, how):
+    """SIGKILL closes the connection; SIGSTOP leaves it open and silent, which only heartbeats
+    notice. Either way the search fails within about 2 s, whatever the 60 s time-out."""
+    (server,) = memory_server(1)
+    with MemoryClient(server.endpoint, timeout=60) as client:
+        search = _slow_search(client)
+        start = time.monotonic()
+        server.proc.send_signal(getattr(signal, how))
+        try:
+            with pytest.raises(ServerUnavailable, match=re.escape(server.endpoint) + r" went away "
+                                                        r"while search was in flight"):
+                search.result(timeout=10)
+            assert time.monotonic() - start < 3.0
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        if how == "SIGSTOP":  # the server lives on, and the client reconnects to it
+            assert client.ping()
+
+
+def test_a_restarted_server_is_named_as_such_for_a_namespace_it_lost(memory_server):
+    (server,) = memory_server(1)
+    config = NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=1)
+    keys = np.ones((1, 2, 4), np.float32)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.open("lost", config)
+        client.add("lost", 0, [0], keys, keys)
+        server.kill()
+        memory_server(1, port=server.port)
+        with pytest.raises(ServerRestarted, match=re.escape(server.endpoint) + r" restarted, or "
+                                                  r"another server took its address, since this "
+                                                  r"client opened namespace 'lost' there.*"
+                                                  r"memories on that server were lost"):
+            client.search("lost", 0, [0], keys, 1)
+        assert isinstance(ServerRestarted("x"), UnknownNamespace)  # caught as before
+        client.open("lost", config)  # opened again: empty, and no longer "restarted"
+        assert not client.search("lost", 0, [0], keys, 1).mask.any()
+        with MemoryClient(server.endpoint, timeout=10) as other:
+            other.drop("lost")
+        with pytest.raises(UnknownNamespace, match="is not open on this server") as info:
+            client.search("lost", 0, [0], keys, 1)  # the same server dropped it: not a restart
+        assert not isinstance(info.value, ServerRestarted)
 
 
 def _run_cli(*flags: str) -> subprocess.CompletedProcess:

@@ -1,12 +1,13 @@
 """memory_server: the kNN memory of memtrans as a torch-free library and a ZeroMQ daemon."""
 
 from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
-                     ServerUnavailable, SnapshotError, UnknownNamespace)
+                     ServerRestarted, ServerUnavailable, SnapshotError, UnknownNamespace)
 from .client import MemoryClient
 from .store import MemoryStore, NamespaceConfig, Retrieval
 
 __all__ = [
     "ConfigMismatch", "InvalidRequest", "LimitExceeded", "MemoryClient", "MemoryServerError",
     "MemoryStore",
-    "NamespaceConfig", "Retrieval", "ServerUnavailable", "SnapshotError", "UnknownNamespace",
+    "NamespaceConfig", "Retrieval", "ServerRestarted", "ServerUnavailable", "SnapshotError",
+    "UnknownNamespace",
 ]

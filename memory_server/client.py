@@ -13,12 +13,25 @@ to a memory in that order: a search sent right after an add sees the add.
 Arrays are sent without copying: do not modify an array passed to ``add_async`` or
 ``search_async`` until its future is done.
 
-Faults (Lazy Pirate): a server that does not answer a request within ``timeout`` seconds fails
-that request with ``ServerUnavailable`` naming the server and the op. The client then closes that
-server's socket, fails the server's other outstanding requests the same way (their replies could
-no longer arrive) and opens a fresh socket, so later calls succeed once the server is back.
-Memories live in the server: after a server restart the namespace must be opened again, or
-restored from a snapshot (``snapshot``/``restore``: each server keeps its own shard).
+Faults (Lazy Pirate, with idempotent retries): a request a server has not answered after
+``retry_after`` seconds (half the timeout by default) makes the client close that server's socket,
+open a fresh one and send every request still unanswered there again. Each request carries this
+client's session id (random, one per client object) and a sequence number, so the server answers a
+request it already has with the original's reply (at once, or when the original finishes) instead
+of running it twice, and orders the session's requests across connections. A request still
+unanswered ``timeout`` seconds after it was first sent fails with ``ServerUnavailable`` naming the
+server and the op (whether it took effect is then unknown; calling again makes it a new request),
+and later calls succeed once the server is back.
+
+A server that goes away is noticed without waiting for time-outs: ZeroMQ heartbeats close a
+connection whose peer is silent for 2 s (``protocol.HEARTBEAT_*``), and a socket monitor sees the
+connection drop, at once when the server's process dies. Its requests in flight then fail with
+``ServerUnavailable`` saying the server went away, and the socket is replaced, so none of them
+reaches a server that comes back. Memories live in the server: every reply names the server
+instance that sent it, and when a namespace this client opened is unknown to another instance at
+the same address, the client raises ``ServerRestarted`` (an ``UnknownNamespace``) saying that
+server's memories were lost. Open the namespace again, or restore a snapshot
+(``snapshot``/``restore``: each server keeps its own shard).
 
 Security: with ``server_public_key`` every socket (and every socket opened on reconnect) is a
 CURVE client: encrypted, and accepted only by a server that allows this client's public key. A
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -41,12 +55,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import auth
 from .auth import KeySource
 from .errors import ERRORS_BY_CODE, InvalidRequest, MemoryServerError, ProtocolError, \
-    ServerUnavailable
-from .protocol import Reply, decode_reply, encode_request
+    ServerRestarted, ServerUnavailable, UnknownNamespace
+from .protocol import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, Reply, decode_reply, encode_request
 from .store import NamespaceConfig, Retrieval
 from .wakeup import Wakeup
 
@@ -60,9 +75,13 @@ _POLL_MS = 1000  # upper bound on a poll when nothing is due
 class _Call:
     id: int
     op: str
+    namespace: str | None
     frames: list
+    """Kept until the reply, to be sent again on a new connection."""
     future: Future
     deadline: float = 0.0
+    retry_at: float = math.inf
+    """When to send it again on a fresh connection; inf once it was."""
 
 
 @dataclass(slots=True)
@@ -71,16 +90,23 @@ class _Connection:
 
     endpoint: str
     socket: zmq.Socket
+    monitor: zmq.Socket
+    """The socket's handshake and disconnect events."""
     pending: dict[int, _Call] = field(default_factory=dict)
+    up: bool = False
+    """Whether the connection was made: only then is a disconnect the server going away."""
 
 
 class MemoryClient:
     """Numpy client of one or more memory servers; see the module docstring."""
 
     def __init__(self, servers: list[str] | str, *, timeout: float = 30.0,
+                 retry_after: float | None = None,
                  server_public_key: KeySource | Sequence[KeySource] | None = None,
                  public_key: KeySource | None = None, secret_key: KeySource | None = None):
-        """``server_public_key`` (one for all servers, or one per server) turns CURVE on; it
+        """``timeout``: seconds a request may go unanswered before it fails; ``retry_after``:
+        seconds after which it is sent again on a fresh connection (default ``timeout / 2``).
+        ``server_public_key`` (one for all servers, or one per server) turns CURVE on; it
         needs this client's ``secret_key`` (``public_key`` is derived from it when omitted).
         Keys are Z85 strings or key files from ``memory-server keygen``."""
         servers = [servers] if isinstance(servers, str) else list(servers)
@@ -89,8 +115,16 @@ class MemoryClient:
                              f"tcp://127.0.0.1:5555, got {servers!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if retry_after is not None and not retry_after > 0:
+            raise ValueError(f"retry_after must be positive seconds, got {retry_after!r}")
         self.servers: tuple[str, ...] = tuple(servers)
         self.timeout = float(timeout)
+        self.retry_after = self.timeout / 2 if retry_after is None else float(retry_after)
+        self.session = os.urandom(16)
+        """Sent with every request, so the servers answer a retried one once."""
+        self._seqs = [itertools.count(1) for _ in self.servers]
+        # (endpoint, namespace) -> instance of the server that opened it; I/O thread only.
+        self._opened: dict[tuple[str, str], str] = {}
         self._curve = _curve_options(self.servers, server_public_key, public_key, secret_key)
         self._context = zmq.Context()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -253,16 +287,18 @@ class MemoryClient:
     def _submit(self, server: int, op: str, args: dict | None = None,
                 arrays: dict | None = None) -> Future[Reply]:
         request_id = next(self._ids)
-        try:
-            frames = encode_request(request_id, op, args, arrays)
-        except TypeError as exc:  # msgpack cannot encode an argument
-            raise InvalidRequest(f"{op}: an argument cannot be sent: {exc}") from None
         future: Future = Future()
         future.set_running_or_notify_cancel()  # requests in flight cannot be taken back
-        with self._lock:
+        with self._lock:  # so each server's requests enter the inbox in the order of their seq
             if self._closed:
                 raise MemoryServerError("this MemoryClient is closed")
-            self._inbox.put((server, _Call(request_id, op, frames, future)))
+            try:
+                frames = encode_request(request_id, op, args, arrays, session=self.session,
+                                        seq=next(self._seqs[server]))
+            except TypeError as exc:  # msgpack cannot encode an argument
+                raise InvalidRequest(f"{op}: an argument cannot be sent: {exc}") from None
+            namespace = (args or {}).get("namespace")
+            self._inbox.put((server, _Call(request_id, op, namespace, frames, future)))
             self._wake()
         return future
 
@@ -293,15 +329,18 @@ class MemoryClient:
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
         for conn in connections:
             poller.register(conn.socket, zmq.POLLIN)
+            poller.register(conn.monitor, zmq.POLLIN)
         try:
             while not self._closed:
                 events = dict(poller.poll(self._poll_ms(connections)))
                 if self._wakeup.read_fd in events:
                     self._wakeup.drain()
                 self._send_queued(connections)
-                for conn in connections:
+                for i, conn in enumerate(connections):
                     if events.get(conn.socket):
                         self._receive(conn)
+                    if events.get(conn.monitor):
+                        self._watch(connections, i, poller)
                 self._expire(connections, poller)
         except Exception:
             log.exception("memory client I/O thread failed")
@@ -312,7 +351,7 @@ class MemoryClient:
             for conn in connections:
                 for call in conn.pending.values():
                     call.future.set_exception(closed)
-                conn.socket.close(linger=0)
+                _close(conn)
             while not self._inbox.empty():
                 _, call = self._inbox.get()
                 call.future.set_exception(closed)
@@ -320,17 +359,53 @@ class MemoryClient:
     def _connect(self, endpoint: str) -> _Connection:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self._curve is not None:
             server_keys, keys = self._curve
             auth.make_curve_client(sock, server_keys[endpoint], keys)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoint)
-        return _Connection(endpoint, sock)
+        return _Connection(endpoint, sock, monitor)
+
+    def _replace(self, connections: list[_Connection], i: int, poller: zmq.Poller) -> None:
+        """A fresh socket for server ``i``: nothing queued on the old one is sent any more."""
+        old = connections[i]
+        poller.unregister(old.socket)
+        poller.unregister(old.monitor)
+        _close(old)
+        connections[i] = self._connect(old.endpoint)
+        poller.register(connections[i].socket, zmq.POLLIN)
+        poller.register(connections[i].monitor, zmq.POLLIN)
+
+    def _watch(self, connections: list[_Connection], i: int, poller: zmq.Poller) -> None:
+        """Read socket events: when a connection that was made drops, fail its requests now."""
+        conn = connections[i]
+        while True:
+            try:
+                event = recv_monitor_message(conn.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                conn.up = True
+            elif event == zmq.EVENT_DISCONNECTED and conn.up:
+                for call in conn.pending.values():
+                    call.future.set_exception(ServerUnavailable(
+                        f"{conn.endpoint} went away while {call.op} was in flight: the connection "
+                        f"was lost (the server exited or was killed, or its host did not answer "
+                        f"heartbeats for {HEARTBEAT_TIMEOUT_MS / 1000:g} s), so whether it took "
+                        f"effect is unknown; later calls will reach the server when it is back"))
+                log.warning("%s went away (connection lost, %d requests failed); reconnecting",
+                            conn.endpoint, len(conn.pending))
+                self._replace(connections, i, poller)
+                return
 
     def _poll_ms(self, connections: list[_Connection]) -> int:
-        deadlines = [next(iter(c.pending.values())).deadline for c in connections if c.pending]
-        if not deadlines:
+        due = min((min(call.deadline, call.retry_at) for conn in connections
+                   for call in conn.pending.values()), default=math.inf)
+        if due == math.inf:
             return _POLL_MS
-        return max(0, min(_POLL_MS, int((min(deadlines) - time.monotonic()) * 1000) + 1))
+        return max(0, min(_POLL_MS, int((due - time.monotonic()) * 1000) + 1))
 
     def _send_queued(self, connections: list[_Connection]) -> None:
         while True:
@@ -338,16 +413,18 @@ class MemoryClient:
                 server, call = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            conn = connections[server]
-            try:
-                conn.socket.send_multipart(call.frames, zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as exc:  # Again: the queue to an unreachable server is full
-                call.future.set_exception(ServerUnavailable(
-                    f"{conn.endpoint}: cannot send {call.op}: {exc}; is the server running?"))
-                continue
-            call.frames = []  # ZeroMQ holds what it still needs
-            call.deadline = time.monotonic() + self.timeout
-            conn.pending[call.id] = call
+            now = time.monotonic()
+            call.deadline, call.retry_at = now + self.timeout, now + self.retry_after
+            self._send(connections[server], call)
+
+    def _send(self, conn: _Connection, call: _Call) -> None:
+        try:
+            conn.socket.send_multipart(call.frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # Again: the queue to an unreachable server is full
+            call.future.set_exception(ServerUnavailable(
+                f"{conn.endpoint}: cannot send {call.op}: {exc}; is the server running?"))
+            return
+        conn.pending[call.id] = call
 
     def _receive(self, conn: _Connection) -> None:
         while True:
@@ -365,31 +442,63 @@ class MemoryClient:
                 log.warning("dropping a reply from %s to no outstanding request (id %s): %s",
                             conn.endpoint, reply.id, reply.message or "ok")
             elif reply.ok:
+                self._note_opened(conn.endpoint, call, reply)
                 call.future.set_result(reply)
             else:
-                error = ERRORS_BY_CODE.get(reply.code, MemoryServerError)
-                call.future.set_exception(error(f"{conn.endpoint}: {reply.message}"))
+                call.future.set_exception(self._error(conn.endpoint, call, reply))
+
+    def _note_opened(self, endpoint: str, call: _Call, reply: Reply) -> None:
+        """Remember which server instance holds each namespace this client opened there."""
+        key = (endpoint, call.namespace)
+        if call.op in ("open", "restore") and reply.instance is not None:
+            self._opened[key] = reply.instance
+        elif call.op == "drop":
+            self._opened.pop(key, None)
+
+    def _error(self, endpoint: str, call: _Call, reply: Reply) -> MemoryServerError:
+        error = ERRORS_BY_CODE.get(reply.code, MemoryServerError)
+        opened = self._opened.get((endpoint, call.namespace))
+        if error is UnknownNamespace and opened is not None and reply.instance is not None \
+                and reply.instance != opened:
+            return ServerRestarted(
+                f"{endpoint} restarted, or another server took its address, since this client "
+                f"opened namespace {call.namespace!r} there (server instance {opened} then, "
+                f"{reply.instance} now): the namespace's memories on that server were lost. Open "
+                f"it again to go on with empty memories there, or restore a snapshot")
+        return error(f"{endpoint}: {reply.message}")
 
     def _expire(self, connections: list[_Connection], poller: zmq.Poller) -> None:
+        """Fail the requests past their deadline; past a request's retry point or a deadline,
+        replace the connection and send what is still unanswered again."""
         now = time.monotonic()
         for i, conn in enumerate(connections):
-            if not conn.pending:
+            due = False
+            for call in list(conn.pending.values()):
+                if call.deadline <= now:
+                    del conn.pending[call.id]
+                    again = f" (sent again on a fresh connection after {self.retry_after:g} s)" \
+                        if self.retry_after < self.timeout else ""
+                    call.future.set_exception(ServerUnavailable(
+                        f"{conn.endpoint} did not answer {call.op} within {self.timeout:g} s"
+                        f"{again}; is the server running? Whether it took effect is unknown; "
+                        f"later calls will try again"))
+                    due = True
+                elif call.retry_at <= now:
+                    due = True
+            if not due:
                 continue
-            first = next(iter(conn.pending.values()))
-            if first.deadline > now:
-                continue
-            first.future.set_exception(ServerUnavailable(
-                f"{conn.endpoint} did not answer {first.op} within {self.timeout:g} s; is the "
-                f"server running? The client reconnected and later calls will try again"))
-            for call in list(conn.pending.values())[1:]:
-                call.future.set_exception(ServerUnavailable(
-                    f"{conn.endpoint}: {call.op} abandoned: the connection was reset after a "
-                    f"{first.op} timed out ({self.timeout:g} s)"))
-            poller.unregister(conn.socket)
-            conn.socket.close(linger=0)
-            connections[i] = self._connect(conn.endpoint)
-            poller.register(connections[i].socket, zmq.POLLIN)
-            log.warning("%s did not answer within %g s; reconnected", conn.endpoint, self.timeout)
+            self._replace(connections, i, poller)
+            for call in conn.pending.values():  # the server answers each once
+                call.retry_at = math.inf
+                self._send(connections[i], call)
+            log.warning("no reply from %s in time; reconnected and sent the %d unanswered "
+                        "requests again", conn.endpoint, len(conn.pending))
+
+
+def _close(conn: _Connection) -> None:
+    conn.socket.disable_monitor()
+    conn.monitor.close(linger=0)
+    conn.socket.close(linger=0)
 
 
 def shard_tag(tag: str, server: int, num_servers: int) -> str:

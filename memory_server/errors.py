@@ -28,20 +28,28 @@ class ProtocolError(InvalidRequest):
     """A message did not follow the wire format (see ``protocol.py``); nothing was changed.
 
     ``request_id`` is the id of the offending request when it could be read, else None, so the
-    server can still address its error reply.
+    server can still address its error reply; ``version`` the protocol version to answer in.
     """
 
     code = "protocol_error"
 
-    def __init__(self, message: str, request_id: int | None = None):
+    def __init__(self, message: str, request_id: int | None = None, version: int | None = None):
         super().__init__(message)
         self.request_id = request_id
+        self.version = version
 
 
 class UnknownNamespace(MemoryServerError):
     """The request named a namespace that was never opened (or was dropped or expired)."""
 
     code = "unknown_namespace"
+
+
+class ServerRestarted(UnknownNamespace):
+    """A namespace this client opened is gone because its server restarted (or another server
+    took its address) since, so the memories it held there were lost. Raised by the client when
+    the server answering ``unknown_namespace`` is another instance than the one that opened it;
+    never sent on the wire."""
 
 
 class ConfigMismatch(MemoryServerError):

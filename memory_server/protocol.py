@@ -7,15 +7,26 @@ Every request and every reply is one ZeroMQ multipart message::
                    little-endian bytes, exactly itemsize * prod(shape) long
 
     request header {"v": PROTOCOL_VERSION, "id": int >= 0, "op": str, "args": map,
-                    "arrays": [[name, dtype, shape], ...]}
+                    "arrays": [[name, dtype, shape], ...], ["session": bin, "seq": int >= 1]}
     ok reply       {"v": PROTOCOL_VERSION, "id": int, "ok": true, "result": map,
-                    "arrays": [[name, dtype, shape], ...]}
+                    "arrays": [[name, dtype, shape], ...], "instance": str | nil}
     error reply    {"v": PROTOCOL_VERSION, "id": int | nil, "ok": false, "code": str,
-                    "message": str}
+                    "message": str, "instance": str | nil}
 
 (the ROUTER socket of the server adds the peer's identity frame in front; that is the server's
 business, not the protocol's). A reply carries the id of its request, or nil when the request was
 too broken for its id to be read. ``code`` is one of ``errors.ERRORS_BY_CODE``.
+
+``session`` (8 to 64 random bytes, one per client object) and ``seq`` (that client's count of
+requests to this server) are optional, both or neither: with them the server answers a request
+sent again after a reconnect once, with the original's reply, instead of running it twice, and
+orders a session's requests across its connections (see server.py). ``instance`` names the server
+process that answered, so a client can tell a restarted server from the one it opened its
+namespaces on.
+
+Versions: 2 added ``session``, ``seq`` and ``instance``. A server reads requests of version 1 too
+(without a session: never de-duplicated) and answers each in the version it was asked in; a
+client reads replies of either version, so an old server's refusal of version 2 reaches the user.
 
     op        args                     request arrays          ok reply
     ping      -                        -                       {version, protocol}
@@ -62,7 +73,19 @@ __all__ = [
     "encode_request",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+_SESSION_FIELDS = ("session", "seq")
+"""Optional request header fields from version 2 on."""
+SESSION_BYTES = (8, 64)
+"""Length range of a session id."""
+
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+"""ZeroMQ heartbeats (ZMTP PING and PONG, libzmq >= 4.2) on both ends of every connection: a
+peer that sends nothing for HEARTBEAT_TIMEOUT_MS after a PING has its connection closed, so a
+dead host or a frozen process is noticed within 2 s whatever the requests' time-outs. libzmq's
+own I/O thread answers them, so a server busy with a long request still does."""
 
 MAX_MESSAGE_BYTES = 256 << 20
 """Default cap on a request's total size (all frames). A batch-8 search of 4096 queries of width
@@ -143,6 +166,10 @@ class Request:
     op: str
     args: dict
     arrays: dict[str, np.ndarray]
+    version: int = PROTOCOL_VERSION
+    """The version it was sent in, which its reply must use."""
+    session: bytes | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,26 +180,39 @@ class Reply:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     code: str = ""
     message: str = ""
+    instance: str | None = None
+    """The answering server process (None from a version 1 server)."""
 
 
 # encoding
 
 def encode_request(request_id: int, op: str, args: dict | None = None,
-                   arrays: Mapping[str, np.ndarray] | None = None) -> list:
+                   arrays: Mapping[str, np.ndarray] | None = None, *,
+                   session: bytes | None = None, seq: int | None = None) -> list:
     """Frames of a request; the arrays are passed through uncopied when already contiguous."""
     header = {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args or {}}
+    if session is not None:
+        header.update(session=session, seq=seq)
     return _encode(header, arrays or {})
 
 
 def encode_reply(request_id: int, result: dict | None = None,
-                 arrays: Mapping[str, np.ndarray] | None = None) -> list:
-    header = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result or {}}
-    return _encode(header, arrays or {})
+                 arrays: Mapping[str, np.ndarray] | None = None, *,
+                 version: int = PROTOCOL_VERSION, instance: str | None = None) -> list:
+    header = {"v": version, "id": request_id, "ok": True, "result": result or {}}
+    return _encode(_with_instance(header, instance), arrays or {})
 
 
-def encode_error(request_id: int | None, code: str, message: str) -> list:
-    return [msgpack.packb({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "code": code,
-                           "message": message}, use_bin_type=True)]
+def encode_error(request_id: int | None, code: str, message: str, *,
+                 version: int = PROTOCOL_VERSION, instance: str | None = None) -> list:
+    header = {"v": version, "id": request_id, "ok": False, "code": code, "message": message}
+    return [msgpack.packb(_with_instance(header, instance), use_bin_type=True)]
+
+
+def _with_instance(header: dict, instance: str | None) -> dict:
+    if header["v"] >= 2:
+        header["instance"] = instance
+    return header
 
 
 def _encode(header: dict, arrays: Mapping[str, np.ndarray]) -> list:
@@ -219,13 +259,16 @@ def decode_request(frames: Sequence[Frame], *,
                               f"of {MAX_HEADER_BYTES}")
     header = _unpack(head, max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=256)
     request_id = _read_id(header)
+    version = _read_version(header)
     if size > max_message_bytes:
         raise MessageTooLarge(f"message is {size} bytes, over the server's limit "
                               f"max_message_bytes={max_message_bytes} (--max-message-bytes); "
-                              f"send smaller batches", request_id)
+                              f"send smaller batches", request_id, version)
     try:
-        _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header")
+        _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header",
+                    optional=_SESSION_FIELDS if version >= 2 else ())
         _check_version(header["v"])
+        session, seq = _check_session(header)
         if request_id is None:
             raise ProtocolError(f"request id must be an integer in [0, 2**64), "
                                 f"got {header['id']!r}")
@@ -240,9 +283,9 @@ def decode_request(frames: Sequence[Frame], *,
             raise ProtocolError(f"op {op!r} takes arrays {sorted(schema.arrays)}, "
                                 f"got {sorted(arrays)}")
     except ProtocolError as exc:
-        exc.request_id = request_id
+        exc.request_id, exc.version = request_id, version
         raise
-    return Request(request_id, op, args, arrays)
+    return Request(request_id, op, args, arrays, header["v"], session, seq)
 
 
 def decode_reply(frames: Sequence[Frame]) -> Reply:
@@ -252,11 +295,15 @@ def decode_reply(frames: Sequence[Frame]) -> Reply:
     header = _unpack(frames[0], max_str_len=1 << 24, max_array_len=1 << 24, max_map_len=1 << 20)
     if not isinstance(header, dict) or "ok" not in header:
         raise ProtocolError(f"reply header must be a map with an 'ok' field, got {header!r:.200}")
+    _check_version(header.get("v"))
+    extra = ("instance",) if header["v"] >= 2 else ()
     if header["ok"] is True:
-        _check_keys(header, ("v", "id", "ok", "result", "arrays"), "reply header")
+        _check_keys(header, ("v", "id", "ok", "result", "arrays", *extra), "reply header")
     else:
-        _check_keys(header, ("v", "id", "ok", "code", "message"), "error reply header")
-    _check_version(header["v"])
+        _check_keys(header, ("v", "id", "ok", "code", "message", *extra), "error reply header")
+    instance = header.get("instance")
+    if not (instance is None or _is_str(instance)):
+        raise ProtocolError(f"reply instance must be a string or nil, got {instance!r:.100}")
     request_id = header["id"]
     if not (request_id is None or (_is_int(request_id) and request_id >= 0)):
         raise ProtocolError(f"reply id must be a non-negative integer or nil, got {request_id!r}")
@@ -266,12 +313,14 @@ def decode_reply(frames: Sequence[Frame]) -> Reply:
             raise ProtocolError("error reply must have ok=false and string code and message")
         if len(frames) != 1:
             raise ProtocolError(f"error reply must be one frame, got {len(frames)}")
-        return Reply(request_id, False, code=header["code"], message=header["message"])
+        return Reply(request_id, False, code=header["code"], message=header["message"],
+                     instance=instance)
     if not _is_map(header["result"]):
         raise ProtocolError(f"reply result must be a map, got {type(header['result']).__name__}")
     if request_id is None:
         raise ProtocolError("ok reply must carry its request's id")
-    return Reply(request_id, True, header["result"], _decode_arrays(header["arrays"], frames[1:]))
+    return Reply(request_id, True, header["result"], _decode_arrays(header["arrays"], frames[1:]),
+                 instance=instance)
 
 
 def _read_id(header) -> int | None:
@@ -283,20 +332,43 @@ def _read_id(header) -> int | None:
     return None
 
 
-def _check_keys(header, expected: tuple[str, ...], what: str) -> None:
+def _read_version(header) -> int:
+    """The version to answer in: the request's, when this side speaks it."""
+    version = header.get("v") if isinstance(header, dict) else None
+    return version if _is_int(version) and version in SUPPORTED_VERSIONS else PROTOCOL_VERSION
+
+
+def _check_keys(header, expected: tuple[str, ...], what: str,
+                optional: tuple[str, ...] = ()) -> None:
     if not isinstance(header, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(header).__name__}")
     missing = [k for k in expected if k not in header]
-    extra = sorted(str(k) for k in header if k not in expected)
+    extra = sorted(str(k) for k in header if k not in expected and k not in optional)
     if missing or extra:
-        raise ProtocolError(f"{what} must have exactly the fields {list(expected)}; "
+        also = f" (and optionally {list(optional)})" if optional else ""
+        raise ProtocolError(f"{what} must have exactly the fields {list(expected)}{also}; "
                             f"missing {missing}, unexpected {extra}")
 
 
 def _check_version(version) -> None:
-    if not _is_int(version) or version != PROTOCOL_VERSION:
+    if not _is_int(version) or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(f"protocol version {version!r} is not supported; this side speaks "
-                            f"version {PROTOCOL_VERSION}: upgrade the older of client and server")
+                            f"versions {list(SUPPORTED_VERSIONS)}: upgrade the older of client "
+                            f"and server")
+
+
+def _check_session(header: dict) -> tuple[bytes | None, int | None]:
+    if not any(name in header for name in _SESSION_FIELDS):
+        return None, None
+    session, seq = header.get("session"), header.get("seq")
+    lo, hi = SESSION_BYTES
+    if not (isinstance(session, bytes) and lo <= len(session) <= hi):
+        raise ProtocolError(f"session must be {lo} to {hi} bytes (with a seq), got "
+                            f"{session!r:.100}")
+    if not (_is_int(seq) and 1 <= seq < 1 << 64):
+        raise ProtocolError(f"seq must be an integer in [1, 2**64) (with a session), got "
+                            f"{seq!r:.100}")
+    return session, seq
 
 
 def _check_args(op: str, args, schema: OpSchema) -> None:

@@ -12,13 +12,35 @@ Threads
 
 Ordering
     The operations on one memory are applied in the order its client sent them; nothing else is
-    ordered. Requests are sequenced per *scope* = (client identity, namespace): ``add`` and
+    ordered. Requests are sequenced per *scope* = (client session, namespace), or (connection,
+    namespace) for a request without a session (protocol version 1): ``add`` and
     ``search`` run after the previous request of their scope that touched the same layer, ``clear``
     after those that touched its layers, and ``open``, ``drop``, ``snapshot``, ``restore`` and
     ``clear`` of every layer are barriers for the whole scope. So an add and the search right
     after it are in order (read your writes), and a snapshot holds every add its client sent
     before it, while other clients, other namespaces and other layers overlap. ``ping``,
-    ``stats``, ``snapshots`` and ``shutdown`` touch no memory and are not ordered.
+    ``stats``, ``snapshots`` and ``shutdown`` touch no memory and are not ordered. The session, not
+    the connection, keys the scope, so the requests a client sends after it reconnected run after
+    those it sent before, which may still be queued here.
+
+Retries
+    A client that gets no reply in time reconnects and sends its unanswered requests again, with
+    the same session and ``seq`` (the model is Kafka's idempotent producer). The I/O thread keeps
+    each session's recent requests (``_Sessions``): a retry of one still running waits for the
+    original's reply, a retry of one finished gets its kept reply, and only a request never seen
+    runs. Replies are kept for the ops that change memories, when they succeed (a few dozen
+    bytes); a retried request that failed, or that only reads (``search``, ``stats``,
+    ``snapshots``), runs again once finished: a failed request changed nothing, and a read's reply
+    can be large. Bounds: the last ``SESSION_WINDOW`` finished requests of a session, sessions
+    silent for ``SESSION_IDLE`` seconds forgotten, at most ``MAX_SESSIONS`` sessions (least recently
+    heard from forgotten first). A retry older than its session's window is refused with
+    ``unavailable`` (whether it ran is unknown) rather than run again.
+
+Failure detection
+    The ROUTER sends ZeroMQ heartbeats (``protocol.HEARTBEAT_*``), so a client that died without
+    closing its connection has it closed within 2 s, and clients do the same towards the server.
+    Every reply names this process's ``instance`` (random at start), so a client can tell a
+    restarted server that lost its namespaces from the one it opened them on.
 
 Snapshots
     With ``--data-dir``, ``snapshot`` copies a namespace out of the store (each memory under its
@@ -73,8 +95,9 @@ import zmq
 from . import auth, metrics, snapshot
 from .errors import (InvalidRequest, MemoryServerError, ProtocolError, ServerUnavailable,
                      SnapshotError, UnknownNamespace)
-from .protocol import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request,
-                       decode_request, encode_error, encode_reply)
+from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_HEADER_BYTES,
+                       MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
+                       encode_reply)
 from .store import MemoryStore, NamespaceConfig
 from .wakeup import Wakeup
 
@@ -86,6 +109,18 @@ _POLL_MS = 1000  # upper bound on a poll; wakeups normally come at once through 
 _RECV_BATCH = 64  # requests read in a row before the I/O thread sends queued replies
 _CLOSE_LINGER_MS = 2000  # time the last replies get to leave at shutdown
 _LATENCY_WINDOW = 1024  # latencies kept per op for the percentiles in stats
+
+SESSION_WINDOW = 64
+"""Finished requests remembered per client session: more than a client has outstanding on one
+server (the trainer: a search and an add per memorizing layer and micro-batch, and a clear)."""
+SESSION_IDLE = 600.0
+"""Seconds after which a silent session is forgotten: far longer than any client's time-out, so
+no retry of it can still come."""
+MAX_SESSIONS = 1024
+"""Sessions remembered at once. A finished request costs about 330 bytes (measured), so all of
+them hold at most about 1024 x 64 x 330 bytes = 22 MB."""
+KEPT_REPLIES = frozenset({"open", "add", "clear", "drop", "snapshot", "restore"})
+"""Ops whose successful replies a session keeps for retries: the ones that change memories."""
 
 try:
     VERSION = importlib.metadata.version("memtrans")
@@ -238,6 +273,9 @@ class Server:
         # message is received and refused politely against max_message_bytes.
         self._router.setsockopt(zmq.MAXMSGSIZE,
                                 min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1))
+        # Connections of clients that died without closing them are closed within 2 s.
+        self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         try:
             self._router.bind(config.bind)
         except zmq.ZMQError as exc:
@@ -256,8 +294,12 @@ class Server:
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = Wakeup()
         self._stopping = False
-        # Accepted and not yet answered, ticket -> (identity, request id, op); I/O thread only.
-        self._pending: dict[int, tuple[bytes, int, str]] = {}
+        # Accepted and not yet answered, ticket -> (identity, request, its session's record of it
+        # or None); I/O thread only.
+        self._pending: dict[int, tuple[bytes, Request, _Sent | None]] = {}
+        self._sessions = _Sessions()
+        self.instance = os.urandom(8).hex()
+        """Names this server process in every reply, so clients notice a restart."""
         self._tickets = itertools.count()
         self._metrics = _Metrics()
         self._restore_lock = threading.Lock()
@@ -328,16 +370,18 @@ class Server:
 
     def _abandon(self) -> int:
         """Answer every unfinished request with ``unavailable``; returns how many there were."""
-        ops = sorted({op for _, _, op in self._pending.values()})
+        ops = sorted({request.op for _, request, _ in self._pending.values()})
         log.error("drain deadline of %g s (--drain-timeout) passed: abandoning %d unfinished "
                   "request(s) (%s)", self.config.drain_timeout, len(self._pending),
                   ", ".join(ops))
-        for identity, request_id, op in self._pending.values():
-            self._send(identity, encode_error(
-                request_id, ServerUnavailable.code,
-                f"the memory server stopped before finishing this {op} request: it was still "
-                f"running {self.config.drain_timeout:g} s after the stop request "
-                f"(--drain-timeout), so whether it took effect is unknown"))
+        for identity, request, sent in self._pending.values():
+            frames = self._error(
+                request.id, ServerUnavailable.code,
+                f"the memory server stopped before finishing this {request.op} request: it was "
+                f"still running {self.config.drain_timeout:g} s after the stop request "
+                f"(--drain-timeout), so whether it took effect is unknown", request.version)
+            for peer in (identity, *(sent.waiters if sent else ())):
+                self._send(peer, frames)
         return len(self._pending)
 
     # I/O thread
@@ -355,32 +399,58 @@ class Server:
                 self._accept(identity, frames[1:], time.monotonic())
             except Exception as exc:  # a bug, not bad input: answer and keep serving
                 log.exception("internal error accepting a request")
-                self._send(identity, encode_error(None, "internal",
-                                                  f"internal server error: {exc!r}"))
+                self._send(identity, self._error(None, "internal",
+                                                 f"internal server error: {exc!r}"))
 
     def _accept(self, identity: bytes, body: list, received: float) -> None:
         try:
             request = decode_request(body, max_message_bytes=self.config.max_message_bytes)
         except ProtocolError as exc:
             log.info("rejected a malformed request (id %s): %s", exc.request_id, exc.message)
-            self._send(identity, encode_error(exc.request_id, exc.code, exc.message))
+            self._send(identity, self._error(exc.request_id, exc.code, exc.message, exc.version))
             self._metrics.record("malformed", received, ok=False)
             return
         if request.op == "ping":
-            self._send(identity, encode_reply(request.id, {"version": VERSION,
-                                                           "protocol": PROTOCOL_VERSION}))
+            self._send(identity, self._reply(request, {"version": VERSION,
+                                                       "protocol": PROTOCOL_VERSION}))
             self._metrics.record("ping", received, ok=True)
         elif request.op == "shutdown":
             log.info("shutdown requested by a client")
-            self._send(identity, encode_reply(request.id))
+            self._send(identity, self._reply(request))
             self._metrics.record("shutdown", received, ok=True)
             self.stop()
         else:
+            sent = None
+            if request.session is not None:
+                try:
+                    earlier = self._sessions.find(request, received)
+                except MemoryServerError as exc:
+                    self._send(identity, self._error(request.id, exc.code, exc.message,
+                                                     request.version))
+                    self._metrics.record(request.op, received, ok=False)
+                    return
+                if earlier is not None:  # a retry: the original's reply, now or when it comes
+                    if earlier.finished:
+                        self._send(identity, earlier.reply)
+                    else:
+                        earlier.waiters.append(identity)
+                    return
+                sent = self._sessions.begin(request, received)
             ticket = next(self._tickets)
-            self._pending[ticket] = (identity, request.id, request.op)
+            self._pending[ticket] = (identity, request, sent)
             scope, layers = _scope(identity, request)
             self._sequencer.submit(scope, layers, partial(self._execute, ticket, identity,
                                                           request, received))
+
+    def _reply(self, request: Request, result: dict | None = None,
+               arrays: dict | None = None) -> list:
+        return encode_reply(request.id, result, arrays, version=request.version,
+                            instance=self.instance)
+
+    def _error(self, request_id: int | None, code: str, message: str,
+               version: int | None = None) -> list:
+        return encode_error(request_id, code, message, version=version or PROTOCOL_VERSION,
+                            instance=self.instance)
 
     def _send(self, identity: bytes, frames: list) -> None:
         try:
@@ -394,8 +464,11 @@ class Server:
                 ticket, identity, frames, op, received, ok = self._replies.get_nowait()
             except queue.Empty:
                 return
-            del self._pending[ticket]
+            _, request, sent = self._pending.pop(ticket)
             self._send(identity, frames)
+            if sent is not None:
+                for waiter in self._sessions.finish(request, sent, frames, ok):
+                    self._send(waiter, frames)
             self._metrics.record(op, received, ok)
 
     def _wake(self) -> None:
@@ -448,19 +521,21 @@ class Server:
         ok = False
         try:
             result, arrays = _HANDLERS[request.op](self, request.args, request.arrays)
-            frames = encode_reply(request.id, result, arrays)
+            frames = self._reply(request, result, arrays)
             ok = True
         except UnknownNamespace as exc:
-            frames = encode_error(request.id, exc.code,
-                                  self._expired.explain(request.args.get("namespace"), exc.message,
-                                                        self.config.namespace_ttl))
+            frames = self._error(request.id, exc.code,
+                                 self._expired.explain(request.args.get("namespace"), exc.message,
+                                                       self.config.namespace_ttl),
+                                 request.version)
         except MemoryServerError as exc:
-            frames = encode_error(request.id, exc.code, exc.message)
+            frames = self._error(request.id, exc.code, exc.message, request.version)
         except Exception as exc:
             log.exception("internal error in %s request %d", request.op, request.id)
-            frames = encode_error(request.id, "internal",
-                                  f"internal server error in {request.op}: "
-                                  f"{type(exc).__name__}: {exc} (see the server log)")
+            frames = self._error(request.id, "internal",
+                                 f"internal server error in {request.op}: "
+                                 f"{type(exc).__name__}: {exc} (see the server log)",
+                                 request.version)
         self._replies.put((ticket, identity, frames, request.op, received, ok))
         self._wake()
 
@@ -543,6 +618,8 @@ class Server:
             "uptime_s": time.monotonic() - self._started,
             "version": VERSION,
             "protocol": PROTOCOL_VERSION,
+            "instance": self.instance,
+            "sessions": self._sessions.stats(),
             "config": {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
                        "drain_timeout": cfg.drain_timeout,
                        "max_message_bytes": cfg.max_message_bytes,
@@ -571,11 +648,12 @@ def _scope(identity: bytes, request: Request):
     namespace = request.args.get("namespace")
     if namespace is None:
         return None, None
+    client = ("connection", identity) if request.session is None else ("session", request.session)
     if request.op in ("add", "search"):
-        return (identity, namespace), (request.args["layer"],)
+        return (client, namespace), (request.args["layer"],)
     if request.op == "clear" and "layers" in request.args:
-        return (identity, namespace), tuple(request.args["layers"])
-    return (identity, namespace), None
+        return (client, namespace), tuple(request.args["layers"])
+    return (client, namespace), None
 
 
 def serve(config: ServerConfig) -> None:
@@ -673,6 +751,102 @@ class _Sequencer:
 
     def close(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A session's request: running, or finished (its reply kept when ``KEPT_REPLIES`` and
+    successful)."""
+
+    id: int
+    op: str
+    waiters: list[bytes] = field(default_factory=list)
+    """Connections whose retries of it wait for its reply."""
+    finished: bool = False
+    reply: list | None = None
+
+
+@dataclass(slots=True)
+class _Session:
+    requests: dict[int, _Sent] = field(default_factory=dict)
+    """seq -> request: the running ones and the last SESSION_WINDOW finished ones."""
+    finished: deque = field(default_factory=deque)
+    """seqs in the order they finished, to forget the oldest."""
+    forgotten: int = 0
+    """The highest seq forgotten: a retry of it or below cannot be told from a new request."""
+    heard: float = 0.0
+
+
+class _Sessions:
+    """Each client session's recent requests, so a retry is answered once (see Retries in the
+    module docstring). I/O thread only."""
+
+    def __init__(self):
+        self._sessions: OrderedDict[bytes, _Session] = OrderedDict()  # least recently heard first
+        self._retries = 0
+
+    def find(self, request: Request, now: float) -> _Sent | None:
+        """The earlier request this one retries, when it still runs or its reply is kept; None
+        for a request to run. Raises for a seq used by another request or forgotten."""
+        session = self._sessions.get(request.session)
+        if session is None:
+            return None
+        self._sessions.move_to_end(request.session)
+        session.heard = now
+        sent = session.requests.get(request.seq)
+        if sent is None:
+            if request.seq <= session.forgotten:
+                raise ServerUnavailable(
+                    f"{request.op} request seq {request.seq} is a retry older than the server "
+                    f"remembers (the last {SESSION_WINDOW} finished requests of a session), so "
+                    f"whether it ran is unknown")
+            return None
+        if (sent.id, sent.op) != (request.id, request.op):
+            raise InvalidRequest(
+                f"seq {request.seq} of this session was used by {sent.op} request {sent.id}, "
+                f"not by {request.op} request {request.id}: a retry must repeat its request")
+        if sent.finished and sent.reply is None:  # failed, or only read: run it again
+            return None
+        self._retries += 1
+        return sent
+
+    def begin(self, request: Request, now: float) -> _Sent:
+        """Record a request about to run."""
+        session = self._sessions.get(request.session)
+        if session is None:
+            session = self._sessions[request.session] = _Session()
+        self._sessions.move_to_end(request.session)
+        session.heard = now
+        sent = session.requests[request.seq] = _Sent(request.id, request.op)
+        self._forget_idle(now)
+        return sent
+
+    def finish(self, request: Request, sent: _Sent, frames: list, ok: bool) -> list[bytes]:
+        """Record the reply of a request; returns the connections of its waiting retries."""
+        sent.finished = True
+        if ok and request.op in KEPT_REPLIES:
+            sent.reply = frames
+        session = self._sessions.get(request.session)
+        if session is not None and session.requests.get(request.seq) is sent:
+            session.finished.append(request.seq)
+            while len(session.finished) > SESSION_WINDOW:
+                seq = session.finished.popleft()
+                old = session.requests.get(seq)
+                if old is not None and old.finished:  # not one run again, still running
+                    del session.requests[seq]
+                    session.forgotten = max(session.forgotten, seq)
+        waiters, sent.waiters = sent.waiters, []
+        return waiters
+
+    def _forget_idle(self, now: float) -> None:
+        while self._sessions:
+            key, oldest = next(iter(self._sessions.items()))
+            if len(self._sessions) <= MAX_SESSIONS and now - oldest.heard <= SESSION_IDLE:
+                return
+            del self._sessions[key]
+
+    def stats(self) -> dict:
+        return {"sessions": len(self._sessions), "retries_answered": self._retries}
 
 
 class _ExpiredNames:

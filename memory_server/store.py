@@ -5,6 +5,11 @@ two paths give the same results by construction. It is torch-free and thread-saf
 different memories run in parallel (faiss releases the GIL), operations on one memory are serialised
 by its lock, and the rows of one call are spread over ``threads`` worker threads.
 
+The ``max_bytes`` books are kept per namespace under the store's lock: an add reserves its growth
+before it writes and settles the difference after, and dropping, restoring over or expiring a
+namespace takes its bytes off the books at once and marks it retired, so an add still running in
+it neither counts against the budget afterwards nor is acknowledged.
+
 A memory is ``(namespace, layer, row)``. It keeps the newest ``max_memories`` entries it was given
 (true FIFO, however many times the ring wraps) and is created by the first ``add`` that names it.
 """
@@ -242,7 +247,12 @@ class Retrieval:
 class _Namespace:
     config: NamespaceConfig
     memories: dict[tuple[int, int], Memory]
+    """Added to only under the store's lock."""
     last_used: float
+    bytes: int = 0
+    """What the books hold for it: its memories' bytes plus what adds under way reserved."""
+    retired: bool = False
+    """Dropped, restored over or expired: its bytes are off the books."""
 
 
 class MemoryStore:
@@ -315,7 +325,7 @@ class MemoryStore:
             ns = self._namespaces.pop(namespace, None)
             if ns is None:
                 raise UnknownNamespace(f"cannot drop namespace {namespace!r}: it is not open")
-            self._reserved_bytes -= sum(m.nbytes() for m in ns.memories.values())
+            self._retire(ns)
 
     def config(self, namespace: str) -> NamespaceConfig:
         return self._namespace(namespace).config
@@ -327,10 +337,10 @@ class MemoryStore:
     def expire(self, idle_seconds: float) -> list[str]:
         """Drop namespaces unused for ``idle_seconds``; returns their names."""
         now = time.monotonic()
-        with self._lock:
+        with self._lock:  # found and dropped at once: a name dropped meanwhile is no error
             stale = [n for n, ns in self._namespaces.items() if now - ns.last_used > idle_seconds]
-        for name in stale:
-            self.drop(name)
+            for name in stale:
+                self._retire(self._namespaces.pop(name))
         return stale
 
     def _namespace(self, namespace: str) -> _Namespace:
@@ -363,24 +373,36 @@ class MemoryStore:
                 f"+-{float(np.finfo(value_dtype).max):g}): "
                 f"{np.count_nonzero(~np.isfinite(values))} of them would be stored as inf; scale "
                 f"them down or open the namespace with value_dtype float32")
-        memories = [self._memory(ns, layer, int(row)) for row in rows]
-        # All rows or none: reserve the growth of every row before writing any, so an add refused
-        # by max_bytes leaves no row written.
+        # All rows or none: reserve the growth of every row before writing any, and create the
+        # missing memories only then, so a refused add leaves nothing behind.
+        keys_of = [(layer, int(row)) for row in rows]
+        with self._lock:
+            found = [ns.memories.get(key) for key in keys_of]
+        memories = [Memory(cfg) if memory is None else memory for memory in found]
         planned = []
         for memory in memories:
             with memory.lock:
                 planned.append(memory.growth_bytes(n))
-        self._reserve(sum(planned), namespace)
+        with self._lock:
+            self._check_live(ns, namespace)
+            self._reserve(ns, sum(planned), f"add to namespace {namespace!r}")
+            memories = [ns.memories.setdefault(key, memory)
+                        for key, memory in zip(keys_of, memories)]
 
         def add_row(i: int) -> None:
             memory = memories[i]
             with memory.lock:
-                # Another client's add to this memory may have come in between: keep the books
-                # exact (this may pass max_bytes by that one add's growth).
-                self._adjust(memory.growth_bytes(n) - planned[i])
-                memory.add(keys[i], values[i])
+                before = memory.nbytes()
+                try:
+                    memory.add(keys[i], values[i])
+                finally:
+                    # Another add to this memory may have come in between: keep the books exact
+                    # (this may pass max_bytes by that one add's growth).
+                    self._adjust(ns, memory.nbytes() - before - planned[i])
 
         self._map(add_row, range(len(rows)))
+        with self._lock:
+            self._check_live(ns, namespace)
 
     def search(self, namespace: str, layer: int, rows, queries: np.ndarray, k: int) -> Retrieval:
         """Top-``k`` entries by inner product for ``queries`` ``(b, q, dim)`` in the memories of ``rows``."""
@@ -471,34 +493,28 @@ class MemoryStore:
                                      f"{values.shape} for {total} entries")
             memory.load(keys, values, total)
             loaded[(layer, row)] = memory
-        nbytes = sum(m.nbytes() for m in loaded.values())
-        with self._lock:
-            old = self._namespaces.pop(namespace, None)
-            freed = sum(m.nbytes() for m in old.memories.values()) if old else 0
-            self._reserved_bytes -= freed
-        try:
-            self._reserve(nbytes, namespace)
-        except LimitExceeded:
+        new = _Namespace(config, loaded, time.monotonic())
+        with self._lock:  # the swap is one step: concurrent adds and restores see old or new
+            old = self._namespaces.get(namespace)
+            self._reserve(new, sum(m.nbytes() for m in loaded.values()),
+                          f"restore of namespace {namespace!r}",
+                          freeing=0 if old is None else old.bytes)
             if old is not None:
-                with self._lock:
-                    self._namespaces[namespace] = old
-                    self._reserved_bytes += freed
-            raise
-        with self._lock:
-            self._namespaces[namespace] = _Namespace(config, loaded, time.monotonic())
+                self._retire(old)
+            self._namespaces[namespace] = new
 
     def stats(self) -> dict:
-        with self._lock:
-            spaces = dict(self._namespaces)
+        with self._lock:  # adds create memories meanwhile
+            spaces = {name: (ns.config, list(ns.memories.items()))
+                      for name, ns in self._namespaces.items()}
         per_namespace = {}
-        for name, ns in spaces.items():
-            memories = list(ns.memories.values())
+        for name, (config, items) in spaces.items():
             per_namespace[name] = {
-                "memories": len(memories),
-                "entries": sum(m.live for m in memories),
-                "bytes": sum(m.nbytes() for m in memories),
-                "rows": sorted({row for _, row in ns.memories}),
-                "config": ns.config.to_dict(),
+                "memories": len(items),
+                "entries": sum(m.live for _, m in items),
+                "bytes": sum(m.nbytes() for _, m in items),
+                "rows": sorted({row for (_, row), _ in items}),
+                "config": config.to_dict(),
             }
         return {
             "namespaces": len(per_namespace),
@@ -510,28 +526,35 @@ class MemoryStore:
 
     # internals
 
-    def _memory(self, ns: _Namespace, layer: int, row: int) -> Memory:
-        with self._lock:
-            memory = ns.memories.get((layer, row))
-            if memory is None:
-                memory = ns.memories[(layer, row)] = Memory(ns.config)
-            return memory
+    # The books: callers hold self._lock, except for _adjust.
 
-    def _reserve(self, nbytes: int, namespace: str) -> None:
-        if nbytes <= 0:
-            return
-        with self._lock:
-            if self.max_bytes is not None and self._reserved_bytes + nbytes > self.max_bytes:
-                raise LimitExceeded(
-                    f"add to namespace {namespace!r} needs {nbytes} more bytes but the server "
-                    f"holds {self._reserved_bytes} of max_bytes={self.max_bytes}; raise --max-bytes, "
-                    f"lower max_memories, or drop unused namespaces")
-            self._reserved_bytes += nbytes
+    def _reserve(self, ns: _Namespace, nbytes: int, what: str, freeing: int = 0) -> None:
+        """Book ``nbytes`` for ``ns``, or refuse; ``freeing``: bytes the caller frees with it."""
+        if self.max_bytes is not None and nbytes > freeing \
+                and self._reserved_bytes - freeing + nbytes > self.max_bytes:
+            raise LimitExceeded(
+                f"{what} needs {nbytes} more bytes but the server holds {self._reserved_bytes} "
+                f"of max_bytes={self.max_bytes}; raise --max-bytes, lower max_memories, or drop "
+                f"unused namespaces")
+        ns.bytes += nbytes
+        self._reserved_bytes += nbytes
 
-    def _adjust(self, nbytes: int) -> None:
+    def _adjust(self, ns: _Namespace, nbytes: int) -> None:
         if nbytes:
             with self._lock:
-                self._reserved_bytes += nbytes
+                ns.bytes += nbytes
+                if not ns.retired:
+                    self._reserved_bytes += nbytes
+
+    def _retire(self, ns: _Namespace) -> None:
+        ns.retired = True
+        self._reserved_bytes -= ns.bytes
+
+    @staticmethod
+    def _check_live(ns: _Namespace, namespace: str) -> None:
+        if ns.retired:
+            raise UnknownNamespace(f"namespace {namespace!r} was dropped, restored or expired "
+                                   f"while this add ran; the add was not kept")
 
     def _map(self, fn, items):
         items = list(items)

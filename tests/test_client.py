@@ -160,6 +160,36 @@ def test_silent_server_times_out_naming_it_and_fails_its_other_requests():
             client.ping()
 
 
+def test_requests_unanswered_past_retry_after_are_sent_again_and_run_once(memory_server):
+    """A slow search holds the session's layer, so the two adds pipelined behind it go unanswered
+    past retry_after: the client reconnects and sends all three again with their session and seq.
+    The server answers each from its original, which runs once; what the client sends on the new
+    connection still runs after them."""
+    (server,) = memory_server(1)
+    config = NamespaceConfig(dim=64, max_memories=65536, num_layers=1, num_rows=2)
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, 65536, 64), dtype=np.float32)
+    queries = rng.standard_normal((1, 8192, 64), dtype=np.float32)  # a search of ~2 s here
+    with MemoryClient(server.endpoint, timeout=30) as setup:
+        setup.open("retry", config)
+        setup.add("retry", 0, [0], keys, keys)
+    tagged = [np.full((1, 1, 64), tag, np.float32) for tag in (1, 2)]
+    with MemoryClient(server.endpoint, timeout=60, retry_after=0.3) as client:
+        slow = client.search_async("retry", 0, [0], queries, 1)
+        adds = [client.add_async("retry", 0, [1], t, t) for t in tagged]
+        time.sleep(0.6)  # past retry_after: sent again
+        cleared = client.clear_async("retry", [1], [0])  # on the new connection
+        after = client.add_async("retry", 0, [1], tagged[1], tagged[1])
+        assert slow.result(timeout=60).positions.shape == (1, 8192, 1)
+        for future in (*adds, cleared, after):
+            future.result(timeout=60)
+        kv, mask = client.search("retry", 0, [1], tagged[0], 2).dense()
+        stats = client.stats()[0]
+    assert mask.sum() == 1 and kv[0, 0, 0, 1, 0] == 2  # the clear and add ran after the adds
+    assert stats["sessions"]["retries_answered"] >= 3
+    assert stats["requests"]["add"]["count"] == 1 + 3  # the setup's, the two and the last
+
+
 def test_a_dead_server_does_not_block_requests_for_rows_of_the_live_ones(servers):
     dead = f"tcp://127.0.0.1:{free_port()}"
     config = NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=4)

@@ -91,6 +91,16 @@ def test_encode_refuses_unsupported_dtypes():
         encode_request(1, "clear", {"namespace": "ns"}, {"rows": np.zeros(2)})
 
 
+def test_session_and_seq_round_trip_and_version_1_is_read():
+    request = decode_request(_bytes(encode_request(3, "ping", session=b"s" * 16, seq=5)))
+    assert (request.version, request.session, request.seq) == (PROTOCOL_VERSION, b"s" * 16, 5)
+    old = decode_request([msgpack.packb({"v": 1, "id": 3, "op": "ping", "args": {},
+                                         "arrays": []})])
+    assert (old.version, old.session, old.seq) == (1, None, None)
+    assert decode_reply(encode_reply(3, version=1)).instance is None
+    assert decode_reply(encode_error(3, "internal", "m", instance="ab12")).instance == "ab12"
+
+
 def test_error_reply_round_trip():
     reply = decode_reply(encode_error(None, "protocol_error", "bad"))
     assert (reply.id, reply.ok, reply.code, reply.message) == (None, False, "protocol_error", "bad")
@@ -141,6 +151,12 @@ MALFORMED = {
     "duplicate array": (_frames(_header(arrays=[["rows", "int64", [1]]] * 2), ROW, ROW), 7),
     "bool array with byte 2": (_frames(_header(op="clear", args={"namespace": "ns"},
                                                arrays=[["rows", "bool", [2]]]), b"\1\2"), 7),
+    "session without seq": (_frames(_header(session=b"s" * 16)), 7),
+    "seq without session": (_frames(_header(seq=1)), 7),
+    "session too short": (_frames(_header(session=b"s" * 7, seq=1)), 7),
+    "string session": (_frames(_header(session="s" * 16, seq=1)), 7),
+    "zero seq": (_frames(_header(session=b"s" * 16, seq=0)), 7),
+    "session in version 1": (_frames(_header(v=1, session=b"s" * 16, seq=1)), 7),
     "deep nesting": ([b"\x91" * 100_000 + b"\xc0"], None),
     "header over the header limit": ([b"\0" * (MAX_HEADER_BYTES + 1)], None),
 }

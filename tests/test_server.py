@@ -1,6 +1,7 @@
 """The memory-server daemon as a real process: bad input, limits, shutdown, ordering, faults and
 the command line."""
 
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import zmq
 
 from memory_server import (ConfigMismatch, InvalidRequest, LimitExceeded, NamespaceConfig,
-                           ServerUnavailable, UnknownNamespace)
+                           ServerRestarted, ServerUnavailable, UnknownNamespace)
 from memory_server.cli import main, parse_bytes
 from memory_server.client import MemoryClient
 from memory_server.protocol import PROTOCOL_VERSION, Reply, decode_reply, encode_request
@@ -302,6 +303,54 @@ def test_each_client_reads_its_writes_under_concurrency(memory_server):
             future.result(timeout=60)
 
 
+def test_a_request_sent_again_with_its_session_and_seq_is_answered_once(memory_server):
+    """What a client sends after a reconnect: the same request, session and seq on another
+    connection. A finished add is answered with its kept reply and not run again; a finished
+    search, and a failed add (which changed nothing), run again; a seq reused by another request
+    is refused, and so is a retry older than the session's window of 64 finished requests."""
+    (server,) = memory_server(1)
+    session = os.urandom(16)
+    keys = np.ones((1, 3, 4), np.float32)
+    rows = np.array([0])
+
+    def call(request_id: int, op: str, args: dict, arrays=None, seq=None) -> Reply:
+        return raw_call(server.endpoint, encode_request(request_id, op, args, arrays,
+                                                        session=session, seq=seq or request_id))
+
+    config = {"namespace": "once", "config": CONFIG.to_dict()}
+    add = (2, "add", {"namespace": "once", "layer": 0}, {"rows": rows, "keys": keys,
+                                                         "values": keys})
+    search = (3, "search", {"namespace": "once", "layer": 0, "k": 1},
+              {"rows": rows, "queries": keys[:, :1]})
+    replies = [call(1, "open", config), call(*add), call(*add), call(*search), call(*search)]
+    assert all(r.ok for r in replies) and len({r.instance for r in replies}) == 1
+    nan = np.full_like(keys, np.nan)
+    failed = (4, "add", add[2], {"rows": rows, "keys": nan, "values": nan})
+    assert [call(*failed).code for _ in range(2)] == ["invalid_request"] * 2
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        stats = client.stats()[0]
+    assert stats["per_namespace"]["once"]["entries"] == 3
+    assert stats["requests"]["add"]["count"] == 1 + 2 and stats["requests"]["add"]["errors"] == 2
+    assert stats["requests"]["search"]["count"] == 2
+    assert stats["sessions"]["retries_answered"] == 1
+
+    reused = call(5, "clear", {"namespace": "once"}, {"rows": rows}, seq=2)
+    assert reused.code == "invalid_request" and "a retry must repeat its request" in reused.message
+    for seq in range(6, 6 + 64):  # pushes seqs 1 to 4 out of the window
+        assert call(seq, "open", config).ok
+    old = call(*add)
+    assert old.code == "unavailable" and "whether it ran is unknown" in old.message, old.message
+
+
+def test_version_1_requests_are_still_served_in_version_1(server):
+    header = {"v": 1, "id": 9, "op": "ping", "args": {}, "arrays": []}
+    reply = raw_call(server.endpoint, [msgpack.packb(header)])
+    assert reply.ok and reply.id == 9 and reply.instance is None  # a version 1 reply has none
+    refused = raw_call(server.endpoint, [msgpack.packb({**header, "session": b"s" * 16,
+                                                        "seq": 1})])
+    assert refused.code == "protocol_error" and "unexpected ['seq', 'session']" in refused.message
+
+
 def test_killed_server_fails_fast_naming_it_then_the_client_recovers(memory_server):
     (server,) = memory_server(1)
     config = NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=1)
@@ -319,6 +368,67 @@ def test_killed_server_fails_fast_naming_it_then_the_client_recovers(memory_serv
         client.open("faults", config)  # a restarted server starts empty
         client.add("faults", 0, [0], keys, keys)
         assert client.search("faults", 0, [0], keys, 1).mask.all()
+
+
+def _slow_search(client: MemoryClient):
+    """A search of a few seconds here, accepted by the server when this returns."""
+    config = NamespaceConfig(dim=64, max_memories=65536, num_layers=1, num_rows=1)
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, 65536, 64), dtype=np.float32)
+    client.open("slow", config)
+    client.add("slow", 0, [0], keys, keys)
+    search = client.search_async("slow", 0, [0],
+                                 rng.standard_normal((1, 8192, 64), dtype=np.float32), 1)
+    client.ping()  # same connection, in order: the server has accepted the search
+    return search
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_silent_server_fails_the_request_in_flight_within_seconds(memory_server, how):
+    """SIGKILL closes the connection; SIGSTOP leaves it open and silent, which only heartbeats
+    notice. Either way the search fails within about 2 s, whatever the 60 s time-out."""
+    (server,) = memory_server(1)
+    with MemoryClient(server.endpoint, timeout=60) as client:
+        search = _slow_search(client)
+        start = time.monotonic()
+        if how == "SIGKILL":
+            server.kill()  # and reaped, so the fixture does not stop it again
+        else:
+            server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ServerUnavailable, match=re.escape(server.endpoint) + r" went away "
+                                                        r"while search was in flight"):
+                search.result(timeout=10)
+            assert time.monotonic() - start < 3.0
+        finally:
+            if how == "SIGSTOP":
+                server.proc.send_signal(signal.SIGCONT)
+        if how == "SIGSTOP":  # the server lives on, and the client reconnects to it
+            assert client.ping()
+
+
+def test_a_restarted_server_is_named_as_such_for_a_namespace_it_lost(memory_server):
+    (server,) = memory_server(1)
+    config = NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=1)
+    keys = np.ones((1, 2, 4), np.float32)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.open("lost", config)
+        client.add("lost", 0, [0], keys, keys)
+        server.kill()
+        memory_server(1, port=server.port)
+        with pytest.raises(ServerRestarted, match=re.escape(server.endpoint) + r" restarted, or "
+                                                  r"another server took its address, since this "
+                                                  r"client opened namespace 'lost' there.*"
+                                                  r"memories on that server were lost"):
+            client.search("lost", 0, [0], keys, 1)
+        assert isinstance(ServerRestarted("x"), UnknownNamespace)  # caught as before
+        client.open("lost", config)  # opened again: empty, and no longer "restarted"
+        assert not client.search("lost", 0, [0], keys, 1).mask.any()
+        with MemoryClient(server.endpoint, timeout=10) as other:
+            other.drop("lost")
+        with pytest.raises(UnknownNamespace, match="is not open on this server") as info:
+            client.search("lost", 0, [0], keys, 1)  # the same server dropped it: not a restart
+        assert not isinstance(info.value, ServerRestarted)
 
 
 def _run_cli(*flags: str) -> subprocess.CompletedProcess:

@@ -1,10 +1,14 @@
 """MemoryStore: exact retrieval, true FIFO eviction, row isolation, limits and argument errors."""
 
 import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from memory_server import store as store_module
 from memory_server import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryStore,
                            NamespaceConfig, UnknownNamespace)
 
@@ -377,3 +381,144 @@ def test_float16_storage_refuses_values_it_cannot_hold(value):
     store.add("ns", 0, np.arange(2), keys, values)
     kv, _ = store.search("ns", 0, np.array([1]), keys[1:, :1], 3).dense()
     assert np.isfinite(kv).all() and kv[0, 0, :, 1].max() == 65504.0
+
+
+# races: drop, restore, expiry and stats against adds
+
+def _books(store: MemoryStore) -> tuple[int, int]:
+    """(bytes the --max-bytes accounting holds, bytes the live memories hold): equal at rest."""
+    with store._lock:
+        live = sum(m.nbytes() for ns in store._namespaces.values()
+                   for m in ns.memories.values())
+        return store._reserved_bytes, live
+
+
+@pytest.mark.parametrize("remove", ["drop", "restore", "expire"])
+def test_an_add_racing_a_drop_restore_or_expiry_is_refused_and_the_books_stay_exact(
+        remove, monkeypatch):
+    """The namespace goes away while an add is past its reservation: the add is refused, not
+    acknowledged, and the whole --max-bytes budget is free again afterwards."""
+    one_memory = 64 * 16 * 8  # max_memories x dim x (4 + 4) bytes
+    store = make_store(rows=2, layers=1, max_memories=64, max_bytes=2 * one_memory)
+    empty = store.export_namespace("ns")
+    inside, release = threading.Event(), threading.Event()
+    original = store_module.Memory.add
+
+    def held_add(memory, keys, values):  # the first write waits, after the add reserved
+        if not inside.is_set():
+            inside.set()
+            assert release.wait(10)
+        original(memory, keys, values)
+
+    monkeypatch.setattr(store_module.Memory, "add", held_add)
+    keys = unit(np.random.default_rng(19), 2, 64, 16)
+    with ThreadPoolExecutor(1) as pool:
+        add = pool.submit(store.add, "ns", 0, np.array([0]), keys[:1], keys[:1])
+        assert inside.wait(10)
+        {"drop": lambda: store.drop("ns"),
+         "restore": lambda: store.import_namespace("ns", empty),
+         "expire": lambda: store.expire(0)}[remove]()
+        release.set()
+        with pytest.raises(UnknownNamespace, match="'ns' was dropped, restored or expired "
+                                                   "while this add ran"):
+            add.result(timeout=10)
+    assert _books(store) == (0, 0)
+    if remove != "restore":
+        store.open("ns", NamespaceConfig(dim=16, max_memories=64, num_layers=1, num_rows=2))
+    store.add("ns", 0, np.arange(2), keys, keys)  # the whole budget
+    assert _books(store) == (2 * one_memory, 2 * one_memory)
+
+
+def test_a_refused_add_leaves_no_memory_behind():
+    store = make_store(rows=1000, layers=1, max_memories=64, max_bytes=64 * 16 * 8)
+    keys = np.ones((1000, 1, 16), np.float32)
+    with pytest.raises(LimitExceeded, match="max_bytes"):
+        store.add("ns", 0, np.arange(1000), keys, keys)
+    stats = store.stats()
+    assert (stats["memories"], stats["bytes"]) == (0, 0) and _books(store) == (0, 0)
+
+
+@pytest.fixture
+def fast_switching():
+    """Switch threads every microsecond, so races show up in few iterations."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_stats_while_adds_create_memories(fast_switching):
+    store = make_store(rows=4096, layers=1, max_memories=4, dim=4)
+    keys = np.ones((8, 1, 4), np.float32)
+    done = threading.Event()
+
+    def add_rows():
+        try:
+            for start in range(0, 4096, 8):
+                store.add("ns", 0, np.arange(start, start + 8), keys, keys)
+        finally:
+            done.set()
+
+    with ThreadPoolExecutor(1) as pool:
+        adds = pool.submit(add_rows)
+        for _ in range(100_000):  # bounded; stops when the adds are done
+            if done.is_set():
+                break
+            store.stats()
+        adds.result(timeout=60)
+    assert store.stats()["memories"] == 4096
+
+
+def test_threads_hammering_a_store_keep_the_books_exact(fast_switching):
+    """Adds, clears, drops, opens, restores, expiries and stats from six threads at once (seeded,
+    bounded): only the errors these races call for, and afterwards the --max-bytes accounting
+    equals the bytes the live memories hold."""
+    config = NamespaceConfig(dim=8, max_memories=32, num_layers=2, num_rows=8)
+    names = ["a", "b", "c"]
+    one_memory = 32 * 8 * 8
+    store = MemoryStore(threads=2, max_bytes=24 * one_memory)
+    source = MemoryStore()
+    source.open("x", config)
+    full = np.ones((8, 32, 8), np.float32)
+    source.add("x", 1, np.arange(8), full, full)
+    state = source.export_namespace("x")
+    for name in names:
+        store.open(name, config)
+
+    def hammer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            name = names[rng.integers(len(names))]
+            rows = rng.permutation(8)[: rng.integers(1, 9)]
+            layer, op = int(rng.integers(2)), rng.random()
+            try:
+                if op < 0.5:
+                    keys = rng.standard_normal((len(rows), int(rng.integers(1, 40)), 8),
+                                               dtype=np.float32)
+                    store.add(name, layer, rows, keys, keys)
+                elif op < 0.6:
+                    store.clear(name, rows, [layer])
+                elif op < 0.7:
+                    store.drop(name)
+                elif op < 0.8:
+                    store.open(name, config)
+                elif op < 0.86:
+                    store.import_namespace(name, state)
+                elif op < 0.9:
+                    store.expire(0.001)
+                else:
+                    store.stats()
+            except UnknownNamespace:  # dropped, restored or expired by another thread
+                assert op < 0.7
+            except LimitExceeded:  # the budget is shared by all threads
+                assert op < 0.5 or 0.8 <= op < 0.86
+
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(hammer, seed) for seed in range(6)]:
+            future.result(timeout=120)
+    reserved, live = _books(store)
+    assert reserved == live
+    for name in store.namespaces():
+        store.drop(name)
+    assert _books(store) == (0, 0)
+    store.close()

@@ -63,6 +63,10 @@ class TrainConfig:
     smear_keys: bool = True
     """Smeared keys (``memtrans.model.KeySmear``): each key mixes in the previous token's, which
     makes copying from context (and so from memory) learnable in far fewer steps."""
+    copy_warmup_steps: int = 0
+    """The first this many of ``steps`` train on the rotated-copy task (``memtrans.copy_task``),
+    without kNN or XL memory, before the corpus: a dense copy signal from which the model learns
+    to copy from context in a few hundred steps; the corpus then starts at its beginning."""
     max_memories: int = 4096
     """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
     num_retrieved: int = 32
@@ -121,7 +125,8 @@ class TrainConfig:
                      "log_every"):
             _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 1,
                      "a positive integer")
-        for name in ("xl_max_memories", "warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        for name in ("xl_max_memories", "warmup_steps", "copy_warmup_steps", "eval_every",
+                     "checkpoint_every", "seed"):
             _require(name, getattr(self, name), lambda v: _is_int(v) and v >= 0,
                      "a non-negative integer")
         _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
@@ -239,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--smear-keys", action=argparse.BooleanOptionalAction,
         help=f"mix each attention key with the previous token's (Olsson et al.'s smeared keys; "
              f"default {'on' if d.smear_keys else 'off'})")
+    add("--copy-warmup-steps", type=int,
+        help=f"train the first N steps on a rotated-copy task (no memory), then the corpus: "
+             f"teaches copying from context fast (default {d.copy_warmup_steps})")
     add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
     add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
     add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")

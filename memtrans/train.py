@@ -60,6 +60,7 @@ from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_mem
                          load_checkpoint, resolve_config, restore_remote, save_checkpoint,
                          servers_persist, snapshot_remote)
 from .config import RECALL, TrainConfig, TrainError, build_parser
+from .copy_task import copy_batch, warmup_rng
 from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, load_corpus
 from .evaluation import (EvalSettings, evaluate, knn_layer_parameters, recall_line,
                          sum_over_ranks, xl_valid)
@@ -386,6 +387,16 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             for micro in range(config.grad_accum):
+                if step < config.copy_warmup_steps:
+                    x, labels, _ = copy_batch(warmup_rng(config.seed, rank, step, micro),
+                                              config.batch_size, config.seq_len)
+                    loss = model(x.to(device), knn_memories=blank, labels=labels.to(device),
+                                 add_knn_memory=False)
+                    loss = loss[0] if isinstance(loss, tuple) else loss
+                    (loss / config.grad_accum).backward()
+                    n = int((labels != PAD_ID).sum())
+                    nats, tokens = nats + loss.item() * n, tokens + n
+                    continue
                 segment = next(stream)
                 recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
                 if ddp:
@@ -420,6 +431,7 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                     [nats, tokens, wait.take(), recovery.skipped], ddp, device)
                 bpb = nats / max(tokens, 1) / math.log(2)
                 record = {"kind": "train", "step": step, "train_seconds": trained_s,
+                          "data": "copy" if step <= config.copy_warmup_steps else "corpus",
                           "train_bpb": bpb, "tokens_per_s": tokens / busy,
                           "memory_wait_s_per_step": waited / world_size / window,
                           "lr": learning_rate(step - 1, config), "memory_skipped": int(skipped)}

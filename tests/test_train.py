@@ -609,3 +609,20 @@ def test_smeared_keys_flag_reaches_the_model_and_old_checkpoints_resume_without(
     assert resumed.smear_keys is False
     with pytest.raises(ValueError, match="smear_keys must be True or False"):
         TrainConfig(smear_keys="yes")
+
+
+def test_copy_warmup_trains_on_the_copy_task_first_and_resumes_exactly(corpus, tmp_path):
+    """--copy-warmup-steps 3 of 6: steps 1-3 on copy batches, then the corpus; stopped at step 2
+    and resumed, the same per-step losses (the warm-up batches are a function of the step)."""
+    flags = ["--data", str(corpus), "--memory", "inproc", "--copy-warmup-steps", "3",
+             "--eval-every", "6", *TINY]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run(*flags, "--steps", "6", "--out", str(whole)).returncode == 0
+    first = run(*flags, "--steps", "2", "--out", str(split))
+    assert first.returncode == 0, first.stderr
+    second = run("--resume", str(split), "--steps", "6")
+    assert second.returncode == 0, second.stderr
+    train = records(whole, "train")
+    assert [r["data"] for r in train] == ["copy"] * 3 + ["corpus"] * 3
+    assert [(r["step"], r["train_bpb"]) for r in records(split, "train")] == \
+        [(r["step"], r["train_bpb"]) for r in train]

@@ -61,7 +61,7 @@ from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_mem
                          servers_persist, snapshot_remote)
 from .config import RECALL, TrainConfig, TrainError, build_parser
 from .copy_task import copy_batch, warmup_rng
-from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, load_corpus
+from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, Segment, load_corpus
 from .evaluation import (EvalSettings, evaluate, knn_layer_parameters, recall_line,
                          sum_over_ranks, xl_valid)
 from .memory import KNNMemoryList, servers_from_env
@@ -146,6 +146,14 @@ def _forward(model, segment, memories, xl, *, add_knn_memory: bool, device):
                 labels=segment.labels.to(device), add_knn_memory=add_knn_memory,
                 xl_valid=xl_valid(segment))
     return out if isinstance(out, tuple) else (out, None)
+
+
+def _copy_segment(config: TrainConfig, rank: int, step: int, micro: int) -> Segment:
+    """One micro-batch of the copy warm-up, as a segment of fresh one-segment documents."""
+    x, labels, _ = copy_batch(warmup_rng(config.seed, rank, step, micro), config.batch_size,
+                              config.seq_len)
+    return Segment(x=x, labels=labels, reset=torch.ones(config.batch_size, dtype=torch.bool),
+                   offsets=(0,) * config.batch_size)
 
 
 def eval_settings(config: TrainConfig, rank: int = 0, world_size: int = 1) -> EvalSettings:
@@ -387,28 +395,23 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             for micro in range(config.grad_accum):
-                if step < config.copy_warmup_steps:
-                    x, labels, _ = copy_batch(warmup_rng(config.seed, rank, step, micro),
-                                              config.batch_size, config.seq_len)
-                    loss = model(x.to(device), knn_memories=blank, labels=labels.to(device),
-                                 add_knn_memory=False)
-                    loss = loss[0] if isinstance(loss, tuple) else loss
-                    (loss / config.grad_accum).backward()
-                    n = int((labels != PAD_ID).sum())
-                    nats, tokens = nats + loss.item() * n, tokens + n
-                    continue
-                segment = next(stream)
-                recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
                 if ddp:
                     model.require_backward_grad_sync = micro == config.grad_accum - 1
+                if step < config.copy_warmup_steps:  # no memory: XL stays empty for the corpus
+                    segment = _copy_segment(config, rank, step, micro)
+                    loss, _ = _forward(model, segment, blank, None, add_knn_memory=False,
+                                       device=device)
+                else:
+                    segment = next(stream)
+                    recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
 
-                def attempt(use_memory: bool, segment=segment, xl=xl):
-                    knn = memories if use_memory else blank
-                    _reset_rows(segment, knn, wait)
-                    return _forward(model, segment, knn, xl,
-                                    add_knn_memory=retrieval and use_memory, device=device)
+                    def attempt(use_memory: bool, segment=segment, xl=xl):
+                        knn = memories if use_memory else blank
+                        _reset_rows(segment, knn, wait)
+                        return _forward(model, segment, knn, xl,
+                                        add_knn_memory=retrieval and use_memory, device=device)
 
-                loss, xl = recovery.run(step, "training segment", attempt)
+                    loss, xl = recovery.run(step, "training segment", attempt)
                 (loss / config.grad_accum).backward()
                 n = int((segment.labels != PAD_ID).sum())
                 nats, tokens = nats + loss.item() * n, tokens + n

@@ -4,9 +4,10 @@
                                              [any memtrans-train flag, e.g. --recall-bindings 256]
 
 Trains three arms on ``--data recall`` (``memtrans.recall``), one after another, the same model,
-seed and documents: ``none`` (no memorizing layers: a Transformer-XL), ``memory`` (one kNN layer,
-one softmax over memory and local keys) and ``gate`` (the same with the paper's gate). Then, on
-the final checkpoints, it evaluates on the validation documents:
+seed and documents: ``none`` (no memorizing layers: a Transformer-XL), ``memory`` (kNN layers
+where ``--memorizing-layers`` puts them, one softmax over memory and local keys) and ``gate``
+(the same with the paper's gate). Then, on the final checkpoints, it evaluates on the validation
+documents:
 
 - each memory arm with retrieval on and off (the same model, its memories left empty);
 - the **leak control**: each memory arm reading memories that another row's documents filled
@@ -38,8 +39,8 @@ from memtrans.train import build_model, make_memories, open_corpus
 ARMS = ("none", "memory", "gate")
 LABELS = {"none": "no memorizing layer", "memory": "kNN memory (joint softmax)",
           "gate": "kNN memory (gate)"}
-FIXED = {"--data", "--memory", "--memorizing-layers", "--knn-combine", "--steps", "--eval-every",
-         "--eval-batches", "--out", "--resume"}
+FIXED = {"--data", "--memory", "--knn-combine", "--steps", "--eval-every", "--eval-batches",
+         "--out", "--resume"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -73,7 +74,7 @@ class RecallExperimentConfig:
 
     def arm_flags(self) -> dict[str, list[str]]:
         common = ["--data", "recall", *self.train_args]
-        return {"none": ["--memory", "off", "--memorizing-layers", "", *common],
+        return {"none": ["--memory", "off", *common, "--memorizing-layers", ""],
                 "memory": ["--memory", self.memory, *common],
                 "gate": ["--memory", self.memory, "--knn-combine", "gate", *common]}
 

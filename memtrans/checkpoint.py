@@ -56,8 +56,8 @@ def resolve_config(given: dict, checkpoint: dict | None,
     """The run's config: the flags given, over the checkpoint's config when resuming."""
     if checkpoint is None:
         return TrainConfig(**given)
-    # Checkpoints from before smeared keys existed have none.
-    saved = {"smear_keys": False, **checkpoint["config"]}
+    # Checkpoints from before smeared keys and kNN convolutions existed have neither.
+    saved = {"smear_keys": False, "knn_qk_conv": 0, **checkpoint["config"]}
     saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
              "memory_servers": tuple(saved["memory_servers"])}
     differing = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"

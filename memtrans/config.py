@@ -60,9 +60,14 @@ class TrainConfig:
     knn_combine: str = "joint"
     """How a kNN layer mixes memory and local attention: ``joint`` (one softmax over both, the
     seed's) or ``gate`` (separate softmaxes mixed by a learned per-head gate, the paper's)."""
-    smear_keys: bool = True
-    """Smeared keys (``memtrans.model.KeySmear``): each key mixes in the previous token's, which
-    makes copying from context (and so from memory) learnable in far fewer steps."""
+    smear_keys: bool = False
+    """Smeared keys in every layer (``memtrans.model.KeySmear``): each key mixes in the previous
+    token's. Off: a plain layer that can copy in one step learns to copy before the kNN layer
+    does, and then the memory goes unused (README, the recall task)."""
+    knn_qk_conv: int = 3
+    """Causal convolutions over the kNN layers' last this many queries and one more keys
+    (``memtrans.model.ShortConv``), so the kNN layer alone matches the last tokens and copies what
+    followed them, from context and from memory; 0: none."""
     copy_warmup_steps: int = 0
     """The first this many of ``steps`` train on the rotated-copy task (``memtrans.copy_task``),
     without kNN or XL memory, before the corpus: a dense copy signal from which the model learns
@@ -131,6 +136,8 @@ class TrainConfig:
                      "a non-negative integer")
         _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
         _require("smear_keys", self.smear_keys, lambda v: isinstance(v, bool), "True or False")
+        _require("knn_qk_conv", self.knn_qk_conv, lambda v: _is_int(v) and 0 <= v <= 16,
+                 "an integer in [0, 16]")
         _require("knn_combine", self.knn_combine, lambda v: v in KNN_COMBINES,
                  f"one of {KNN_COMBINES}")
         for name in ("recall_bindings", "recall_distance"):
@@ -242,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mix memory and local attention in one softmax (joint) or by a learned per-head "
              f"gate (gate, the paper's) (default {d.knn_combine})")
     add("--smear-keys", action=argparse.BooleanOptionalAction,
-        help=f"mix each attention key with the previous token's (Olsson et al.'s smeared keys; "
-             f"default {'on' if d.smear_keys else 'off'})")
+        help=f"mix each attention key with the previous token's, in every layer (Olsson et al.'s "
+             f"smeared keys; default {'on' if d.smear_keys else 'off'})")
+    add("--knn-qk-conv", type=int, metavar="W",
+        help=f"kNN layers: causal convolutions over the last W queries and W+1 keys, so the kNN "
+             f"layer matches the last W tokens; 0: none (default {d.knn_qk_conv})")
     add("--copy-warmup-steps", type=int,
         help=f"train the first N steps on a rotated-copy task (no memory), then the corpus: "
              f"teaches copying from context fast (default {d.copy_warmup_steps})")

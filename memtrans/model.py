@@ -163,6 +163,29 @@ class KeySmear(nn.Module):
         return a * k + (1 - a) * F.pad(k, (0, 0, 1, 0))[:, :-1]
 
 
+class ShortConv(nn.Module):
+    """A causal depthwise convolution over positions: ``sum_s w_s * t_(i-s)`` for s < width,
+    with a learned weight per offset and channel, initialised to ``init`` (the rest zero).
+
+    On a kNN layer's queries and keys (``knn_qk_conv``, Primer's multi-dconv-head attention, So et
+    al. 2021) it lets one layer match the last few tokens: a query over tokens i-w+1..i meets the
+    key of the position after an earlier occurrence of them. Positions before the segment start
+    count as zero (the previous segment's tokens are not carried).
+    """
+
+    def __init__(self, channels: int, width: int, init: tuple[float, ...]):
+        super().__init__()
+        weight = torch.zeros(width, channels)
+        weight[:len(init)] = torch.tensor(init).view(-1, 1)
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        out = self.weight[0] * t
+        for s in range(1, min(self.weight.shape[0], t.shape[1] + 1)):
+            out = out + self.weight[s] * F.pad(t, (0, 0, s, 0))[:, :-s]
+        return out
+
+
 class Attention(nn.Module):
     """Causal multi-query attention (one key/value head) with optional Transformer-XL memory."""
 
@@ -249,7 +272,7 @@ class KNNAttention(nn.Module):
     def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
                  num_retrieved_memories: int = 32, xl_max_memories: int = 0,
                  attn_scale_init: float = 20, gate_output: bool = False, combine: str = "joint",
-                 smear_keys: bool = False):
+                 smear_keys: bool = False, qk_conv: int = 0):
         super().__init__()
         if combine not in KNN_COMBINES:
             raise ValueError(f"knn_combine must be one of {KNN_COMBINES}, got {combine!r}")
@@ -263,7 +286,11 @@ class KNNAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
         self.combine_gate = nn.Parameter(torch.zeros(heads)) if combine == "gate" else None
-        self.key_smear = KeySmear(dim_head) if smear_keys else None
+        self.key_smear = KeySmear(dim_head) if smear_keys and not qk_conv else None
+        # Keys reach one token further back than queries: the key of the position after the
+        # query's tokens carries them.
+        self.query_conv = ShortConv(heads * dim_head, qk_conv, (1.0,)) if qk_conv else None
+        self.key_conv = ShortConv(dim_head, qk_conv + 1, (0.5, 0.5)) if qk_conv else None
         self.probe = None
 
     def forward(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None,
@@ -279,10 +306,15 @@ class KNNAttention(nn.Module):
         The search goes to ``read_memory`` (default ``knn_memory``), the add to ``knn_memory``.
         """
         read_memory = knn_memory if read_memory is None else read_memory
-        q = l2norm(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads))
+        q = self.to_q(x)
+        if self.query_conv is not None:
+            q = self.query_conv(q)
+        q = l2norm(rearrange(q, "b n (h d) -> b h n d", h=self.heads))
         k, v = self.to_kv(x).chunk(2, dim=-1)
         if self.key_smear is not None:
             k = self.key_smear(k)
+        if self.key_conv is not None:
+            k = self.key_conv(k)
         k = l2norm(k)
         search = read_memory.search_async(q, self.num_retrieved_memories)
         local_keys = k.detach() if self.probe is not None else None
@@ -355,6 +387,8 @@ class MemorizingTransformer(nn.Module):
     layer mixes memory and local attention (``KNNAttention``): ``joint`` (default, the seed's, so
     its checkpoints load) or ``gate`` (the paper's). ``smear_keys`` gives every attention layer
     Olsson et al.'s smeared keys (``KeySmear``; off by default, so seed checkpoints load).
+    ``knn_qk_conv = w`` gives the kNN layers causal convolutions (``ShortConv``) over w queries
+    and w + 1 keys instead, so a kNN layer alone can match the last w tokens (off by default).
 
     ``shift_knn_memories_down = s``: the i-th memorizing layer searches the memory that the
     min(i + s, last)-th writes, and still writes its own, so a lower layer reads what a higher one
@@ -374,7 +408,7 @@ class MemorizingTransformer(nn.Module):
                  shift_knn_memories_down: int = 0, pad_id: int = 0, xl_max_memories: int = 0,
                  xl_memory_layers=None, shift_xl_memories_down: int = 0,
                  knn_memory_multiprocessing: bool = False, gate_knn_output: bool = False,
-                 knn_combine: str = "joint", smear_keys: bool = False):
+                 knn_combine: str = "joint", smear_keys: bool = False, knn_qk_conv: int = 0):
         super().__init__()
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pad_id = pad_id
@@ -412,7 +446,8 @@ class MemorizingTransformer(nn.Module):
                 attn = KNNAttention(dim=dim, dim_head=dim_head, heads=knn_attn_heads,
                                     dropout=attn_dropout, num_retrieved_memories=num_retrieved_memories,
                                     xl_max_memories=xl, gate_output=gate_knn_output,
-                                    combine=knn_combine, smear_keys=smear_keys)
+                                    combine=knn_combine, smear_keys=smear_keys,
+                                    qk_conv=knn_qk_conv)
             else:
                 attn = Attention(dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout,
                                  xl_max_memories=xl, smear_keys=smear_keys)

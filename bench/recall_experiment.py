@@ -4,7 +4,8 @@
                                              [any memtrans-train flag, e.g. --recall-bindings 256]
 
 Trains three arms on ``--data recall`` (``memtrans.recall``), one after another, the same model,
-seed and documents: ``none`` (no memorizing layers: a Transformer-XL), ``memory`` (kNN layers
+seed and documents: ``none`` (no memorizing layers: a Transformer-XL, with the query/key
+convolutions where the memory arms have them), ``memory`` (kNN layers
 where ``--memorizing-layers`` puts them, one softmax over memory and local keys) and ``gate``
 (the same with the paper's gate). Then, on the final checkpoints, it evaluates on the validation
 documents:
@@ -32,6 +33,7 @@ import torch
 from bench.common import machine_line, table
 from bench.experiment import read_log, report, run_arms
 from memtrans.checkpoint import CHECKPOINT, resolve_config
+from memtrans.config import TrainConfig, build_parser
 from memtrans.evaluation import EvalSettings, evaluate, other_rows
 from memtrans.recall import CHANCE_ACCURACY, CHANCE_BITS, LINE, RecallCorpus, RecallTask
 from memtrans.train import build_model, make_memories, open_corpus
@@ -74,7 +76,11 @@ class RecallExperimentConfig:
 
     def arm_flags(self) -> dict[str, list[str]]:
         common = ["--data", "recall", *self.train_args]
-        return {"none": ["--memory", "off", *common, "--memorizing-layers", ""],
+        memory_arm = TrainConfig(**vars(build_parser().parse_args(common)))
+        # The no-memory arm keeps the memory arms' query/key convolutions, where they have them.
+        layers = memory_arm.qk_conv_layers or memory_arm.memorizing_layers
+        convs = ["--qk-conv-layers", ",".join(map(str, layers))]
+        return {"none": ["--memory", "off", *common, "--memorizing-layers", "", *convs],
                 "memory": ["--memory", self.memory, *common],
                 "gate": ["--memory", self.memory, "--knn-combine", "gate", *common]}
 

@@ -57,8 +57,10 @@ def resolve_config(given: dict, checkpoint: dict | None,
     if checkpoint is None:
         return TrainConfig(**given)
     # Checkpoints from before smeared keys and kNN convolutions existed have neither.
-    saved = {"smear_keys": False, "knn_qk_conv": 0, **checkpoint["config"]}
+    saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, **checkpoint["config"]}
     saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
+             "qk_conv_layers": None if saved["qk_conv_layers"] is None
+             else tuple(saved["qk_conv_layers"]),
              "memory_servers": tuple(saved["memory_servers"])}
     differing = [f"{name}: checkpoint {saved.get(name)!r}, now {value!r}"
                  for name, value in given.items()

@@ -64,10 +64,12 @@ class TrainConfig:
     """Smeared keys in every layer (``memtrans.model.KeySmear``): each key mixes in the previous
     token's. Off: a plain layer that can copy in one step learns to copy before the kNN layer
     does, and then the memory goes unused (README, the recall task)."""
-    knn_qk_conv: int = 3
-    """Causal convolutions over the kNN layers' last this many queries and one more keys
-    (``memtrans.model.ShortConv``), so the kNN layer alone matches the last tokens and copies what
-    followed them, from context and from memory; 0: none."""
+    qk_conv: int = 3
+    """Causal convolutions over the last this many queries and one more keys
+    (``memtrans.model.ShortConv``) in the ``qk_conv_layers``, so one layer alone matches the last
+    tokens and copies what followed them, from context and, in a kNN layer, from memory; 0: none."""
+    qk_conv_layers: tuple[int, ...] | None = None
+    """1-based layers with ``qk_conv``; None: the memorizing layers."""
     copy_warmup_steps: int = 0
     """The first this many of ``steps`` train on the rotated-copy task (``memtrans.copy_task``),
     without kNN or XL memory, before the corpus: a dense copy signal from which the model learns
@@ -136,7 +138,7 @@ class TrainConfig:
                      "a non-negative integer")
         _require("memory", self.memory, lambda v: v in MEMORY_MODES, f"one of {MEMORY_MODES}")
         _require("smear_keys", self.smear_keys, lambda v: isinstance(v, bool), "True or False")
-        _require("knn_qk_conv", self.knn_qk_conv, lambda v: _is_int(v) and 0 <= v <= 16,
+        _require("qk_conv", self.qk_conv, lambda v: _is_int(v) and 0 <= v <= 16,
                  "an integer in [0, 16]")
         _require("knn_combine", self.knn_combine, lambda v: v in KNN_COMBINES,
                  f"one of {KNN_COMBINES}")
@@ -163,6 +165,11 @@ class TrainConfig:
             raise ValueError(f"memorizing_layers must be 1-based layer numbers in [1, depth="
                              f"{self.depth}], got {self.memorizing_layers!r} (leave it out for "
                              f"layer {default_memorizing_layer(self.depth)})")
+        if self.qk_conv_layers is not None and not all(
+                _is_int(l) and 1 <= l <= self.depth for l in self.qk_conv_layers):
+            raise ValueError(f"qk_conv_layers must be 1-based layer numbers in [1, depth="
+                             f"{self.depth}], got {self.qk_conv_layers!r} (leave it out for the "
+                             f"memorizing layers)")
         if not self.memorizing_layers and self.memory != "off":
             raise ValueError(f"a model without memorizing layers has no kNN memory: use --memory "
                              f"off with it, not {self.memory!r}")
@@ -251,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--smear-keys", action=argparse.BooleanOptionalAction,
         help=f"mix each attention key with the previous token's, in every layer (Olsson et al.'s "
              f"smeared keys; default {'on' if d.smear_keys else 'off'})")
-    add("--knn-qk-conv", type=int, metavar="W",
-        help=f"kNN layers: causal convolutions over the last W queries and W+1 keys, so the kNN "
-             f"layer matches the last W tokens; 0: none (default {d.knn_qk_conv})")
+    add("--qk-conv", type=int, metavar="W",
+        help=f"causal convolutions over the last W queries and W+1 keys, so one layer matches the "
+             f"last W tokens; 0: none (default {d.qk_conv})")
+    add("--qk-conv-layers", type=_int_tuple,
+        help="1-based layers with --qk-conv, comma-separated (default: the memorizing layers)")
     add("--copy-warmup-steps", type=int,
         help=f"train the first N steps on a rotated-copy task (no memory), then the corpus: "
              f"teaches copying from context fast (default {d.copy_warmup_steps})")

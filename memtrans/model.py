@@ -167,7 +167,7 @@ class ShortConv(nn.Module):
     """A causal depthwise convolution over positions: ``sum_s w_s * t_(i-s)`` for s < width,
     with a learned weight per offset and channel, initialised to ``init`` (the rest zero).
 
-    On a kNN layer's queries and keys (``knn_qk_conv``, Primer's multi-dconv-head attention, So et
+    On a layer's queries and keys (``qk_conv``, Primer's multi-dconv-head attention, So et
     al. 2021) it lets one layer match the last few tokens: a query over tokens i-w+1..i meets the
     key of the position after an earlier occurrence of them. Positions before the segment start
     count as zero (the previous segment's tokens are not carried).
@@ -186,14 +186,34 @@ class ShortConv(nn.Module):
         return out
 
 
-class Attention(nn.Module):
+class _QKMixing:
+    """What an attention layer mixes into its queries and keys from earlier positions: smeared
+    keys, or the causal convolutions of ``qk_conv`` (which replace the smear)."""
+
+    def _init_qk_mixing(self, *, heads: int, dim_head: int, smear_keys: bool, qk_conv: int):
+        self.key_smear = KeySmear(dim_head) if smear_keys and not qk_conv else None
+        # Keys reach one token further back than queries: the key of the position after the
+        # query's tokens carries them.
+        self.query_conv = ShortConv(heads * dim_head, qk_conv, (1.0,)) if qk_conv else None
+        self.key_conv = ShortConv(dim_head, qk_conv + 1, (0.5, 0.5)) if qk_conv else None
+
+    def _mixed_q(self, q: torch.Tensor) -> torch.Tensor:
+        return q if self.query_conv is None else self.query_conv(q)
+
+    def _mixed_k(self, k: torch.Tensor) -> torch.Tensor:
+        if self.key_smear is not None:
+            k = self.key_smear(k)
+        return k if self.key_conv is None else self.key_conv(k)
+
+
+class Attention(_QKMixing, nn.Module):
     """Causal multi-query attention (one key/value head) with optional Transformer-XL memory."""
 
     def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
-                 xl_max_memories: int = 0, smear_keys: bool = False):
+                 xl_max_memories: int = 0, smear_keys: bool = False, qk_conv: int = 0):
         super().__init__()
         self.heads = heads
-        self.key_smear = KeySmear(dim_head) if smear_keys else None
+        self._init_qk_mixing(heads=heads, dim_head=dim_head, smear_keys=smear_keys, qk_conv=qk_conv)
         self.scale = dim_head ** -0.5
         self.xl_max_memories = xl_max_memories
         self.dropout = nn.Dropout(dropout)
@@ -202,10 +222,9 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim)
 
     def forward(self, x, *, xl_memory=None, rel_pos_bias=None, xl_valid=None):
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads) * self.scale
+        q = rearrange(self._mixed_q(self.to_q(x)), "b n (h d) -> b h n d", h=self.heads) * self.scale
         k, v = self.to_kv(x).chunk(2, dim=-1)
-        if self.key_smear is not None:
-            k = self.key_smear(k)
+        k = self._mixed_k(k)
         xl_len = xl_memory.shape[-3] if xl_memory is not None else 0
         if xl_memory is not None:
             k = torch.cat((xl_memory[..., 0, :], k), dim=-2)
@@ -255,7 +274,7 @@ class _GatherDot(torch.autograd.Function):
 KNN_COMBINES = ("joint", "gate")
 
 
-class KNNAttention(nn.Module):
+class KNNAttention(_QKMixing, nn.Module):
     """Attention over the local context (and XL memory) plus the top-k of a kNN memory.
 
     Cosine-similarity attention (l2-normalised queries and keys) with a learned per-head
@@ -286,11 +305,7 @@ class KNNAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         self.output_gate = nn.Parameter(torch.zeros(1)) if gate_output else None
         self.combine_gate = nn.Parameter(torch.zeros(heads)) if combine == "gate" else None
-        self.key_smear = KeySmear(dim_head) if smear_keys and not qk_conv else None
-        # Keys reach one token further back than queries: the key of the position after the
-        # query's tokens carries them.
-        self.query_conv = ShortConv(heads * dim_head, qk_conv, (1.0,)) if qk_conv else None
-        self.key_conv = ShortConv(dim_head, qk_conv + 1, (0.5, 0.5)) if qk_conv else None
+        self._init_qk_mixing(heads=heads, dim_head=dim_head, smear_keys=smear_keys, qk_conv=qk_conv)
         self.probe = None
 
     def forward(self, x, *, knn_memory, xl_memory=None, add_knn_memory=True, rel_pos_bias=None,
@@ -306,16 +321,9 @@ class KNNAttention(nn.Module):
         The search goes to ``read_memory`` (default ``knn_memory``), the add to ``knn_memory``.
         """
         read_memory = knn_memory if read_memory is None else read_memory
-        q = self.to_q(x)
-        if self.query_conv is not None:
-            q = self.query_conv(q)
-        q = l2norm(rearrange(q, "b n (h d) -> b h n d", h=self.heads))
+        q = l2norm(rearrange(self._mixed_q(self.to_q(x)), "b n (h d) -> b h n d", h=self.heads))
         k, v = self.to_kv(x).chunk(2, dim=-1)
-        if self.key_smear is not None:
-            k = self.key_smear(k)
-        if self.key_conv is not None:
-            k = self.key_conv(k)
-        k = l2norm(k)
+        k = l2norm(self._mixed_k(k))
         search = read_memory.search_async(q, self.num_retrieved_memories)
         local_keys = k.detach() if self.probe is not None else None
 
@@ -387,8 +395,9 @@ class MemorizingTransformer(nn.Module):
     layer mixes memory and local attention (``KNNAttention``): ``joint`` (default, the seed's, so
     its checkpoints load) or ``gate`` (the paper's). ``smear_keys`` gives every attention layer
     Olsson et al.'s smeared keys (``KeySmear``; off by default, so seed checkpoints load).
-    ``knn_qk_conv = w`` gives the kNN layers causal convolutions (``ShortConv``) over w queries
-    and w + 1 keys instead, so a kNN layer alone can match the last w tokens (off by default).
+    ``qk_conv = w`` gives the layers ``qk_conv_layers`` (default: the memorizing layers) causal
+    convolutions (``ShortConv``) over w queries and w + 1 keys instead, so one layer alone can
+    match the last w tokens (off by default).
 
     ``shift_knn_memories_down = s``: the i-th memorizing layer searches the memory that the
     min(i + s, last)-th writes, and still writes its own, so a lower layer reads what a higher one
@@ -408,7 +417,8 @@ class MemorizingTransformer(nn.Module):
                  shift_knn_memories_down: int = 0, pad_id: int = 0, xl_max_memories: int = 0,
                  xl_memory_layers=None, shift_xl_memories_down: int = 0,
                  knn_memory_multiprocessing: bool = False, gate_knn_output: bool = False,
-                 knn_combine: str = "joint", smear_keys: bool = False, knn_qk_conv: int = 0):
+                 knn_combine: str = "joint", smear_keys: bool = False, qk_conv: int = 0,
+                 qk_conv_layers=None):
         super().__init__()
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pad_id = pad_id
@@ -438,19 +448,22 @@ class MemorizingTransformer(nn.Module):
         self.rel_pos_bias = T5RelativePositionBias(scale=dim_head ** 0.5, heads=heads)
         self.knn_rel_pos_bias = T5RelativePositionBias(scale=dim_head ** 0.5, heads=knn_attn_heads)
 
+        conv_layers = set(self.memorizing_layers if qk_conv_layers is None
+                          else _as_tuple(qk_conv_layers))
         block = partial(PreNormResidual, dim)
         self.layers = nn.ModuleList([])
         for layer_num in range(1, depth + 1):
             xl = xl_max_memories if layer_num in self.xl_memory_layers else 0
+            conv = qk_conv if layer_num in conv_layers else 0
             if layer_num in self.memorizing_layers:
                 attn = KNNAttention(dim=dim, dim_head=dim_head, heads=knn_attn_heads,
                                     dropout=attn_dropout, num_retrieved_memories=num_retrieved_memories,
                                     xl_max_memories=xl, gate_output=gate_knn_output,
                                     combine=knn_combine, smear_keys=smear_keys,
-                                    qk_conv=knn_qk_conv)
+                                    qk_conv=conv)
             else:
                 attn = Attention(dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout,
-                                 xl_max_memories=xl, smear_keys=smear_keys)
+                                 xl_max_memories=xl, smear_keys=smear_keys, qk_conv=conv)
             self.layers.append(nn.ModuleList([
                 block(attn), block(FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout))]))
 

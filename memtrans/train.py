@@ -167,7 +167,8 @@ def build_model(config: TrainConfig) -> MemorizingTransformer:
         dim_head=config.dim_head, memorizing_layers=config.memorizing_layers,
         max_knn_memories=config.max_memories, num_retrieved_memories=config.num_retrieved,
         xl_max_memories=config.xl_max_memories, pad_id=PAD_ID, knn_combine=config.knn_combine,
-        smear_keys=config.smear_keys, knn_qk_conv=config.knn_qk_conv)
+        smear_keys=config.smear_keys, qk_conv=config.qk_conv,
+        qk_conv_layers=config.qk_conv_layers)
 
 
 def open_corpus(config: TrainConfig):

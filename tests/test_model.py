@@ -32,11 +32,12 @@ def test_shapes_and_returns():
     assert plain(x, knn_memories=plain.create_knn_memories(batch_size=3)).shape == (3, 20, 64)
 
 
-@pytest.mark.parametrize("smear_keys", [False, True])
-def test_causal_through_knn_and_xl_memory(smear_keys):
+@pytest.mark.parametrize("smear_keys, qk_conv", [(False, 0), (True, 0), (False, 3)])
+def test_causal_through_knn_and_xl_memory(smear_keys, qk_conv):
     """Changing token t of a segment never changes earlier outputs, with filled kNN and XL memory
-    (smeared keys mix in the previous token's key, never a later one's)."""
-    model = model_of(xl_max_memories=6, max_knn_memories=64, smear_keys=smear_keys)
+    (smeared keys and the kNN convolutions mix in earlier tokens' keys, never a later one's)."""
+    model = model_of(xl_max_memories=6, max_knn_memories=64, smear_keys=smear_keys,
+                     qk_conv=qk_conv, qk_conv_layers=(1, 2))
     first = torch.randint(3, 64, (2, 16))
     second = torch.randint(3, 64, (2, 16))
     outputs = []
@@ -412,3 +413,38 @@ def test_smeared_keys_carry_the_previous_token_and_learn():
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in model.named_parameters() if "key_smear" in n)
+
+
+def test_qk_convolutions_reach_back_w_queries_and_w_plus_1_keys_and_learn():
+    """``qk_conv=3``: by default only the kNN layer gets convolutions, over 3 queries and 4 keys,
+    starting as the identity on queries and the smear on keys; positions before the segment count
+    as zero; every weight learns (causality: ``test_causal_through_knn_and_xl_memory``)."""
+    from memtrans.model import ShortConv
+
+    model = model_of(qk_conv=3, smear_keys=True, xl_max_memories=6, max_knn_memories=64)
+    convs = {n: p.shape for n, p in model.named_parameters() if "conv" in n}
+    assert convs == {"layers.1.0.fn.query_conv.weight": (3, 2 * 8),
+                     "layers.1.0.fn.key_conv.weight": (4, 8)}
+    assert model.layers[1][0].fn.key_smear is None  # the convolution replaces the smear there
+    assert model.layers[0][0].fn.key_smear is not None
+    plain = model_of(qk_conv=2, qk_conv_layers=(1,))  # a plain layer's, when asked for
+    assert {n for n, _ in plain.named_parameters() if "conv" in n} == {
+        "layers.0.0.fn.query_conv.weight", "layers.0.0.fn.key_conv.weight"}
+
+    conv = ShortConv(2, 3, (0.5, 0.5))
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]]))
+    t = torch.arange(1.0, 5.0).view(1, 4, 1).expand(1, 4, 2)
+    expected = torch.tensor([[1.0, 12.0, 123.0, 234.0], [2.0, 24.0, 246.0, 468.0]]).T
+    torch.testing.assert_close(conv(t)[0], expected)
+    torch.testing.assert_close(conv(t[:, :1])[0], expected[:1])  # shorter than the window
+
+    model.train()
+    x = torch.randint(3, 64, (2, 16))
+    memories = model.create_knn_memories(batch_size=2)
+    with torch.no_grad():
+        _, xl = model(x, knn_memories=memories)
+    loss, _ = model(x, knn_memories=memories, labels=x, xl_memories=xl)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if "conv" in n)

@@ -590,25 +590,38 @@ def test_recall_in_context_fraction_reaches_the_task_and_is_range_checked(tmp_pa
     assert_clean_error(result, "recall_in_context_fraction", "in [0, 1]")
 
 
-def test_smeared_keys_flag_reaches_the_model_and_old_checkpoints_resume_without():
+def test_key_mixing_flags_reach_the_model_and_old_checkpoints_resume_without():
     from dataclasses import asdict
 
     from memtrans.checkpoint import resolve_config
     from memtrans.config import TrainConfig, build_parser
     from memtrans.train import build_model
 
-    def smears(config):
-        return sum("key_smear" in n for n, _ in build_model(config).named_parameters())
+    def count(config, part):
+        return sum(part in n for n, _ in build_model(config).named_parameters())
 
-    assert TrainConfig().smear_keys and smears(TrainConfig()) == TrainConfig().depth
-    off = vars(build_parser().parse_args(["--no-smear-keys"]))
-    assert off == {"smear_keys": False} and smears(TrainConfig(**off)) == 0
+    default = TrainConfig()
+    assert not default.smear_keys and count(default, "key_smear") == 0
+    assert default.qk_conv == 3 and count(default, "_conv") == 2  # on the one kNN layer
+    flags = vars(build_parser().parse_args(["--smear-keys", "--qk-conv", "0"]))
+    assert flags == {"smear_keys": True, "qk_conv": 0}
+    assert count(TrainConfig(**flags), "key_smear") == default.depth
+    assert count(TrainConfig(**flags), "_conv") == 0
     saved = asdict(TrainConfig(out="old"))
-    del saved["smear_keys"]  # a checkpoint written before the flag existed
+    del saved["smear_keys"], saved["qk_conv"], saved["qk_conv_layers"]  # from before the flags
     resumed = resolve_config({}, {"config": saved}, Path("old/checkpoint.pt"))
-    assert resumed.smear_keys is False
+    assert resumed.smear_keys is False and resumed.qk_conv == 0
+    layered = vars(build_parser().parse_args(["--qk-conv-layers", "1,2"]))
+    assert count(TrainConfig(**layered), "_conv") == 4
+    saved = asdict(TrainConfig(out="old", **layered))
+    saved["qk_conv_layers"] = list(saved["qk_conv_layers"])  # as a checkpoint stores it
+    assert resolve_config({}, {"config": saved}, Path("old/c.pt")).qk_conv_layers == (1, 2)
     with pytest.raises(ValueError, match="smear_keys must be True or False"):
         TrainConfig(smear_keys="yes")
+    with pytest.raises(ValueError, match=r"qk_conv must be an integer in \[0, 16\]"):
+        TrainConfig(qk_conv=17)
+    with pytest.raises(ValueError, match=r"qk_conv_layers must be 1-based layer numbers in \[1,"):
+        TrainConfig(qk_conv_layers=(5,))
 
 
 def test_copy_warmup_trains_on_the_copy_task_first_and_resumes_exactly(corpus, tmp_path):

@@ -118,3 +118,40 @@ def test_status_of_a_silent_endpoint_fails_clearly():
     assert result.returncode == 1 and time.monotonic() - start < 20
     assert f"{endpoint} did not answer within 0.5 s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` memory figure (VmRSS: resident now; VmHWM: its peak), in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+REFUSED_ADD_OVERHEAD = 48 << 20
+"""What six refused adds naming 100K rows may still cost the server, resident or at its peak:
+the 3.2 MB requests, their checks' temporaries (a Python tuple per row) and allocator slack;
+measured +22 MB resident, +27 MB peak. When the 100K empty memories were made before the
+reservation: +57 MB resident, +112 MB peak."""
+
+
+def test_an_add_naming_100k_rows_is_refused_before_it_allocates(memory_server):
+    """--max-bytes counts each new memory's overhead and is checked before any memory is made:
+    adds naming 100K new rows under 16M are refused, and the server grows by less than
+    REFUSED_ADD_OVERHEAD (it used to make the 100K memories first)."""
+    (server,) = memory_server(1, "--max-bytes", "16M")
+    rows = 100_000
+    keys = np.ones((rows, 1, 4), np.float32)
+    with MemoryClient(server.endpoint, timeout=60) as client:
+        client.open("wide", NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=rows))
+        client.add("wide", 0, np.arange(1000), keys[:1000], keys[:1000])  # fits: 1000 memories
+        pid = server.proc.pid
+        before = {field: _status_bytes(pid, field) for field in ("VmRSS", "VmHWM")}
+        for _ in range(6):
+            with pytest.raises(LimitExceeded, match="--max-bytes"):
+                client.add("wide", 0, np.arange(rows), keys, keys)
+        grown = {field: _status_bytes(pid, field) - before[field] for field in before}
+        stats = client.stats()[0]
+    assert (stats["memories"], stats["entries"]) == (1000, 1000)  # the refused adds left nothing
+    assert all(growth < REFUSED_ADD_OVERHEAD for growth in grown.values()), grown
+    assert stats["bytes"] <= 16 << 20

@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-memories-per-namespace", type=_positive_int, default=None,
                         help="cap on num_layers x num_rows a namespace may declare "
                              "(default: no cap)")
+    limits.add_argument("--max-inflight-bytes", type=parse_bytes, default=1 << 30,
+                        help="bytes of requests being served and of replies not yet sent, all "
+                             "clients together; at this many the server reads no more until "
+                             "some are done (default: 1G)")
+    limits.add_argument("--max-client-inflight-bytes", type=parse_bytes, default=None,
+                        help="the same per connection: a request past it is refused, so a "
+                             "client that does not read its replies gets nothing more run "
+                             "(default: --max-message-bytes)")
     limits.add_argument("--namespace-ttl", type=_positive_float, default=None, metavar="SECONDS",
                         help="drop a namespace after this many seconds without requests "
                              "(default: never)")
@@ -242,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                               max_namespaces=args.max_namespaces,
                               max_memories_per_namespace=args.max_memories_per_namespace,
                               namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
+                              max_inflight_bytes=args.max_inflight_bytes,
+                              max_client_inflight_bytes=args.max_client_inflight_bytes
+                              or args.max_message_bytes,
                               metrics_host=args.metrics_host)
         serve(config)
     except (ValueError, BindError, MemoryServerError) as exc:

@@ -105,6 +105,8 @@ MAX_HEADER_BYTES = 1 << 20
 
 MAX_NDIM = 8
 MAX_ARRAYS = 16
+MAX_FRAMES = 1 + MAX_ARRAYS
+"""Frames of a request: its header and its arrays. The server keeps none of a longer message."""
 
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")

@@ -97,9 +97,9 @@ import numpy as np
 import zmq
 
 from . import auth, metrics, snapshot, tenants
-from .errors import (InvalidRequest, MemoryServerError, ProtocolError, ServerUnavailable,
-                     SnapshotError, Unauthorized, UnknownNamespace)
-from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_HEADER_BYTES,
+from .errors import (InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
+                     ServerUnavailable, SnapshotError, Unauthorized, UnknownNamespace)
+from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
                        MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
                        encode_reply)
 from .store import MemoryStore, NamespaceConfig
@@ -111,6 +111,7 @@ log = logging.getLogger("memory_server")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 _POLL_MS = 1000  # upper bound on a poll; wakeups normally come at once through the pipe
+_UNSENT_POLL_MS = 20  # how often the bytes of replies ZeroMQ still holds are looked at
 _RECV_BATCH = 64  # requests read in a row before the I/O thread sends queued replies
 _CLOSE_LINGER_MS = 2000  # time the last replies get to leave at shutdown
 _LATENCY_WINDOW = 1024  # latencies kept per op for the percentiles in stats
@@ -167,6 +168,14 @@ class ServerConfig:
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
+    max_inflight_bytes: int = 1 << 30
+    """Bytes of requests accepted but not yet answered and of replies not yet transmitted, all
+    clients together; at this many the server stops reading, as at ``max_pending``."""
+    max_client_inflight_bytes: int = MAX_MESSAGE_BYTES
+    """The same, per connection: a request that would take its connection past it is refused
+    with ``limit_exceeded`` (one request is always let in when nothing of its connection is in
+    flight). A client that does not read its replies is so cut off: nothing more of it is run
+    until it reads them."""
     data_dir: str | None = None
     """Directory of ``snapshot`` files (``snapshot.py``); None: ``snapshot``/``restore`` are
     refused."""
@@ -218,10 +227,12 @@ class ServerConfig:
                 snapshot.snapshot_path(self.data_dir, namespace, tag)  # checks both names
             except InvalidRequest as exc:
                 raise ValueError(f"--restore {item!r}: {exc.message}") from None
-        for name in ("threads", "max_message_bytes", "max_pending", "max_bytes", "max_namespaces",
-                     "max_memories_per_namespace", "metrics_port"):
+        required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
+                    "max_client_inflight_bytes")
+        for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
+                     "metrics_port"):
             value = getattr(self, name)
-            if value is None and name not in ("threads", "max_message_bytes", "max_pending"):
+            if value is None and name not in required:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -326,7 +337,12 @@ class Server:
         self._stopping = False
         # Accepted and not yet answered, ticket -> (identity, request, its session's record of it
         # or None); I/O thread only.
-        self._pending: dict[int, tuple[bytes, Request, _Sent | None]] = {}
+        self._pending: dict[int, tuple[bytes, Request, _Sent | None, int]] = {}
+        # Bytes in flight (see max_inflight_bytes) per connection and in all, and the replies
+        # ZeroMQ still holds: (tracker, connection, bytes). I/O thread only.
+        self._held: dict[bytes, int] = {}
+        self._held_total = 0
+        self._unsent: list[tuple[zmq.MessageTracker, bytes, int]] = []
         self._sessions = _Sessions()
         self.instance = os.urandom(8).hex()
         """Names this server process in every reply, so clients notice a restart."""
@@ -381,7 +397,9 @@ class Server:
             while not (self._stopping and not self._pending):
                 if self._stopping and deadline is None:
                     deadline = time.monotonic() + cfg.drain_timeout
-                want = not self._stopping and len(self._pending) < cfg.max_pending
+                self._reap_sent()
+                want = not self._stopping and len(self._pending) < cfg.max_pending \
+                    and self._held_total < cfg.max_inflight_bytes
                 if want and not reading:
                     poller.register(self._router, zmq.POLLIN)
                 elif reading and not want:
@@ -389,6 +407,8 @@ class Server:
                 reading = want
                 wait_ms = _POLL_MS if deadline is None else \
                     max(0, min(_POLL_MS, math.ceil((deadline - time.monotonic()) * 1000)))
+                if self._unsent:  # nothing wakes the poll when ZeroMQ has sent a reply
+                    wait_ms = min(wait_ms, _UNSENT_POLL_MS)
                 events = dict(poller.poll(wait_ms))
                 if self._wakeup.read_fd in events:
                     self._wakeup.drain()
@@ -407,11 +427,11 @@ class Server:
 
     def _abandon(self) -> int:
         """Answer every unfinished request with ``unavailable``; returns how many there were."""
-        ops = sorted({request.op for _, request, _ in self._pending.values()})
+        ops = sorted({request.op for _, request, _, _ in self._pending.values()})
         log.error("drain deadline of %g s (--drain-timeout) passed: abandoning %d unfinished "
                   "request(s) (%s)", self.config.drain_timeout, len(self._pending),
                   ", ".join(ops))
-        for identity, request, sent in self._pending.values():
+        for identity, request, sent, _ in self._pending.values():
             frames = self._error(
                 request.id, ServerUnavailable.code,
                 f"the memory server stopped before finishing this {request.op} request: it was "
@@ -424,20 +444,41 @@ class Server:
     # I/O thread
 
     def _receive(self) -> None:
+        cfg = self.config
         for _ in range(_RECV_BATCH):
-            if self._stopping or len(self._pending) >= self.config.max_pending:
+            if self._stopping or len(self._pending) >= cfg.max_pending \
+                    or self._held_total >= cfg.max_inflight_bytes:
                 return
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames, count = self._recv_message()
             except zmq.Again:
                 return
             identity = frames[0].bytes
+            if count > MAX_FRAMES:
+                self._send(identity, self._error(
+                    None, ProtocolError.code, f"message of {count} frames: a request is a header "
+                    f"and at most {MAX_FRAMES - 1} array frames"))
+                self._metrics.record("malformed", time.monotonic(), ok=False)
+                continue
             try:
                 self._accept(identity, frames[1:], time.monotonic())
             except Exception as exc:  # a bug, not bad input: answer and keep serving
                 log.exception("internal error accepting a request")
                 self._send(identity, self._error(None, "internal",
                                                  f"internal server error: {exc!r}"))
+
+    def _recv_message(self) -> tuple[list, int]:
+        """The next message (identity first) and its frame count besides the identity. Frames
+        past MAX_FRAMES are read and dropped at once: ZeroMQ delivers a message whole, but none
+        of a message of a million frames is kept (raises zmq.Again when there is none)."""
+        frame = self._router.recv(zmq.NOBLOCK, copy=False)
+        frames, count = [frame], 0
+        while frame.more:  # the rest of a message is there already
+            frame = self._router.recv(copy=False)
+            count += 1
+            if count <= MAX_FRAMES:
+                frames.append(frame)
+        return frames, count
 
     def _accept(self, identity: bytes, body: list, received: float) -> None:
         try:
@@ -467,7 +508,7 @@ class Server:
             self._metrics.record("shutdown", received, ok=True)
             self.stop()
         else:
-            sent = None
+            sent = key = None
             if request.session is not None:
                 key = (tenant.name, request.session)  # a session id is only good for its tenant
                 try:
@@ -483,9 +524,23 @@ class Server:
                     else:
                         earlier.waiters.append(identity)
                     return
+            size = sum(memoryview(frame).nbytes for frame in body)
+            held = self._held.get(identity, 0)
+            if held and held + size > self.config.max_client_inflight_bytes:
+                self._send(identity, self._error(
+                    request.id, LimitExceeded.code,
+                    f"{request.op} refused: this connection has {held} bytes of requests in flight "
+                    f"and replies it has not read, and this one ({size} bytes) would pass "
+                    f"max_client_inflight_bytes={self.config.max_client_inflight_bytes} "
+                    f"(memory-server --max-client-inflight-bytes); read the replies before "
+                    f"sending more", request.version))
+                self._metrics.record(request.op, received, ok=False)
+                return
+            if key is not None:
                 sent = self._sessions.begin(key, request, received)
             ticket = next(self._tickets)
-            self._pending[ticket] = (identity, request, sent)
+            self._pending[ticket] = (identity, request, sent, size)
+            self._hold(identity, size)
             scope, layers = _scope(identity, tenant, request)
             self._sequencer.submit(scope, layers, partial(self._execute, ticket, identity,
                                                           request, received, tenant))
@@ -513,10 +568,46 @@ class Server:
                             instance=self.instance)
 
     def _send(self, identity: bytes, frames: list) -> None:
+        """Queue a reply; until ZeroMQ has transmitted (or dropped) its frames, its bytes count
+        against its connection's and the server's in-flight budgets."""
+        parts = [identity, *frames]
+        trackers = []
         try:
-            self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            for i, part in enumerate(parts):
+                more = zmq.SNDMORE if i < len(parts) - 1 else 0
+                trackers.append(self._router.send(part, zmq.NOBLOCK | more, copy=False,
+                                                  track=True))
         except zmq.ZMQError as exc:  # the peer's queue is full or it is gone: it will time out
             log.warning("could not send a reply: %s", exc)
+        waiting = [t for t in trackers if not t.done]  # small frames are copied: done at once
+        if waiting:
+            nbytes = sum(memoryview(frame).nbytes for frame in frames)
+            self._unsent.append((zmq.MessageTracker(*waiting), identity, nbytes))
+            self._hold(identity, nbytes)
+
+    def _reap_sent(self) -> None:
+        """Release the bytes of the replies ZeroMQ has transmitted, or dropped with their peer."""
+        if not self._unsent:
+            return
+        unsent = []
+        for item in self._unsent:
+            if item[0].done:
+                self._release(item[1], item[2])
+            else:
+                unsent.append(item)
+        self._unsent = unsent
+
+    def _hold(self, identity: bytes, nbytes: int) -> None:
+        self._held[identity] = self._held.get(identity, 0) + nbytes
+        self._held_total += nbytes
+
+    def _release(self, identity: bytes, nbytes: int) -> None:
+        left = self._held[identity] - nbytes
+        if left:
+            self._held[identity] = left
+        else:
+            del self._held[identity]
+        self._held_total -= nbytes
 
     def _send_replies(self) -> None:
         while True:
@@ -524,7 +615,8 @@ class Server:
                 ticket, identity, frames, op, received, ok = self._replies.get_nowait()
             except queue.Empty:
                 return
-            _, request, sent = self._pending.pop(ticket)
+            _, request, sent, size = self._pending.pop(ticket)
+            self._release(identity, size)
             self._send(identity, frames)
             if sent is not None:
                 for waiter in self._sessions.finish(request.op, sent, frames, ok):

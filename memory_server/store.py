@@ -63,6 +63,9 @@ a restored snapshot claiming more is refused."""
 SEARCH_SLOT_BYTES = 16
 """What a search allocates per neighbour (row x query x k): faiss's float32 score and int64 id,
 and the reply's int32 position."""
+HNSW_MERGE_SLOT_BYTES = 32
+"""What an HNSW search holds per neighbour and segment graph of each row it searches at once:
+every graph's scores and slots (12), their concatenation (12) and its argsort (8)."""
 MEMORY_BYTES = 2048
 """What ``max_bytes`` counts for a memory besides its slots: the Python objects, numpy arrays,
 lock and index object of an empty memory and its entry in the namespace (0.8 KB flat, 1.1 KB
@@ -282,8 +285,8 @@ class MemoryStore:
     ``threads=1`` rows go one after another and faiss parallelises each search itself.
 
     ``max_search_bytes`` refuses, before anything is allocated, a search of more neighbours
-    (rows x queries x k) than it holds at ``SEARCH_SLOT_BYTES`` each; the server passes its
-    message size limit.
+    (rows x queries x k) than it holds at ``SEARCH_SLOT_BYTES`` each, and for HNSW the merge of
+    the segments' lists (``HNSW_MERGE_SLOT_BYTES``); the server passes its message size limit.
     """
 
     def __init__(self, *, threads: int = 1, max_bytes: int | None = None,
@@ -293,6 +296,7 @@ class MemoryStore:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.max_bytes = max_bytes
         self.max_search_bytes = max_search_bytes
+        self._row_threads = threads
         self.max_namespaces = max_namespaces
         self.max_memories_per_namespace = max_memories_per_namespace
         self._namespaces: dict[str, _Namespace] = {}
@@ -446,10 +450,16 @@ class MemoryStore:
             raise InvalidRequest(f"k must be an integer in [1, {most}] (at most max_memories="
                                  f"{cfg.max_memories} and MAX_K={MAX_K}), got {k!r}")
         nbytes = len(rows) * queries.shape[1] * k * SEARCH_SLOT_BYTES
+        merged = ""
+        if cfg.index == "hnsw":  # and the lists of every segment of the rows searched at once
+            nbytes += min(len(rows), self._row_threads) * queries.shape[1] * k \
+                * (cfg.hnsw_segments + 1) * HNSW_MERGE_SLOT_BYTES
+            merged = f", and {HNSW_MERGE_SLOT_BYTES} a neighbour and segment graph of each row " \
+                     f"searched at once"
         if self.max_search_bytes is not None and nbytes > self.max_search_bytes:
             raise LimitExceeded(
                 f"search of {len(rows)} rows x {queries.shape[1]} queries x k={k} needs {nbytes} "
-                f"bytes ({SEARCH_SLOT_BYTES} a neighbour), over max_search_bytes="
+                f"bytes ({SEARCH_SLOT_BYTES} a neighbour{merged}), over max_search_bytes="
                 f"{self.max_search_bytes} (memory-server --max-message-bytes); send fewer rows "
                 f"or queries per request, or a smaller k")
         with self._lock:

@@ -524,3 +524,19 @@ def test_threads_hammering_a_store_keep_the_books_exact(fast_switching):
         store.drop(name)
     assert _books(store) == (0, 0)
     store.close()
+
+
+def test_an_hnsw_search_counts_the_lists_of_its_segments():
+    """512 queries x k=64 are 512 KiB of neighbours: within 1 MiB for flat, but an HNSW search
+    also holds each of its 5 segment graphs' lists while it merges them (5 MiB more)."""
+    queries = unit(np.random.default_rng(23), 1, 512, 16)
+    for index, fits in (("flat", True), ("hnsw", False)):
+        store = make_store(index, max_memories=256, rows=1, layers=1,
+                           max_search_bytes=1 << 20)
+        store.add("ns", 0, np.arange(1), queries[:, :256], queries[:, :256])
+        if fits:
+            assert store.search("ns", 0, np.arange(1), queries, 64).mask.all()
+        else:
+            with pytest.raises(LimitExceeded, match="32 a neighbour and segment graph"):
+                store.search("ns", 0, np.arange(1), queries, 64)
+        store.close()

@@ -45,12 +45,14 @@ so an old server's refusal of a newer version reaches the user.
     clear     namespace, [layers]      rows int (b,)           {}
     drop      namespace                -                       {}
     stats     -                        -                       store.stats() + requests, uptime
+                                                               (an admin's; a tenant's: its own
+                                                               namespaces, tenant, config)
     snapshot  namespace, tag           -                       {path, bytes, memories}
     restore   namespace, tag,          -                       {restored, [memories]}
               [if_missing]
     snapshots -                        -                       {snapshots: [{namespace, tag,
                                                                path, bytes, mtime}, ...]}
-    shutdown  -                        -                       {}, then the server stops
+    shutdown  -                        -                       {}, then the server stops (admin)
 
 Arrays travel without copies: senders hand the arrays themselves to ZeroMQ (``copy=False``) and
 receivers view the received frames with ``np.frombuffer``. dtypes are limited to ``DTYPES``.

@@ -378,6 +378,10 @@ class Server:
                         "reach this port can %s, and traffic is unencrypted", self.endpoint,
                         "present a token it sniffed" if not self._tenants.open else
                         "read and change every memory")
+        if cfg.bind.startswith("ipc://@"):
+            log.warning("%s is an abstract socket, which has no file permissions: any local "
+                        "user can connect%s", cfg.bind, "" if not self._tenants.open else
+                        "; pass --token-file, or bind a socket file (ipc:///path)")
         if self._tenants.open:
             log.warning("no --token-file (or CURVE): every client, so every local user, can "
                         "read, change and drop every namespace and shut the server down")

@@ -222,3 +222,18 @@ def test_the_trainers_own_servers_have_a_token(tmp_path):
             assert trainer.stats()[0]["tenant"] == "trainer"
         token_file = local.token_file
     assert not token_file.exists()  # the token lives as long as its servers
+
+
+def test_status_shows_a_tenant_its_own_namespaces(server, tokens):
+    def status(*flags):
+        return subprocess.run([sys.executable, "-m", "memory_server", "status", server.endpoint,
+                               *flags], capture_output=True, text=True, timeout=30)
+
+    mine = status("--token-file", str(tokens["dir"] / "alice.token"))
+    assert mine.returncode == 0, mine.stderr
+    assert "namespaces 1" in mine.stdout and "run:" in mine.stdout
+    assert "the namespaces of tenant 'alice'" in mine.stdout
+    admin = status("--token-file", str(tokens["dir"] / "root.token"))
+    assert admin.returncode == 0 and "alice.run:" in admin.stdout and "p99 ms" in admin.stdout
+    refused = status()
+    assert refused.returncode == 1 and "needs a token" in refused.stderr

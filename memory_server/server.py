@@ -63,9 +63,18 @@ Security and limits
     ``--token-file`` each token, is a tenant confined to its own namespaces; the I/O thread
     identifies the sender of every request before anything else and refuses a request without a
     known credential with ``unauthorized``. An ipc socket file is created with mode 0700 (the
-    umask is narrowed around the bind, so there is no moment when it is open to others). Limits (bytes, message size, namespaces, memories per namespace) are
-    refused with ``limit_exceeded`` replies naming the flag; with ``--namespace-ttl`` a thread
-    drops idle namespaces and a later request for one is told it expired.
+    umask is narrowed around the bind, so there is no moment when it is open to others). Limits
+    (bytes, message size, namespaces, memories per namespace, bytes in flight) are refused with
+    ``limit_exceeded`` replies naming the flag; with ``--namespace-ttl`` a thread drops idle
+    namespaces and a later request for one is told it expired.
+
+Bytes in flight
+    A request's frames are held from its receipt to its reply, and a reply's until ZeroMQ has
+    written them out (zero-copy sends with a tracker per frame), so a client that does not read
+    its replies keeps their bytes here. Both count per connection and in all: past
+    ``max_client_inflight_bytes`` a connection's next request is refused, past
+    ``max_inflight_bytes`` the I/O thread reads nothing until some are done. A message of more
+    than ``MAX_FRAMES`` frames is read frame by frame and refused, keeping none past the limit.
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops

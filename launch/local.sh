@@ -12,7 +12,11 @@
 # BASE_PORT + i, default 5555), THREADS (per server, default cores / NSERVERS), PYTHON (default
 # python), LOG_DIR (server logs, default a new temporary directory), DATA_DIR (the servers'
 # --data-dir, where checkpoints snapshot the memories; default LOG_DIR/memory-data; --resume
-# needs the same DATA_DIR).
+# needs the same DATA_DIR), TOKEN_FILE (the run's token, a 'NAME TOKEN' line from `memory-server
+# token`; default LOG_DIR/local.token, made if missing): the servers admit only it (--token-file),
+# and the ranks present it (MEMTRANS_TOKEN_FILE), so other local users get nothing. Snapshots are
+# named by the token's tenant (local.NAMESPACE@TAG), so a resume with the same TOKEN_FILE's name
+# finds them.
 set -euo pipefail
 
 NPROC=${NPROC:-2}
@@ -23,6 +27,11 @@ PYTHON=${PYTHON:-python}
 LOG_DIR=${LOG_DIR:-$(mktemp -d -t memtrans-servers.XXXXXX)}
 DATA_DIR=${DATA_DIR:-$LOG_DIR/memory-data}
 mkdir -p "$DATA_DIR"
+TOKEN_FILE=${TOKEN_FILE:-$LOG_DIR/local.token}
+if [[ ! -f $TOKEN_FILE ]]; then
+    "$PYTHON" -m memory_server token --name local --out "$TOKEN_FILE" >/dev/null
+fi
+export MEMTRANS_TOKEN_FILE=$TOKEN_FILE
 
 pids=()
 supervisor=
@@ -44,7 +53,8 @@ start_server() {
     local i=$1
     shift
     "$PYTHON" -m memory_server --bind "tcp://127.0.0.1:$((BASE_PORT + i))" --threads "$THREADS" \
-        --data-dir "$DATA_DIR" "$@" >>"$LOG_DIR/memory-server-$i.log" 2>&1 &
+        --data-dir "$DATA_DIR" --token-file "$TOKEN_FILE" "$@" \
+        >>"$LOG_DIR/memory-server-$i.log" 2>&1 &
 }
 
 # newest_snapshot I: NAMESPACE:TAG of the newest snapshot of server I's shard in DATA_DIR (file

@@ -1,7 +1,8 @@
 """memory_server: the kNN memory of memtrans as a torch-free library and a ZeroMQ daemon."""
 
 from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
-                     ServerRestarted, ServerUnavailable, SnapshotError, UnknownNamespace)
+                     ServerRestarted, ServerUnavailable, SnapshotError, Unauthorized,
+                     UnknownNamespace)
 from .client import MemoryClient
 from .store import MemoryStore, NamespaceConfig, Retrieval
 
@@ -9,5 +10,5 @@ __all__ = [
     "ConfigMismatch", "InvalidRequest", "LimitExceeded", "MemoryClient", "MemoryServerError",
     "MemoryStore",
     "NamespaceConfig", "Retrieval", "ServerRestarted", "ServerUnavailable", "SnapshotError",
-    "UnknownNamespace",
+    "Unauthorized", "UnknownNamespace",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
+
+from .tenants import TENANT_NAME
 
 KeySource = bytes | str | os.PathLike
 """A 40-character Z85 key (bytes or str), or the path of a certificate file holding it."""
@@ -80,32 +83,40 @@ def load_key_pair(secret_source: KeySource, public_source: KeySource | None = No
     return KeyPair(public, secret)
 
 
-def load_allowed(source: str | os.PathLike) -> frozenset[bytes]:
-    """Allowed client public keys: one certificate file, or every ``*.key`` file of a directory."""
+def load_allowed(source: str | os.PathLike, flag: str = "--curve-allow") -> dict[bytes, str]:
+    """Client public keys, each named by its file (``alice.key``: tenant ``alice``): one
+    certificate file, or every ``*.key`` file of a directory."""
     path = Path(source)
     if path.is_dir():
         files = sorted(path.glob("*.key"))
         if not files:
-            raise ValueError(f"--curve-allow {path}: no *.key files in the directory; copy the "
+            raise ValueError(f"{flag} {path}: no *.key files in the directory; copy the "
                              f"clients' public .key files there")
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"--curve-allow {path}: no such file or directory")
-    return frozenset(_load_certificate(f)[0] for f in files)
+        raise ValueError(f"{flag} {path}: no such file or directory")
+    keys = {}
+    for f in files:
+        name = f.name.removesuffix(".key")
+        if not TENANT_NAME.fullmatch(name):
+            raise ValueError(f"{flag} {f}: the file name is the client's tenant name, which must "
+                             f"be 1 to 32 letters, digits, '_' or '-' before '.key'; rename it")
+        keys[_load_certificate(f)[0]] = name
+    return keys
 
 
 class _AllowList:
     """ZAP credentials provider: a client is let in iff its public key is listed."""
 
-    def __init__(self, keys: frozenset[bytes]):
+    def __init__(self, keys: Collection[bytes]):
         self.keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key in self.keys
 
 
-def start_authenticator(context: zmq.Context, allowed: frozenset[bytes]) -> ThreadAuthenticator:
+def start_authenticator(context: zmq.Context, allowed: Collection[bytes]) -> ThreadAuthenticator:
     """A ZAP handler on ``context`` admitting only ``allowed`` CURVE clients (stop() it at exit)."""
     auth = ThreadAuthenticator(context)
     auth.start()

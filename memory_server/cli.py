@@ -1,11 +1,12 @@
 """The ``memory-server`` command: parse flags, configure logging, serve until SIGTERM/SIGINT;
-and its ``keygen`` and ``status`` subcommands.
+and its ``keygen``, ``token`` and ``status`` subcommands.
 
 Exit status: 0 after a clean shutdown, 2 for bad flags, an endpoint that cannot be bound or a
 ``--restore`` snapshot that cannot be loaded (with a one-line message on stderr, no traceback),
 3 when requests were still running at the ``--drain-timeout`` deadline after SIGTERM and were
 abandoned.
-``status`` exits 1 when the server does not answer; ``keygen`` 2 when a key file exists already.
+``status`` exits 1 when the server does not answer or refuses it; ``keygen`` and ``token`` 2 when
+the file exists already.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 
-from . import auth, health
+from . import auth, health, tenants
 from .errors import MemoryServerError
 from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memory-server",
         description="Serve memtrans kNN memories over ZeroMQ. SIGTERM or SIGINT stops it cleanly.",
         epilog="Other commands: `memory-server keygen --out DIR` makes a CURVE key pair; "
+               "`memory-server token --name NAME --out FILE` makes a tenant's token file; "
                "`memory-server status ENDPOINT` prints a running server's stats.")
     parser.add_argument("--bind", default=DEFAULT_BIND,
                         help="ZeroMQ endpoint to listen on (default: %(default)s)")
@@ -103,13 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
                             "keygen`); its public key is derived from it")
     curve.add_argument("--curve-allow", metavar="FILE_OR_DIR",
                        help="client public key file (NAME.key), or a directory of them: only "
-                            "these clients can connect")
+                            "these clients can connect, each a tenant NAME that sees only its "
+                            "own namespaces")
+    curve.add_argument("--curve-admin", metavar="FILE_OR_DIR",
+                       help="admin public key file(s): these clients may connect too, see and "
+                            "act on every namespace, read server-wide stats and shut the server "
+                            "down")
+    tokens = parser.add_argument_group(
+        "tenants without CURVE (loopback and ipc binds; files of 'NAME TOKEN' lines, mode 0600, "
+        "from `memory-server token`)")
+    tokens.add_argument("--token-file", metavar="FILE",
+                        default=os.environ.get(tenants.SERVER_TOKEN_ENV) or None,
+                        help="the tenants' tokens: every request must carry one, and each "
+                             "tenant sees only its own namespaces (default: "
+                             f"${tenants.SERVER_TOKEN_ENV}; without it and without CURVE, every "
+                             "client may do anything)")
+    tokens.add_argument("--admin-token-file", metavar="FILE",
+                        default=os.environ.get(tenants.SERVER_ADMIN_TOKEN_ENV) or None,
+                        help="the admins' tokens: an admin sees and acts on every namespace, "
+                             "reads server-wide stats and may shut the server down (default: "
+                             f"${tenants.SERVER_ADMIN_TOKEN_ENV})")
     limits = parser.add_argument_group("limits (each refused with an error naming its flag)")
     limits.add_argument("--max-namespaces", type=_positive_int, default=None,
                         help="namespaces open at once (default: no cap)")
     limits.add_argument("--max-memories-per-namespace", type=_positive_int, default=None,
                         help="cap on num_layers x num_rows a namespace may declare "
                              "(default: no cap)")
+    limits.add_argument("--max-inflight-bytes", type=parse_bytes, default=1 << 30,
+                        help="bytes of requests being served and of replies not yet sent, all "
+                             "clients together; at this many the server reads no more until "
+                             "some are done (default: 1G)")
+    limits.add_argument("--max-client-inflight-bytes", type=parse_bytes, default=None,
+                        help="the same per connection: a request past it is refused, so a "
+                             "client that does not read its replies gets nothing more run "
+                             "(default: --max-message-bytes)")
     limits.add_argument("--namespace-ttl", type=_positive_float, default=None, metavar="SECONDS",
                         help="drop a namespace after this many seconds without requests "
                              "(default: never)")
@@ -133,6 +162,18 @@ def build_keygen_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_token_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memory-server token",
+        description="Write a new tenant token file (one 'NAME TOKEN' line, mode 0600). The "
+                    "client reads it ($MEMTRANS_TOKEN_FILE); the server's --token-file (or "
+                    "--admin-token-file) lists the lines of all its tenants' files.")
+    parser.add_argument("--name", required=True,
+                        help="the tenant name: its namespaces are NAME.* on the server")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    return parser
+
+
 def build_status_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memory-server status",
@@ -144,6 +185,9 @@ def build_status_parser() -> argparse.ArgumentParser:
                         help="the server's public key file, for a CURVE server")
     parser.add_argument("--client-key", metavar="FILE",
                         help="this client's secret key file (NAME.key_secret), for a CURVE server")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="this client's token file, for a server with --token-file (default: "
+                             f"${tenants.TOKEN_ENV}); server-wide stats need an admin's")
     return parser
 
 
@@ -158,12 +202,24 @@ def keygen_main(argv: list[str]) -> int:
     return 0
 
 
+def token_main(argv: list[str]) -> int:
+    args = build_token_parser().parse_args(argv)
+    try:
+        tenants.write_token_file(args.out, args.name)
+    except (OSError, ValueError) as exc:
+        print(f"memory-server token: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"token of tenant {args.name!r} written to {args.out} (mode 0600)")
+    return 0
+
+
 def status_main(argv: list[str]) -> int:
     args = build_status_parser().parse_args(argv)
     logging.getLogger("memory_server.client").setLevel(logging.ERROR)  # the error below says it
     try:
+        token = tenants.read_client_token(args.token_file) if args.token_file else None
         stats = health.fetch_stats(args.endpoint, args.timeout, server_key=args.server_key,
-                                   client_key=args.client_key)
+                                   client_key=args.client_key, token=token)
     except (ValueError, MemoryServerError) as exc:
         print(f"memory-server status: error: {exc}", file=sys.stderr)
         return 1
@@ -171,11 +227,11 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
-_COMMANDS = {"keygen": keygen_main, "status": status_main}
+_COMMANDS = {"keygen": keygen_main, "token": token_main, "status": status_main}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``memory-server keygen ...`` and ``memory-server status ...`` are subcommands; anything
+    """``memory-server keygen ...``, ``token ...`` and ``status ...`` are subcommands; anything
     else (``memory-server --bind ...``) serves, as it always has."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _COMMANDS:
@@ -189,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                               wire_dtype=args.wire_dtype, drain_timeout=args.drain_timeout,
                               data_dir=args.data_dir, restore=tuple(args.restore),
                               curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
+                              curve_admin=args.curve_admin, token_file=args.token_file,
+                              admin_token_file=args.admin_token_file,
                               max_namespaces=args.max_namespaces,
                               max_memories_per_namespace=args.max_memories_per_namespace,
                               namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
+                              max_inflight_bytes=args.max_inflight_bytes,
+                              max_client_inflight_bytes=args.max_client_inflight_bytes
+                              or args.max_message_bytes,
                               metrics_host=args.metrics_host)
         serve(config)
     except (ValueError, BindError, MemoryServerError) as exc:

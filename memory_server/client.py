@@ -36,7 +36,10 @@ server's memories were lost. Open the namespace again, or restore a snapshot
 Security: with ``server_public_key`` every socket (and every socket opened on reconnect) is a
 CURVE client: encrypted, and accepted only by a server that allows this client's public key. A
 server that refuses the key sends nothing; the call fails with ``ServerUnavailable`` at its
-timeout.
+timeout. Without CURVE, a server started with ``--token-file`` wants a token in every request
+(``token``, by default the one in the file ``$MEMTRANS_TOKEN_FILE`` names) and refuses a request
+without the right one with ``Unauthorized``. Either way the client's key or token is its tenant:
+it sees only the namespaces it opened (``tenants.py``).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import auth
+from . import auth, tenants
 from .auth import KeySource
 from .errors import ERRORS_BY_CODE, InvalidRequest, MemoryServerError, ProtocolError, \
     ServerRestarted, ServerUnavailable, UnknownNamespace
@@ -103,12 +106,15 @@ class MemoryClient:
     def __init__(self, servers: list[str] | str, *, timeout: float = 30.0,
                  retry_after: float | None = None,
                  server_public_key: KeySource | Sequence[KeySource] | None = None,
-                 public_key: KeySource | None = None, secret_key: KeySource | None = None):
+                 public_key: KeySource | None = None, secret_key: KeySource | None = None,
+                 token: str | None = None):
         """``timeout``: seconds a request may go unanswered before it fails; ``retry_after``:
         seconds after which it is sent again on a fresh connection (default ``timeout / 2``).
         ``server_public_key`` (one for all servers, or one per server) turns CURVE on; it
         needs this client's ``secret_key`` (``public_key`` is derived from it when omitted).
-        Keys are Z85 strings or key files from ``memory-server keygen``."""
+        Keys are Z85 strings or key files from ``memory-server keygen``. ``token``: this
+        client's token for servers started with ``--token-file``; by default read from the file
+        ``$MEMTRANS_TOKEN_FILE`` names, when set."""
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers or not all(isinstance(s, str) and "://" in s for s in servers):
             raise ValueError(f"servers must be a non-empty list of ZeroMQ endpoints like "
@@ -126,6 +132,12 @@ class MemoryClient:
         # (endpoint, namespace) -> instance of the server that opened it; I/O thread only.
         self._opened: dict[tuple[str, str], str] = {}
         self._curve = _curve_options(self.servers, server_public_key, public_key, secret_key)
+        if token is None and os.environ.get(tenants.TOKEN_ENV):
+            try:
+                token = tenants.read_client_token(os.environ[tenants.TOKEN_ENV])
+            except ValueError as exc:
+                raise ValueError(f"${tenants.TOKEN_ENV}: {exc}") from None
+        self._token = token
         self._context = zmq.Context()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = Wakeup()
@@ -294,7 +306,7 @@ class MemoryClient:
                 raise MemoryServerError("this MemoryClient is closed")
             try:
                 frames = encode_request(request_id, op, args, arrays, session=self.session,
-                                        seq=next(self._seqs[server]))
+                                        seq=next(self._seqs[server]), token=self._token)
             except TypeError as exc:  # msgpack cannot encode an argument
                 raise InvalidRequest(f"{op}: an argument cannot be sent: {exc}") from None
             namespace = (args or {}).get("namespace")

@@ -70,6 +70,13 @@ class SnapshotError(MemoryServerError):
     code = "snapshot_error"
 
 
+class Unauthorized(MemoryServerError):
+    """The request did not carry a credential the server accepts (a token from its
+    ``--token-file``, or an allowed CURVE key), or needs an admin one; nothing was changed."""
+
+    code = "unauthorized"
+
+
 class ServerUnavailable(MemoryServerError):
     """A server did not answer within the timeout or could not be reached."""
 
@@ -87,5 +94,6 @@ ERRORS_BY_CODE: dict[str, type[MemoryServerError]] = {
         LimitExceeded,
         SnapshotError,
         ServerUnavailable,
+        Unauthorized,
     )
 }

@@ -8,11 +8,11 @@ from .errors import ServerUnavailable
 
 
 def fetch_stats(endpoint: str, timeout: float, *, server_key: str | None = None,
-                client_key: str | None = None) -> dict:
-    """The ``stats`` of the server at ``endpoint``; ``ServerUnavailable`` if it does not answer
-    within ``timeout`` seconds."""
+                client_key: str | None = None, token: str | None = None) -> dict:
+    """The ``stats`` of the server at ``endpoint`` (a tenant's own part, unless it is an
+    admin); ``ServerUnavailable`` if it does not answer within ``timeout`` seconds."""
     with MemoryClient(endpoint, timeout=timeout, server_public_key=server_key,
-                      secret_key=client_key) as client:
+                      secret_key=client_key, token=token) as client:
         try:
             return client.stats()[0]
         except ServerUnavailable:
@@ -22,16 +22,21 @@ def fetch_stats(endpoint: str, timeout: float, *, server_key: str | None = None,
 
 
 def format_stats(endpoint: str, stats: dict) -> str:
-    """Stats as a few aligned lines: totals, then one line per op."""
+    """Stats as a few aligned lines: totals, then one line per op (an admin's only)."""
+    up = f", up {_duration(stats['uptime_s'])}" if "uptime_s" in stats else ""
     lines = [
         f"memory-server {stats.get('version', '?')} at {endpoint} "
-        f"(protocol v{stats.get('protocol', '?')}), up {_duration(stats['uptime_s'])}",
+        f"(protocol v{stats.get('protocol', '?')}){up}",
         f"  namespaces {stats['namespaces']}   memories {stats['memories']}   "
         f"entries {stats['entries']}   bytes {_bytes(stats['bytes'])}",
     ]
     for name, ns in sorted(stats.get("per_namespace", {}).items()):
         lines.append(f"    {name}: {ns['memories']} memories, {ns['entries']} entries, "
                      f"{_bytes(ns['bytes'])}")
+    if "requests" not in stats:
+        lines.append(f"  (the namespaces of tenant {stats.get('tenant')!r}; request counts are "
+                     f"for an admin's token or key)")
+        return "\n".join(lines)
     requests = stats["requests"]
     lines.append(f"  {'op':<10} {'requests':>10} {'errors':>8} {'p50 ms':>9} {'p99 ms':>9}")
     for op, r in sorted(requests.items()):

@@ -7,7 +7,8 @@ Every request and every reply is one ZeroMQ multipart message::
                    little-endian bytes, exactly itemsize * prod(shape) long
 
     request header {"v": PROTOCOL_VERSION, "id": int >= 0, "op": str, "args": map,
-                    "arrays": [[name, dtype, shape], ...], ["session": bin, "seq": int >= 1]}
+                    "arrays": [[name, dtype, shape], ...], ["session": bin, "seq": int >= 1],
+                    ["token": str]}
     ok reply       {"v": PROTOCOL_VERSION, "id": int, "ok": true, "result": map,
                     "arrays": [[name, dtype, shape], ...], "instance": str | nil}
     error reply    {"v": PROTOCOL_VERSION, "id": int | nil, "ok": false, "code": str,
@@ -24,9 +25,13 @@ orders a session's requests across its connections (see server.py). ``instance``
 process that answered, so a client can tell a restarted server from the one it opened its
 namespaces on.
 
-Versions: 2 added ``session``, ``seq`` and ``instance``. A server reads requests of version 1 too
-(without a session: never de-duplicated) and answers each in the version it was asked in; a
-client reads replies of either version, so an old server's refusal of version 2 reaches the user.
+``token`` (version 3) is the client's credential on a server started with ``--token-file``
+(``tenants.py``); with CURVE the connection's key is the credential instead.
+
+Versions: 2 added ``session``, ``seq`` and ``instance``; 3 added ``token``. A server reads requests
+of versions 1 and 2 too (version 1 without a session: never de-duplicated; neither can carry a
+token) and answers each in the version it was asked in; a client reads replies of every version,
+so an old server's refusal of a newer version reaches the user.
 
     op        args                     request arrays          ok reply
     ping      -                        -                       {version, protocol}
@@ -40,12 +45,14 @@ client reads replies of either version, so an old server's refusal of version 2 
     clear     namespace, [layers]      rows int (b,)           {}
     drop      namespace                -                       {}
     stats     -                        -                       store.stats() + requests, uptime
+                                                               (an admin's; a tenant's: its own
+                                                               namespaces, tenant, config)
     snapshot  namespace, tag           -                       {path, bytes, memories}
     restore   namespace, tag,          -                       {restored, [memories]}
               [if_missing]
     snapshots -                        -                       {snapshots: [{namespace, tag,
                                                                path, bytes, mtime}, ...]}
-    shutdown  -                        -                       {}, then the server stops
+    shutdown  -                        -                       {}, then the server stops (admin)
 
 Arrays travel without copies: senders hand the arrays themselves to ZeroMQ (``copy=False``) and
 receivers view the received frames with ``np.frombuffer``. dtypes are limited to ``DTYPES``.
@@ -73,10 +80,14 @@ __all__ = [
     "encode_request",
 ]
 
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 _SESSION_FIELDS = ("session", "seq")
 """Optional request header fields from version 2 on."""
+_TOKEN_FIELD = "token"
+"""Optional request header field from version 3 on."""
+TOKEN_CHARS = (1, 1024)
+"""Length range of a token on the wire (the server's files allow fewer, see tenants.py)."""
 SESSION_BYTES = (8, 64)
 """Length range of a session id."""
 
@@ -96,6 +107,8 @@ MAX_HEADER_BYTES = 1 << 20
 
 MAX_NDIM = 8
 MAX_ARRAYS = 16
+MAX_FRAMES = 1 + MAX_ARRAYS
+"""Frames of a request: its header and its arrays. The server keeps none of a longer message."""
 
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
@@ -170,6 +183,7 @@ class Request:
     """The version it was sent in, which its reply must use."""
     session: bytes | None = None
     seq: int | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +202,14 @@ class Reply:
 
 def encode_request(request_id: int, op: str, args: dict | None = None,
                    arrays: Mapping[str, np.ndarray] | None = None, *,
-                   session: bytes | None = None, seq: int | None = None) -> list:
+                   session: bytes | None = None, seq: int | None = None,
+                   token: str | None = None) -> list:
     """Frames of a request; the arrays are passed through uncopied when already contiguous."""
     header = {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args or {}}
     if session is not None:
         header.update(session=session, seq=seq)
+    if token is not None:
+        header[_TOKEN_FIELD] = token
     return _encode(header, arrays or {})
 
 
@@ -266,9 +283,15 @@ def decode_request(frames: Sequence[Frame], *,
                               f"send smaller batches", request_id, version)
     try:
         _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header",
-                    optional=_SESSION_FIELDS if version >= 2 else ())
+                    optional=(_SESSION_FIELDS if version >= 2 else ())
+                    + ((_TOKEN_FIELD,) if version >= 3 else ()))
         _check_version(header["v"])
         session, seq = _check_session(header)
+        token = header.get(_TOKEN_FIELD)
+        if token is not None and not (_is_str(token)
+                                      and TOKEN_CHARS[0] <= len(token) <= TOKEN_CHARS[1]):
+            raise ProtocolError(f"token must be a string of {TOKEN_CHARS[0]} to "
+                                f"{TOKEN_CHARS[1]} characters")
         if request_id is None:
             raise ProtocolError(f"request id must be an integer in [0, 2**64), "
                                 f"got {header['id']!r}")
@@ -285,7 +308,7 @@ def decode_request(frames: Sequence[Frame], *,
     except ProtocolError as exc:
         exc.request_id, exc.version = request_id, version
         raise
-    return Request(request_id, op, args, arrays, header["v"], session, seq)
+    return Request(request_id, op, args, arrays, header["v"], session, seq, token)
 
 
 def decode_reply(frames: Sequence[Frame]) -> Reply:

@@ -59,9 +59,22 @@ Security and limits
     A loopback bind needs nothing. Any other bind needs CURVE (``--curve-secret-key`` and
     ``--curve-allow``; see ``auth.py``): a ZAP handler admits only the listed client keys, so a
     stranger's handshake fails and it never reaches the I/O thread. ``--insecure`` binds without
-    it, with a loud warning. Limits (bytes, message size, namespaces, memories per namespace) are
-    refused with ``limit_exceeded`` replies naming the flag; with ``--namespace-ttl`` a thread
-    drops idle namespaces and a later request for one is told it expired.
+    it, with a loud warning. Tenants (``tenants.py``): with CURVE each allowed key, else with
+    ``--token-file`` each token, is a tenant confined to its own namespaces; the I/O thread
+    identifies the sender of every request before anything else and refuses a request without a
+    known credential with ``unauthorized``. An ipc socket file is created with mode 0700 (the
+    umask is narrowed around the bind, so there is no moment when it is open to others). Limits
+    (bytes, message size, namespaces, memories per namespace, bytes in flight) are refused with
+    ``limit_exceeded`` replies naming the flag; with ``--namespace-ttl`` a thread drops idle
+    namespaces and a later request for one is told it expired.
+
+Bytes in flight
+    A request's frames are held from its receipt to its reply, and a reply's until ZeroMQ has
+    written them out (zero-copy sends with a tracker per frame), so a client that does not read
+    its replies keeps their bytes here. Both count per connection and in all: past
+    ``max_client_inflight_bytes`` a connection's next request is refused, past
+    ``max_inflight_bytes`` the I/O thread reads nothing until some are done. A message of more
+    than ``MAX_FRAMES`` frames is read frame by frame and refused, keeping none past the limit.
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
@@ -92,13 +105,14 @@ from functools import partial
 import numpy as np
 import zmq
 
-from . import auth, metrics, snapshot
-from .errors import (InvalidRequest, MemoryServerError, ProtocolError, ServerUnavailable,
-                     SnapshotError, UnknownNamespace)
-from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_HEADER_BYTES,
+from . import auth, metrics, snapshot, tenants
+from .errors import (InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
+                     ServerUnavailable, SnapshotError, Unauthorized, UnknownNamespace)
+from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
                        MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
                        encode_reply)
 from .store import MemoryStore, NamespaceConfig
+from .tenants import Tenant
 from .wakeup import Wakeup
 
 log = logging.getLogger("memory_server")
@@ -106,6 +120,7 @@ log = logging.getLogger("memory_server")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 _POLL_MS = 1000  # upper bound on a poll; wakeups normally come at once through the pipe
+_UNSENT_POLL_MS = 20  # how often the bytes of replies ZeroMQ still holds are looked at
 _RECV_BATCH = 64  # requests read in a row before the I/O thread sends queued replies
 _CLOSE_LINGER_MS = 2000  # time the last replies get to leave at shutdown
 _LATENCY_WINDOW = 1024  # latencies kept per op for the percentiles in stats
@@ -162,6 +177,14 @@ class ServerConfig:
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
+    max_inflight_bytes: int = 1 << 30
+    """Bytes of requests accepted but not yet answered and of replies not yet transmitted, all
+    clients together; at this many the server stops reading, as at ``max_pending``."""
+    max_client_inflight_bytes: int = MAX_MESSAGE_BYTES
+    """The same, per connection: a request that would take its connection past it is refused
+    with ``limit_exceeded`` (one request is always let in when nothing of its connection is in
+    flight). A client that does not read its replies is so cut off: nothing more of it is run
+    until it reads them."""
     data_dir: str | None = None
     """Directory of ``snapshot`` files (``snapshot.py``); None: ``snapshot``/``restore`` are
     refused."""
@@ -174,7 +197,17 @@ class ServerConfig:
     """The server's CURVE secret key (a ``.key_secret`` file from ``memory-server keygen``, or
     Z85); with it every connection is encrypted and only ``curve_allow`` clients get in."""
     curve_allow: str | None = None
-    """Client public keys allowed to connect: a ``.key`` file or a directory of them."""
+    """Client public keys allowed to connect: a ``.key`` file or a directory of them; each is a
+    tenant named by its file."""
+    curve_admin: str | None = None
+    """With CURVE, admin client public keys (a ``.key`` file or a directory of them), allowed to
+    connect too: an admin sees and may act on every namespace, reads server-wide stats and may
+    shut the server down."""
+    token_file: str | None = None
+    """Without CURVE, the tenants' tokens (``NAME TOKEN`` lines, mode 0600; ``tenants.py``): with
+    it every request needs one, and each client sees only its own namespaces."""
+    admin_token_file: str | None = None
+    """Without CURVE, the admins' tokens (same format)."""
     max_namespaces: int | None = None
     """Cap on namespaces open at once; an ``open`` past it is refused (None: no cap)."""
     max_memories_per_namespace: int | None = None
@@ -203,10 +236,12 @@ class ServerConfig:
                 snapshot.snapshot_path(self.data_dir, namespace, tag)  # checks both names
             except InvalidRequest as exc:
                 raise ValueError(f"--restore {item!r}: {exc.message}") from None
-        for name in ("threads", "max_message_bytes", "max_pending", "max_bytes", "max_namespaces",
-                     "max_memories_per_namespace", "metrics_port"):
+        required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
+                    "max_client_inflight_bytes")
+        for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
+                     "metrics_port"):
             value = getattr(self, name)
-            if value is None and name not in ("threads", "max_message_bytes", "max_pending"):
+            if value is None and name not in required:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -221,6 +256,12 @@ class ServerConfig:
             raise ValueError("CURVE needs both --curve-secret-key (the server's key) and "
                              "--curve-allow (the clients' public keys); make keys with "
                              "`memory-server keygen`")
+        if self.curve and (self.token_file or self.admin_token_file):
+            raise ValueError("with CURVE the client keys are the tenants: pass --curve-allow and "
+                             "--curve-admin instead of --token-file and --admin-token-file")
+        if self.curve_admin is not None and not self.curve:
+            raise ValueError("--curve-admin needs CURVE (--curve-secret-key and --curve-allow); "
+                             "without CURVE, admins are named in --admin-token-file")
         if not is_loopback(self.bind) and not self.curve and not self.insecure:
             raise ValueError(
                 f"refusing to bind {self.bind}: it is reachable from other hosts. Pass "
@@ -261,10 +302,18 @@ class Server:
         # Keys are read before any socket exists, so a bad key file leaves nothing to clean up.
         keys = auth.load_key_pair(config.curve_secret_key, what="--curve-secret-key") \
             if config.curve else None
-        allowed = auth.load_allowed(config.curve_allow) if config.curve else frozenset()
-        self._allowed_keys = len(allowed)
+        allowed = auth.load_allowed(config.curve_allow) if config.curve else {}
+        admins = auth.load_allowed(config.curve_admin, "--curve-admin") \
+            if config.curve_admin else {}
+        self._tenants = tenants.Tenants(
+            tokens=tenants.read_token_file(config.token_file) if config.token_file else None,
+            admin_tokens=tenants.read_token_file(config.admin_token_file, "--admin-token-file")
+            if config.admin_token_file else None,
+            curve_keys=allowed, curve_admins=admins)
+        self._allowed_keys = len(allowed.keys() | admins.keys())
         self._context = zmq.Context()
-        self._auth = auth.start_authenticator(self._context, allowed) if keys else None
+        self._auth = auth.start_authenticator(self._context, allowed.keys() | admins.keys()) \
+            if keys else None
         self._router = self._context.socket(zmq.ROUTER)
         self.public_key: bytes | None = keys.public if keys else None
         if keys:
@@ -277,7 +326,8 @@ class Server:
         self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         try:
-            self._router.bind(config.bind)
+            with _owner_only(config.bind):
+                self._router.bind(config.bind)
         except zmq.ZMQError as exc:
             self._router.close(linger=0)
             if self._auth is not None:
@@ -296,7 +346,12 @@ class Server:
         self._stopping = False
         # Accepted and not yet answered, ticket -> (identity, request, its session's record of it
         # or None); I/O thread only.
-        self._pending: dict[int, tuple[bytes, Request, _Sent | None]] = {}
+        self._pending: dict[int, tuple[bytes, Request, _Sent | None, int]] = {}
+        # Bytes in flight (see max_inflight_bytes) per connection and in all, and the replies
+        # ZeroMQ still holds: (tracker, connection, bytes). I/O thread only.
+        self._held: dict[bytes, int] = {}
+        self._held_total = 0
+        self._unsent: list[tuple[zmq.MessageTracker, bytes, int]] = []
         self._sessions = _Sessions()
         self.instance = os.urandom(8).hex()
         """Names this server process in every reply, so clients notice a restart."""
@@ -329,8 +384,19 @@ class Server:
                      self._allowed_keys, self.public_key.decode())
         elif not is_loopback(cfg.bind):
             log.warning("INSECURE (--insecure): listening on %s WITHOUT CURVE: anyone who can "
-                        "reach this port can read and change every memory, and traffic is "
-                        "unencrypted", self.endpoint)
+                        "reach this port can %s, and traffic is unencrypted", self.endpoint,
+                        "present a token it sniffed" if not self._tenants.open else
+                        "read and change every memory")
+        if cfg.bind.startswith("ipc://@"):
+            log.warning("%s is an abstract socket, which has no file permissions: any local "
+                        "user can connect%s", cfg.bind, "" if not self._tenants.open else
+                        "; pass --token-file, or bind a socket file (ipc:///path)")
+        if self._tenants.open:
+            log.warning("no --token-file (or CURVE): every client, so every local user, can "
+                        "read, change and drop every namespace and shut the server down")
+        else:
+            log.info("tenants on: %d tenants, %d of them admins; each sees only its own "
+                     "namespaces", len(self._tenants.names), self._tenants.admins)
         poller = zmq.Poller()
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
         reading = False
@@ -344,7 +410,9 @@ class Server:
             while not (self._stopping and not self._pending):
                 if self._stopping and deadline is None:
                     deadline = time.monotonic() + cfg.drain_timeout
-                want = not self._stopping and len(self._pending) < cfg.max_pending
+                self._reap_sent()
+                want = not self._stopping and len(self._pending) < cfg.max_pending \
+                    and self._held_total < cfg.max_inflight_bytes
                 if want and not reading:
                     poller.register(self._router, zmq.POLLIN)
                 elif reading and not want:
@@ -352,6 +420,8 @@ class Server:
                 reading = want
                 wait_ms = _POLL_MS if deadline is None else \
                     max(0, min(_POLL_MS, math.ceil((deadline - time.monotonic()) * 1000)))
+                if self._unsent:  # nothing wakes the poll when ZeroMQ has sent a reply
+                    wait_ms = min(wait_ms, _UNSENT_POLL_MS)
                 events = dict(poller.poll(wait_ms))
                 if self._wakeup.read_fd in events:
                     self._wakeup.drain()
@@ -370,11 +440,11 @@ class Server:
 
     def _abandon(self) -> int:
         """Answer every unfinished request with ``unavailable``; returns how many there were."""
-        ops = sorted({request.op for _, request, _ in self._pending.values()})
+        ops = sorted({request.op for _, request, _, _ in self._pending.values()})
         log.error("drain deadline of %g s (--drain-timeout) passed: abandoning %d unfinished "
                   "request(s) (%s)", self.config.drain_timeout, len(self._pending),
                   ", ".join(ops))
-        for identity, request, sent in self._pending.values():
+        for identity, request, sent, _ in self._pending.values():
             frames = self._error(
                 request.id, ServerUnavailable.code,
                 f"the memory server stopped before finishing this {request.op} request: it was "
@@ -387,20 +457,41 @@ class Server:
     # I/O thread
 
     def _receive(self) -> None:
+        cfg = self.config
         for _ in range(_RECV_BATCH):
-            if self._stopping or len(self._pending) >= self.config.max_pending:
+            if self._stopping or len(self._pending) >= cfg.max_pending \
+                    or self._held_total >= cfg.max_inflight_bytes:
                 return
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames, count = self._recv_message()
             except zmq.Again:
                 return
             identity = frames[0].bytes
+            if count > MAX_FRAMES:
+                self._send(identity, self._error(
+                    None, ProtocolError.code, f"message of {count} frames: a request is a header "
+                    f"and at most {MAX_FRAMES - 1} array frames"))
+                self._metrics.record("malformed", time.monotonic(), ok=False)
+                continue
             try:
                 self._accept(identity, frames[1:], time.monotonic())
             except Exception as exc:  # a bug, not bad input: answer and keep serving
                 log.exception("internal error accepting a request")
                 self._send(identity, self._error(None, "internal",
                                                  f"internal server error: {exc!r}"))
+
+    def _recv_message(self) -> tuple[list, int]:
+        """The next message (identity first) and its frame count besides the identity. Frames
+        past MAX_FRAMES are read and dropped at once: ZeroMQ delivers a message whole, but none
+        of a message of a million frames is kept (raises zmq.Again when there is none)."""
+        frame = self._router.recv(zmq.NOBLOCK, copy=False)
+        frames, count = [frame], 0
+        while frame.more:  # the rest of a message is there already
+            frame = self._router.recv(copy=False)
+            count += 1
+            if count <= MAX_FRAMES:
+                frames.append(frame)
+        return frames, count
 
     def _accept(self, identity: bytes, body: list, received: float) -> None:
         try:
@@ -410,20 +501,31 @@ class Server:
             self._send(identity, self._error(exc.request_id, exc.code, exc.message, exc.version))
             self._metrics.record("malformed", received, ok=False)
             return
+        try:
+            tenant = self._identify(body[0], request)
+            if request.op == "shutdown" and not tenant.admin:
+                raise Unauthorized("shutdown needs an admin credential (a token of the server's "
+                                   "--admin-token-file, or with CURVE a --curve-admin key)")
+        except Unauthorized as exc:
+            log.debug("refused an unauthorized %s request: %s", request.op, exc.message)
+            self._send(identity, self._error(request.id, exc.code, exc.message, request.version))
+            self._metrics.record("unauthorized", received, ok=False)
+            return
         if request.op == "ping":
             self._send(identity, self._reply(request, {"version": VERSION,
                                                        "protocol": PROTOCOL_VERSION}))
             self._metrics.record("ping", received, ok=True)
         elif request.op == "shutdown":
-            log.info("shutdown requested by a client")
+            log.info("shutdown requested by client %r", tenant.name)
             self._send(identity, self._reply(request))
             self._metrics.record("shutdown", received, ok=True)
             self.stop()
         else:
-            sent = None
+            sent = key = None
             if request.session is not None:
+                key = (tenant.name, request.session)  # a session id is only good for its tenant
                 try:
-                    earlier = self._sessions.find(request, received)
+                    earlier = self._sessions.find(key, request, received)
                 except MemoryServerError as exc:
                     self._send(identity, self._error(request.id, exc.code, exc.message,
                                                      request.version))
@@ -435,12 +537,38 @@ class Server:
                     else:
                         earlier.waiters.append(identity)
                     return
-                sent = self._sessions.begin(request, received)
+            size = sum(memoryview(frame).nbytes for frame in body)
+            held = self._held.get(identity, 0)
+            if held and held + size > self.config.max_client_inflight_bytes:
+                self._send(identity, self._error(
+                    request.id, LimitExceeded.code,
+                    f"{request.op} refused: this connection has {held} bytes of requests in flight "
+                    f"and replies it has not read, and this one ({size} bytes) would pass "
+                    f"max_client_inflight_bytes={self.config.max_client_inflight_bytes} "
+                    f"(memory-server --max-client-inflight-bytes); read the replies before "
+                    f"sending more", request.version))
+                self._metrics.record(request.op, received, ok=False)
+                return
+            if key is not None:
+                sent = self._sessions.begin(key, request, received)
             ticket = next(self._tickets)
-            self._pending[ticket] = (identity, request, sent)
-            scope, layers = _scope(identity, request)
+            self._pending[ticket] = (identity, request, sent, size)
+            self._hold(identity, size)
+            scope, layers = _scope(identity, tenant, request)
             self._sequencer.submit(scope, layers, partial(self._execute, ticket, identity,
-                                                          request, received))
+                                                          request, received, tenant))
+
+    def _identify(self, head, request: Request) -> Tenant:
+        """The tenant that sent ``request`` (its header frame ``head``); raises Unauthorized."""
+        curve_key = head.get("User-Id").encode() if self.config.curve else None
+        try:
+            return self._tenants.identify(request.token, curve_key)
+        except Unauthorized as exc:
+            if request.version < 3:
+                raise Unauthorized(f"{exc.message} (this client speaks protocol version "
+                                   f"{request.version}, which cannot carry a token: upgrade "
+                                   f"memtrans)") from None
+            raise
 
     def _reply(self, request: Request, result: dict | None = None,
                arrays: dict | None = None) -> list:
@@ -453,10 +581,46 @@ class Server:
                             instance=self.instance)
 
     def _send(self, identity: bytes, frames: list) -> None:
+        """Queue a reply; until ZeroMQ has transmitted (or dropped) its frames, its bytes count
+        against its connection's and the server's in-flight budgets."""
+        parts = [identity, *frames]
+        trackers = []
         try:
-            self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            for i, part in enumerate(parts):
+                more = zmq.SNDMORE if i < len(parts) - 1 else 0
+                trackers.append(self._router.send(part, zmq.NOBLOCK | more, copy=False,
+                                                  track=True))
         except zmq.ZMQError as exc:  # the peer's queue is full or it is gone: it will time out
             log.warning("could not send a reply: %s", exc)
+        waiting = [t for t in trackers if not t.done]  # small frames are copied: done at once
+        if waiting:
+            nbytes = sum(memoryview(frame).nbytes for frame in frames)
+            self._unsent.append((zmq.MessageTracker(*waiting), identity, nbytes))
+            self._hold(identity, nbytes)
+
+    def _reap_sent(self) -> None:
+        """Release the bytes of the replies ZeroMQ has transmitted, or dropped with their peer."""
+        if not self._unsent:
+            return
+        unsent = []
+        for item in self._unsent:
+            if item[0].done:
+                self._release(item[1], item[2])
+            else:
+                unsent.append(item)
+        self._unsent = unsent
+
+    def _hold(self, identity: bytes, nbytes: int) -> None:
+        self._held[identity] = self._held.get(identity, 0) + nbytes
+        self._held_total += nbytes
+
+    def _release(self, identity: bytes, nbytes: int) -> None:
+        left = self._held[identity] - nbytes
+        if left:
+            self._held[identity] = left
+        else:
+            del self._held[identity]
+        self._held_total -= nbytes
 
     def _send_replies(self) -> None:
         while True:
@@ -464,10 +628,11 @@ class Server:
                 ticket, identity, frames, op, received, ok = self._replies.get_nowait()
             except queue.Empty:
                 return
-            _, request, sent = self._pending.pop(ticket)
+            _, request, sent, size = self._pending.pop(ticket)
+            self._release(identity, size)
             self._send(identity, frames)
             if sent is not None:
-                for waiter in self._sessions.finish(request, sent, frames, ok):
+                for waiter in self._sessions.finish(request.op, sent, frames, ok):
                     self._send(waiter, frames)
             self._metrics.record(op, received, ok)
 
@@ -516,20 +681,23 @@ class Server:
 
     # worker threads
 
-    def _execute(self, ticket: int, identity: bytes, request: Request, received: float) -> None:
+    def _execute(self, ticket: int, identity: bytes, request: Request, received: float,
+                 tenant: Tenant) -> None:
         """Run one request and queue its reply; never raises, so every request is answered."""
         ok = False
+        namespace = request.args.get("namespace")
+        qualified = None if namespace is None else tenant.qualify(namespace)
         try:
-            result, arrays = _HANDLERS[request.op](self, request.args, request.arrays)
+            result, arrays = _HANDLERS[request.op](self, tenant, request.args, request.arrays)
             frames = self._reply(request, result, arrays)
             ok = True
-        except UnknownNamespace as exc:
-            frames = self._error(request.id, exc.code,
-                                 self._expired.explain(request.args.get("namespace"), exc.message,
-                                                       self.config.namespace_ttl),
-                                 request.version)
         except MemoryServerError as exc:
-            frames = self._error(request.id, exc.code, exc.message, request.version)
+            message = exc.message
+            if isinstance(exc, UnknownNamespace):
+                message = self._expired.explain(qualified, message, self.config.namespace_ttl)
+            if qualified != namespace:  # the store names the namespace as it knows it
+                message = message.replace(repr(qualified), repr(namespace))
+            frames = self._error(request.id, exc.code, message, request.version)
         except Exception as exc:
             log.exception("internal error in %s request %d", request.op, request.id)
             frames = self._error(request.id, "internal",
@@ -539,33 +707,36 @@ class Server:
         self._replies.put((ticket, identity, frames, request.op, received, ok))
         self._wake()
 
-    def _op_open(self, args: dict, arrays: dict):
-        self.store.open(args["namespace"], NamespaceConfig.from_dict(args["config"]))
-        self._expired.discard(args["namespace"])
+    # Handlers take the sender's tenant: every namespace they touch is its qualified name.
+
+    def _op_open(self, tenant: Tenant, args: dict, arrays: dict):
+        namespace = tenant.qualify(args["namespace"])
+        self.store.open(namespace, NamespaceConfig.from_dict(args["config"]))
+        self._expired.discard(namespace)
         return {}, {}
 
-    def _op_add(self, args: dict, arrays: dict):
-        self.store.add(args["namespace"], args["layer"], arrays["rows"], arrays["keys"],
-                       arrays["values"])
+    def _op_add(self, tenant: Tenant, args: dict, arrays: dict):
+        self.store.add(tenant.qualify(args["namespace"]), args["layer"], arrays["rows"],
+                       arrays["keys"], arrays["values"])
         return {}, {}
 
-    def _op_search(self, args: dict, arrays: dict):
-        found = self.store.search(args["namespace"], args["layer"], arrays["rows"],
-                                  arrays["queries"], args["k"])
+    def _op_search(self, tenant: Tenant, args: dict, arrays: dict):
+        found = self.store.search(tenant.qualify(args["namespace"]), args["layer"],
+                                  arrays["rows"], arrays["queries"], args["k"])
         values = found.values if self.config.wire_dtype is None \
             else found.values.astype(self.config.wire_dtype, copy=False)
         return {}, {"keys": found.keys, "values": values, "positions": found.positions}
 
-    def _op_clear(self, args: dict, arrays: dict):
-        self.store.clear(args["namespace"], arrays["rows"], args.get("layers"))
+    def _op_clear(self, tenant: Tenant, args: dict, arrays: dict):
+        self.store.clear(tenant.qualify(args["namespace"]), arrays["rows"], args.get("layers"))
         return {}, {}
 
-    def _op_drop(self, args: dict, arrays: dict):
-        self.store.drop(args["namespace"])
+    def _op_drop(self, tenant: Tenant, args: dict, arrays: dict):
+        self.store.drop(tenant.qualify(args["namespace"]))
         return {}, {}
 
-    def _op_snapshot(self, args: dict, arrays: dict):
-        namespace, tag = args["namespace"], args["tag"]
+    def _op_snapshot(self, tenant: Tenant, args: dict, arrays: dict):
+        namespace, tag = tenant.qualify(args["namespace"]), args["tag"]
         data_dir = self._data_dir("snapshot")
         snapshot.snapshot_path(data_dir, namespace, tag)  # a bad name fails before the copy
         state = self.store.export_namespace(namespace)
@@ -575,17 +746,22 @@ class Server:
         return {"path": str(info.path), "bytes": info.bytes,
                 "memories": len(state["memories"])}, {}
 
-    def _op_restore(self, args: dict, arrays: dict):
-        namespace, tag = args["namespace"], args["tag"]
+    def _op_restore(self, tenant: Tenant, args: dict, arrays: dict):
+        namespace, tag = tenant.qualify(args["namespace"]), args["tag"]
         self._data_dir("restore")
         with self._restore_lock:  # if_missing: of two concurrent restores, one loads
             if args.get("if_missing") and namespace in self.store.namespaces():
                 return {"restored": False}, {}
             return {"restored": True, **self._restore(namespace, tag)}, {}
 
-    def _op_snapshots(self, args: dict, arrays: dict):
+    def _op_snapshots(self, tenant: Tenant, args: dict, arrays: dict):
         data_dir = self._data_dir("snapshots")
-        return {"snapshots": [info.to_dict() for info in snapshot.list_snapshots(data_dir)]}, {}
+        found = []
+        for info in snapshot.list_snapshots(data_dir):
+            namespace = tenant.unqualify(info.namespace)
+            if namespace is not None:  # a tenant sees the snapshots of its own namespaces only
+                found.append({**info.to_dict(), "namespace": namespace})
+        return {"snapshots": found}, {}
 
     def _restore(self, namespace: str, tag: str) -> dict:
         """Load a snapshot into the store, replacing the namespace; all or nothing."""
@@ -606,12 +782,23 @@ class Server:
                                  f"--data-dir DIR")
         return self.config.data_dir
 
-    def _op_stats(self, args: dict, arrays: dict):
-        return self.stats(), {}
+    def _op_stats(self, tenant: Tenant, args: dict, arrays: dict):
+        if tenant.admin:
+            return {**self.stats(), "tenant": tenant.name, "admin": True}, {}
+        # A tenant's view: its own namespaces (by its names) and the server's limits; request
+        # counts, latencies and sessions are everyone's, so they are the admin's to read.
+        per_namespace = {}
+        for qualified, ns in self.store.stats()["per_namespace"].items():
+            name = tenant.unqualify(qualified)
+            if name is not None:
+                per_namespace[name] = ns
+        return {**_totals(per_namespace), "per_namespace": per_namespace, "version": VERSION,
+                "protocol": PROTOCOL_VERSION, "instance": self.instance, "tenant": tenant.name,
+                "admin": False, "config": self._config_stats()}, {}
 
     def stats(self) -> dict:
-        """What the ``stats`` op, ``memory-server status`` and the metrics port report."""
-        cfg = self.config
+        """What the ``stats`` op of an admin, ``memory-server status`` and the metrics port
+        report."""
         return {
             **self.store.stats(),
             "requests": self._metrics.snapshot(),
@@ -620,14 +807,17 @@ class Server:
             "protocol": PROTOCOL_VERSION,
             "instance": self.instance,
             "sessions": self._sessions.stats(),
-            "config": {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
-                       "drain_timeout": cfg.drain_timeout,
-                       "max_message_bytes": cfg.max_message_bytes,
-                       "max_namespaces": cfg.max_namespaces,
-                       "max_memories_per_namespace": cfg.max_memories_per_namespace,
-                       "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
-                       "persistent": cfg.data_dir is not None},
+            "config": self._config_stats(),
         }
+
+    def _config_stats(self) -> dict:
+        cfg = self.config
+        return {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
+                "drain_timeout": cfg.drain_timeout, "max_message_bytes": cfg.max_message_bytes,
+                "max_namespaces": cfg.max_namespaces,
+                "max_memories_per_namespace": cfg.max_memories_per_namespace,
+                "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
+                "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None}
 
 
 _HANDLERS = {
@@ -643,12 +833,35 @@ _HANDLERS = {
 }
 
 
-def _scope(identity: bytes, request: Request):
+def _totals(per_namespace: dict) -> dict:
+    return {"namespaces": len(per_namespace),
+            **{what: sum(ns[what] for ns in per_namespace.values())
+               for what in ("memories", "entries", "bytes")}}
+
+
+@contextlib.contextmanager
+def _owner_only(endpoint: str):
+    """Bind ``endpoint`` so that an ipc socket file is created with mode 0700: only this user can
+    connect (connecting to a Unix socket needs write permission on its file). The umask, not a
+    chmod after the bind, so there is no moment when others could connect. The umask is the
+    process's: nothing else creates files while a server binds, at its start."""
+    if not endpoint.startswith("ipc://"):
+        yield
+        return
+    umask = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(umask)
+
+
+def _scope(identity: bytes, tenant: Tenant, request: Request):
     """The sequencing scope of a request and the layers it touches (None: all of them)."""
     namespace = request.args.get("namespace")
     if namespace is None:
         return None, None
-    client = ("connection", identity) if request.session is None else ("session", request.session)
+    client = ("connection", identity) if request.session is None \
+        else ("session", tenant.name, request.session)
     if request.op in ("add", "search"):
         return (client, namespace), (request.args["layer"],)
     if request.op == "clear" and "layers" in request.args:
@@ -760,6 +973,9 @@ class _Sent:
 
     id: int
     op: str
+    key: tuple
+    """Its session: (tenant name, session id)."""
+    seq: int
     waiters: list[bytes] = field(default_factory=list)
     """Connections whose retries of it wait for its reply."""
     finished: bool = False
@@ -785,13 +1001,14 @@ class _Sessions:
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()  # least recently heard first
         self._retries = 0
 
-    def find(self, request: Request, now: float) -> _Sent | None:
-        """The earlier request this one retries, when it still runs or its reply is kept; None
-        for a request to run. Raises for a seq used by another request or forgotten."""
-        session = self._sessions.get(request.session)
+    def find(self, key, request: Request, now: float) -> _Sent | None:
+        """The earlier request this one (of session ``key``) retries, when it still runs or its
+        reply is kept; None for a request to run. Raises for a seq used by another request or
+        forgotten."""
+        session = self._sessions.get(key)
         if session is None:
             return None
-        self._sessions.move_to_end(request.session)
+        self._sessions.move_to_end(key)
         session.heard = now
         sent = session.requests.get(request.seq)
         if sent is None:
@@ -810,25 +1027,25 @@ class _Sessions:
         self._retries += 1
         return sent
 
-    def begin(self, request: Request, now: float) -> _Sent:
-        """Record a request about to run."""
-        session = self._sessions.get(request.session)
+    def begin(self, key, request: Request, now: float) -> _Sent:
+        """Record a request of session ``key`` about to run."""
+        session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[request.session] = _Session()
-        self._sessions.move_to_end(request.session)
+            session = self._sessions[key] = _Session()
+        self._sessions.move_to_end(key)
         session.heard = now
-        sent = session.requests[request.seq] = _Sent(request.id, request.op)
+        sent = session.requests[request.seq] = _Sent(request.id, request.op, key, request.seq)
         self._forget_idle(now)
         return sent
 
-    def finish(self, request: Request, sent: _Sent, frames: list, ok: bool) -> list[bytes]:
+    def finish(self, op: str, sent: _Sent, frames: list, ok: bool) -> list[bytes]:
         """Record the reply of a request; returns the connections of its waiting retries."""
         sent.finished = True
-        if ok and request.op in KEPT_REPLIES:
+        if ok and op in KEPT_REPLIES:
             sent.reply = frames
-        session = self._sessions.get(request.session)
-        if session is not None and session.requests.get(request.seq) is sent:
-            session.finished.append(request.seq)
+        session = self._sessions.get(sent.key)
+        if session is not None and session.requests.get(sent.seq) is sent:
+            session.finished.append(sent.seq)
             while len(session.finished) > SESSION_WINDOW:
                 seq = session.finished.popleft()
                 old = session.requests.get(seq)

@@ -6,16 +6,24 @@ Each server writes its snapshots to ``<out>/memory`` (its shard's file names dif
 ``supervise``, a thread restarts a server that dies, on the same port, with ``--restore`` of the
 newest snapshot the trainer reported (``snapshot_taken``), so a run under ``--on-memory-failure
 wait`` or ``skip`` finds its memories again as of its last checkpoint.
+
+The servers admit only the trainer: each start makes a random token for tenant ``trainer``, in a
+private temporary file (``token_file``, mode 0600, removed at exit) that the servers read
+(``--token-file``) and the trainer's clients too (``$MEMTRANS_TOKEN_FILE``). Other local users
+get ``Unauthorized``. Snapshots are named by the tenant, not the token, so a resumed run's new
+token still reaches the snapshots of the last one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
-from memory_server import local
+from memory_server import local, tenants
 from memory_server.client import shard_tag
 from memory_server.snapshot import snapshot_path
 
@@ -25,6 +33,9 @@ STOP_TIMEOUT = 10.0
 """Seconds a server has to exit after SIGTERM before it is killed."""
 SUPERVISE_INTERVAL = 0.2
 """Seconds between the supervisor's looks at its servers."""
+
+TENANT = "trainer"
+"""The tenant name of the trainer on its own servers: its namespaces are ``trainer.*`` there."""
 
 log = logging.getLogger("memtrans.servers")
 
@@ -50,6 +61,10 @@ class LocalServers:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._token_dir = Path(tempfile.mkdtemp(prefix="memtrans-token-"))  # mode 0700
+        self.token_file = self._token_dir / f"{TENANT}.token"
+        """The token of the trainer (tenant ``TENANT``), for its clients."""
+        self.token = tenants.write_token_file(self.token_file, TENANT)
 
     def __enter__(self) -> LocalServers:
         try:
@@ -76,10 +91,10 @@ class LocalServers:
 
     def _launch(self, i: int) -> local.ServerProcess:
         flags = ["--threads", str(self._threads), "--log-level", "WARNING",
-                 "--data-dir", str(self.data_dir)]
+                 "--data-dir", str(self.data_dir), "--token-file", str(self.token_file)]
         if self._snapshot is not None:
             namespace, tag = self._snapshot
-            tag = shard_tag(tag, i, self.count)
+            namespace, tag = tenants.qualify(TENANT, namespace), shard_tag(tag, i, self.count)
             if snapshot_path(self.data_dir, namespace, tag).exists():
                 flags += ["--restore", f"{namespace}:{tag}"]
         # Its own session (local.launch): a Ctrl-C reaches the trainer only, which drops its
@@ -91,7 +106,7 @@ class LocalServers:
 
     def _wait_ready(self, i: int) -> None:
         try:
-            self._servers[i].wait_ready(START_TIMEOUT)
+            self._servers[i].wait_ready(START_TIMEOUT, token=self.token)
         except (RuntimeError, TimeoutError) as exc:
             first_line = str(exc).splitlines()[0]
             raise ServerStartError(f"the local {first_line} (log: {self._log_path(i)})") from None
@@ -124,3 +139,4 @@ class LocalServers:
             if server is not None:
                 server.stop(STOP_TIMEOUT)
                 server.log.close()
+        shutil.rmtree(self._token_dir, ignore_errors=True)

@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from memory_server import MemoryServerError
 from memory_server.client import MemoryClient
+from memory_server.tenants import TOKEN_ENV
 
 from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_memories,
                          load_checkpoint, resolve_config, restore_remote, save_checkpoint,
@@ -513,9 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                         local = stack.enter_context(LocalServers(
                             config.num_servers, out,
                             supervise=config.on_memory_failure != "stop"))
-                        return local.endpoints
+                        return local.endpoints, str(local.token_file)
 
-                    servers = _broadcast(start_local, ddp, master)
+                    servers, token_file = _broadcast(start_local, ddp, master)
+                    # Every rank's clients present the token of the servers (same host).
+                    stack.enter_context(_environment(TOKEN_ENV, token_file))
                 else:
                     check_servers(servers, config.memory_timeout)
             if master:
@@ -561,6 +564,21 @@ def _peer_gone(exc: RuntimeError) -> bool:
     """Whether a collective failed because another rank's process went away."""
     return isinstance(exc, dist.DistNetworkError) or any(
         text in str(exc) for text in ("Connection closed by peer", "Connection reset by peer"))
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` until the block ends (the trainer may run in a caller's
+    process, e.g. a test's)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _broadcast(make, ddp: bool, master: bool):

@@ -1,5 +1,6 @@
-"""CURVE: keygen, a server that admits only the client keys it allows, and the refusal to expose
-a server without CURVE (no traffic leaves this host: 0.0.0.0 binds are reached on 127.0.0.1)."""
+"""CURVE: keygen, a server that admits only the client keys it allows, each key a tenant of its
+own, and the refusal to expose a server without CURVE (no traffic leaves this host: 0.0.0.0 binds
+are reached on 127.0.0.1)."""
 
 import os
 import stat
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import zmq
 
-from memory_server import MemoryClient, NamespaceConfig, ServerUnavailable
+from memory_server import (MemoryClient, NamespaceConfig, ServerUnavailable, Unauthorized,
+                           UnknownNamespace)
 from memory_server.cli import main
 from memory_server.protocol import encode_request
 from servers import free_port, launch
@@ -24,9 +26,11 @@ KEYS = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    """server.key(_secret), allowed/client.key(_secret) and stranger.key(_secret)."""
+    """server.key(_secret), allowed/client.key(_secret), allowed/other.key(_secret) (a second
+    tenant), admin/root.key(_secret) and stranger.key(_secret)."""
     root = tmp_path_factory.mktemp("keys")
-    for out, name in ((root, "server"), (root / "allowed", "client"), (root, "stranger")):
+    for out, name in ((root, "server"), (root / "allowed", "client"), (root / "allowed", "other"),
+                      (root / "admin", "root"), (root, "stranger")):
         assert main(["keygen", "--out", str(out), "--name", name]) == 0
     return root
 
@@ -42,7 +46,7 @@ def curve_server(keys):
     port = free_port()
     server = launch("--bind", f"tcp://0.0.0.0:{port}", "--curve-secret-key",
                     str(keys / "server.key_secret"), "--curve-allow", str(keys / "allowed"),
-                    port=port)
+                    "--curve-admin", str(keys / "admin"), port=port)
     try:
         server.wait_ready(server_public_key=keys / "server.key",
                           secret_key=keys / "allowed/client.key_secret")
@@ -91,10 +95,24 @@ def test_other_clients_get_no_reply_and_no_data(keys, curve_server, who):
 
 
 def _requests(keys, server) -> dict:
-    """Request counts per op, except the stats call that reads them."""
-    with _client(keys, server.endpoint) as client:
+    """Request counts per op, except the stats call that reads them (an admin's)."""
+    with _client(keys, server.endpoint, secret="admin/root.key_secret") as client:
         requests = client.stats()[0]["requests"]
     return {op: r["count"] for op, r in requests.items() if op != "stats"}
+
+
+def test_each_key_is_a_tenant_and_an_admin_key_sees_all(keys, curve_server):
+    with _client(keys, curve_server.endpoint, secret="allowed/other.key_secret") as other:
+        stats = other.stats()[0]
+        assert (stats["tenant"], stats["namespaces"]) == ("other", 0)
+        with pytest.raises(UnknownNamespace):
+            other.search("secret", 0, [0, 1], KEYS, 3)
+        with pytest.raises(Unauthorized):
+            other.shutdown_server(curve_server.endpoint)
+    with _client(keys, curve_server.endpoint, secret="admin/root.key_secret") as admin:
+        stats = admin.stats()[0]
+        assert stats["admin"] and stats["per_namespace"]["client.secret"]["entries"] == 6
+    assert "3 tenants, 1 of them admins" in curve_server.output()
 
 
 def test_a_raw_plaintext_socket_gets_nothing(curve_server):

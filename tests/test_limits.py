@@ -9,9 +9,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+import zmq
 
 from memory_server import (InvalidRequest, LimitExceeded, MemoryClient, NamespaceConfig,
                            UnknownNamespace)
+from memory_server.protocol import decode_reply, encode_request
 from servers import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -118,3 +120,100 @@ def test_status_of_a_silent_endpoint_fails_clearly():
     assert result.returncode == 1 and time.monotonic() - start < 20
     assert f"{endpoint} did not answer within 0.5 s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` memory figure (VmRSS: resident now; VmHWM: its peak), in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+REFUSED_ADD_OVERHEAD = 48 << 20
+"""What six refused adds naming 100K rows may still cost the server, resident or at its peak:
+the 3.2 MB requests, their checks' temporaries (a Python tuple per row) and allocator slack;
+measured +22 MB resident, +27 MB peak. When the 100K empty memories were made before the
+reservation: +57 MB resident, +112 MB peak."""
+
+
+def test_an_add_naming_100k_rows_is_refused_before_it_allocates(memory_server):
+    """--max-bytes counts each new memory's overhead and is checked before any memory is made:
+    adds naming 100K new rows under 16M are refused, and the server grows by less than
+    REFUSED_ADD_OVERHEAD (it used to make the 100K memories first)."""
+    (server,) = memory_server(1, "--max-bytes", "16M")
+    rows = 100_000
+    keys = np.ones((rows, 1, 4), np.float32)
+    with MemoryClient(server.endpoint, timeout=60) as client:
+        client.open("wide", NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=rows))
+        client.add("wide", 0, np.arange(1000), keys[:1000], keys[:1000])  # fits: 1000 memories
+        pid = server.proc.pid
+        before = {field: _status_bytes(pid, field) for field in ("VmRSS", "VmHWM")}
+        for _ in range(6):
+            with pytest.raises(LimitExceeded, match="--max-bytes"):
+                client.add("wide", 0, np.arange(rows), keys, keys)
+        grown = {field: _status_bytes(pid, field) - before[field] for field in before}
+        stats = client.stats()[0]
+    assert (stats["memories"], stats["entries"]) == (1000, 1000)  # the refused adds left nothing
+    assert all(growth < REFUSED_ADD_OVERHEAD for growth in grown.values()), grown
+    assert stats["bytes"] <= 16 << 20
+
+
+def _raw_socket(endpoint: str, **options):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_a_message_of_too_many_frames_is_refused_and_the_server_lives(memory_server):
+    (server,) = memory_server(1)
+    sock = _raw_socket(server.endpoint)
+    try:
+        frames = [encode_request(7, "ping")[0], *([b""] * 100_000)]
+        sock.send_multipart(frames)
+        assert sock.poll(30_000)
+        reply = decode_reply(sock.recv_multipart())
+    finally:
+        sock.close()
+    assert (reply.ok, reply.code) == (False, "protocol_error")
+    assert "message of 100001 frames: a request is a header and at most 16 array frames" \
+        in reply.message
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        assert client.ping()
+
+
+def test_a_client_that_does_not_read_its_replies_is_cut_off(memory_server):
+    """Its replies pile up in the server until they pass --max-client-inflight-bytes; from then
+    on its requests (of 4 KiB each) are refused, while another client is served as usual."""
+    (server,) = memory_server(1, "--max-client-inflight-bytes", "4M")
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, 4096, 64), dtype=np.float32)
+    queries = rng.standard_normal((1, 16, 64), dtype=np.float32)
+    sends = 20  # each reply is about 2 MB: up to 4096 distinct keys and values, and positions
+    with MemoryClient(server.endpoint, timeout=30) as client:
+        client.open("big", NamespaceConfig(dim=64, max_memories=4096, num_layers=1, num_rows=1))
+        client.add("big", 0, [0], keys, keys)
+        # A reader that takes one reply into its queue and a few KiB into its socket, then stops.
+        sock = _raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
+        try:
+            for i in range(sends):  # one at a time: only unread replies are in flight
+                sock.send_multipart(encode_request(i + 1, "search", {"namespace": "big",
+                                                                     "layer": 0, "k": 2048},
+                                                   {"rows": np.zeros(1, np.int64),
+                                                    "queries": queries}))
+                deadline = time.monotonic() + 60
+                while client.stats()[0]["requests"].get("search", {}).get("count", 0) <= i:
+                    assert client.ping()  # the others are served meanwhile
+                    assert time.monotonic() < deadline, "the server did not get to the search"
+            replies = []
+            while len(replies) < sends and sock.poll(30_000):
+                replies.append(decode_reply(sock.recv_multipart()))
+        finally:
+            sock.close()
+    refused = [r for r in replies if not r.ok]
+    assert len(replies) == sends and 0 < len(refused) < sends
+    assert all(r.code == "limit_exceeded" and "replies it has not read" in r.message
+               and "--max-client-inflight-bytes" in r.message for r in refused), refused[0]

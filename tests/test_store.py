@@ -174,7 +174,9 @@ def test_bad_arguments_raise_and_change_nothing(call, match):
 
 
 def test_namespace_errors_and_limits():
-    store = MemoryStore(max_namespaces=1, max_memories_per_namespace=4, max_bytes=64 * 16 * 8 * 2)
+    # Room for two memories of 64 slots of 16 keys and values, each with its overhead.
+    store = MemoryStore(max_namespaces=1, max_memories_per_namespace=4,
+                        max_bytes=2 * (64 * 16 * 8 + store_module.MEMORY_BYTES))
     config = NamespaceConfig(dim=16, max_memories=64, num_layers=2, num_rows=2)
     store.open("a", config)
     store.open("a", config)  # same config again: fine
@@ -398,7 +400,7 @@ def test_an_add_racing_a_drop_restore_or_expiry_is_refused_and_the_books_stay_ex
         remove, monkeypatch):
     """The namespace goes away while an add is past its reservation: the add is refused, not
     acknowledged, and the whole --max-bytes budget is free again afterwards."""
-    one_memory = 64 * 16 * 8  # max_memories x dim x (4 + 4) bytes
+    one_memory = 64 * 16 * 8 + store_module.MEMORY_BYTES  # max_memories x dim x (4 + 4) bytes
     store = make_store(rows=2, layers=1, max_memories=64, max_bytes=2 * one_memory)
     empty = store.export_namespace("ns")
     inside, release = threading.Event(), threading.Event()
@@ -522,3 +524,19 @@ def test_threads_hammering_a_store_keep_the_books_exact(fast_switching):
         store.drop(name)
     assert _books(store) == (0, 0)
     store.close()
+
+
+def test_an_hnsw_search_counts_the_lists_of_its_segments():
+    """512 queries x k=64 are 512 KiB of neighbours: within 1 MiB for flat, but an HNSW search
+    also holds each of its 5 segment graphs' lists while it merges them (5 MiB more)."""
+    queries = unit(np.random.default_rng(23), 1, 512, 16)
+    for index, fits in (("flat", True), ("hnsw", False)):
+        store = make_store(index, max_memories=256, rows=1, layers=1,
+                           max_search_bytes=1 << 20)
+        store.add("ns", 0, np.arange(1), queries[:, :256], queries[:, :256])
+        if fits:
+            assert store.search("ns", 0, np.arange(1), queries, 64).mask.all()
+        else:
+            with pytest.raises(LimitExceeded, match="32 a neighbour and segment graph"):
+                store.search("ns", 0, np.arange(1), queries, 64)
+        store.close()

@@ -462,7 +462,9 @@ def test_launch_local_supervisor_restarts_a_killed_server(corpus, tmp_path):
             proc.wait()
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 0, stderr
-    assert f"memory server {endpoint} exited; restarting it from snapshot memtrans-" in stderr
+    # The snapshot of tenant "local", the script's token.
+    assert f"memory server {endpoint} exited; restarting it from snapshot local.memtrans-" \
+        in stderr
     assert "policy wait" in stderr
     train = records(out, "train")
     assert [r["step"] for r in train] == list(range(1, CRASH_STEPS + 1))

@@ -119,12 +119,15 @@ def model_keys(checkpoint: Path, tokens: int) -> tuple[np.ndarray, np.ndarray]:
         num_tokens=NUM_TOKENS, dim=c["dim"], depth=c["depth"], heads=c["heads"],
         dim_head=c["dim_head"], memorizing_layers=tuple(c["memorizing_layers"]),
         max_knn_memories=c["max_memories"], num_retrieved_memories=c["num_retrieved"],
-        xl_max_memories=c["xl_max_memories"], pad_id=PAD_ID)
+        xl_max_memories=c["xl_max_memories"], pad_id=PAD_ID,
+        knn_combine=c.get("knn_combine", "joint"), smear_keys=c.get("smear_keys", False))
     model.load_state_dict(state["model"])
     model.eval()
     attn = model.layers[model.memorizing_layers[0] - 1][0].fn
     got = {"k": [], "q": []}
-    hooks = [attn.to_kv.register_forward_hook(
+    # The keys the memory stores: smeared (when the model smears) before they are normalised.
+    hooks = [attn.key_smear.register_forward_hook(lambda m, i, out: got["k"].append(out))
+             if attn.key_smear is not None else attn.to_kv.register_forward_hook(
                  lambda m, i, out: got["k"].append(out[..., :DIM])),
              attn.to_q.register_forward_hook(lambda m, i, out: got["q"].append(out))]
     seq, heads = c["seq_len"], c["heads"]

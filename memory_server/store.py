@@ -116,12 +116,15 @@ class NamespaceConfig:
                                  f"got {self.index!r}")
         if self.index == "ivf":
             nlist = ivf_nlist(self.max_memories, self.nlist)
-            if self.nlist and nlist * IVF_TRAIN_PER_LIST > self.max_memories:
+            most = self.max_memories // IVF_TRAIN_PER_LIST
+            if self.nlist > most:
+                fix = (f"lower nlist to at most {most}" if most else
+                       "a memory this small cannot train any list (it would stay exact): use "
+                       "index flat")
                 raise InvalidRequest(
                     f"namespace config: nlist={nlist} needs {nlist * IVF_TRAIN_PER_LIST} keys to "
                     f"train ({IVF_TRAIN_PER_LIST} per list), more than max_memories="
-                    f"{self.max_memories}; lower nlist to at most "
-                    f"{max(1, self.max_memories // IVF_TRAIN_PER_LIST)} or leave it 0 (the default)")
+                    f"{self.max_memories}; {fix}, or leave nlist 0 (the default)")
             if self.nprobe > nlist:
                 raise InvalidRequest(f"namespace config: nprobe={self.nprobe} is more than the "
                                      f"{nlist} lists (nlist); lower nprobe or raise nlist")

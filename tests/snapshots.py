@@ -18,7 +18,8 @@ def forge_snapshot(data_dir, namespace: str, tag: str, config, memories=()) -> N
     as the snapshot ``namespace@tag``, checksummed as a real one."""
     header = msgpack.packb({
         "namespace": namespace, "tag": tag, "created": time.time(), "config": config,
-        "memories": [[layer, row, total, keys.shape[0]] for layer, row, total, keys, _ in memories],
+        "memories": [[layer, row, total, keys.shape[0], 0, 0]  # no ivf centroids
+                     for layer, row, total, keys, _ in memories],
     }, use_bin_type=True)
     data = struct.pack("<8sII", MAGIC, FORMAT_VERSION, len(header)) + header
     data += bytes(-len(data) % ALIGN)

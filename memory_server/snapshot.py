@@ -108,7 +108,7 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
     digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
     try:
         with open(tmp, "wb") as f:
-            for chunk in (head, *keys, *values, *centroids):
+            for chunk in (head, *keys, *values, *(c for c in centroids if c.size)):
                 data = memoryview(chunk).cast("B")
                 digest.update(data)
                 f.write(data)

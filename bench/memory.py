@@ -337,6 +337,37 @@ def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int, 
                 default=default, ivf={p: np.mean(v, axis=0) for p, v in found.items()})
 
 
+HNSW_SWEEP = [(segments, m, ef) for segments in (1, 4) for m in (16, 32) for ef in (32, 64, 128)]
+"""(hnsw_segments, hnsw_m, ef_search) of ``--hnsw-sweep``."""
+
+
+def hnsw_sweep(keys: np.ndarray, queries: np.ndarray, size: int) -> list[list]:
+    """Recall@K and one row's search time (one faiss thread) of memtrans hnsw settings and of
+    flat, on row 0: whether any HNSW setting beats exact search."""
+    k = np.ascontiguousarray(keys[0, keys.shape[1] - size :])
+    q = np.ascontiguousarray(queries[0].reshape(-1, DIM))
+    threads = faiss_threads(1)
+    try:
+        exact = exact_top(k, q, K)
+        flat = Memory(NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=1))
+        flat.add(k, k)
+        rows = [[f"{size // 1024}K", "flat", "-", "-", "-", "1.000",
+                 f"{timed(lambda: flat.search(q, K), 1) * 1e3:.0f}"]]
+        for segments, m in sorted({(s, m) for s, m, _ in HNSW_SWEEP}):
+            memory = Memory(NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=1,
+                                            index="hnsw", hnsw_m=m, hnsw_segments=segments))
+            for start in range(0, size, ADD):
+                memory.add(k[start : start + ADD], k[start : start + ADD])
+            for ef in sorted(e for s, mm, e in HNSW_SWEEP if (s, mm) == (segments, m)):
+                memory.index.ef_search = ef  # a search-time setting: no rebuild needed
+                seconds = timed(lambda: memory.search(q, K), 1)
+                rows.append([f"{size // 1024}K", "hnsw", segments, m, ef,
+                             f"{recall(memory.search(q, K), exact):.3f}", f"{seconds * 1e3:.0f}"])
+    finally:
+        faiss_threads(threads)
+    return rows
+
+
 def faiss_threads(n: int) -> int:
     """Set faiss's OpenMP threads; returns what it was."""
     import faiss
@@ -359,7 +390,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--indexes", nargs="+", default=["flat", "hnsw", "ivf"],
                         choices=["flat", "hnsw", "ivf"])
-    parser.add_argument("--memories", nargs="+", default=list(MEMORIES), choices=MEMORIES)
+    parser.add_argument("--memories", nargs="*", default=list(MEMORIES), choices=MEMORIES,
+                        help="memory kinds to time (none: only the recall tables)")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="memory-server --threads (default: its own default, all cores)")
     parser.add_argument("--keys", choices=["model", "random"], default="model")
@@ -369,6 +401,8 @@ def main(argv=None) -> None:
                         help="ivf nprobe of the timed rows (default 0: derived from nlist)")
     parser.add_argument("--nprobes", type=int, nargs="*", default=[],
                         help="more ivf nprobe values for the recall table")
+    parser.add_argument("--hnsw-sweep", action="store_true",
+                        help="also time hnsw at several segments/M/efSearch against flat")
     parser.add_argument("--recall-rows", type=int, default=4)
     parser.add_argument("--no-recall", action="store_true")
     args = parser.parse_args(argv)
@@ -433,6 +467,8 @@ def main(argv=None) -> None:
                                        f"{after_fill:.3f}", f"{after_turn:.3f}",
                                        f"{seconds * 1e3:.0f}"])
 
+    sweep_rows = [row for size in args.sizes for row in hnsw_sweep(keys, queries, size)] \
+        if args.hnsw_sweep else []
     hnsw = NamespaceConfig(dim=DIM, max_memories=max(args.sizes), num_layers=1, num_rows=1,
                            index="hnsw")
     print(machine_line(f"server threads {args.server_threads or 'default'}, no pinning, "
@@ -443,15 +479,21 @@ def main(argv=None) -> None:
           f"{hnsw.hnsw_segments} segments per memory; seed: HNSW M=15, efSearch 16, "
           f"efConstruction 40. Dense reply (what the seed's search returns) would be "
           f"{dense / 2**20:.0f} MiB.\n")
-    print(table(["memories/row", "index", "memory", "add ms", "add ms/step", "search ms",
-                 "step ms", "flat / this", "queries/s", "search / in-process",
-                 "server RSS MiB", "MiB on wire per search", "dense / reply"], rows))
+    if rows:
+        print(table(["memories/row", "index", "memory", "add ms", "add ms/step", "search ms",
+                     "step ms", "flat / this", "queries/s", "search / in-process",
+                     "server RSS MiB", "MiB on wire per search", "dense / reply"], rows))
     if recall_rows:
         print(f"\nRecall@{K} against exact inner-product search of the same keys, mean over "
               f"{min(args.recall_rows, BATCH)} rows x {HEADS * QUERIES} queries:\n")
         print(table(["memories/row", "keys", f"memtrans hnsw (M={hnsw.hnsw_m}, ef "
                      f"{hnsw.ef_search})", "seed HNSW (M=15, ef 16)", "ivf after the fill",
                      "ivf after a ring turn"], recall_rows))
+    if sweep_rows:
+        print(f"\nhnsw settings against flat (row 0, {HEADS * QUERIES} queries, one faiss thread, "
+              f"one search each; keys: {source}):\n")
+        print(table(["memories/row", "index", "segments", "M", "efSearch", f"recall@{K}",
+                     "search ms (1 row)"], sweep_rows))
     if probe_rows:
         print(f"\nivf recall@{K} by nprobe (one row, {HEADS * QUERIES} queries, one faiss "
               f"thread; search ms after the ring turn):\n")

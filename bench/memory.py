@@ -287,19 +287,23 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return hits / exact.size
 
 
-def ivf_recall(k: np.ndarray, q: np.ndarray, exact: np.ndarray, nprobe: int) -> tuple:
-    """Recall@K of an ivf memory filled 512 at a time, after the fill and after one more turn
-    of its ring (the same keys: slots stay sequence numbers), and that search's seconds."""
-    config = NamespaceConfig(dim=DIM, max_memories=k.shape[0], num_layers=1, num_rows=1,
-                             index="ivf", nprobe=nprobe)
-    memory = Memory(config)
-    found = []
+def ivf_recall(k: np.ndarray, q: np.ndarray, exact: np.ndarray, probes: list[int]) -> dict:
+    """Recall@K of an ivf memory filled 512 at a time at each nprobe, after the fill and after
+    one more turn of its ring (the same keys: slots stay sequence numbers), and the seconds of
+    that last search: nprobe -> (recall after fill, recall after turn, seconds)."""
+    memory = Memory(NamespaceConfig(dim=DIM, max_memories=k.shape[0], num_layers=1, num_rows=1,
+                                    index="ivf"))
+    found, seconds = {p: [] for p in probes}, {}
     for _ in range(2):
         for start in range(0, k.shape[0], ADD):
             memory.add(k[start : start + ADD], k[start : start + ADD])
-        began = time.perf_counter()
-        found.append(recall(memory.search(q, K), exact))
-    return (*found, time.perf_counter() - began)
+        for p in probes:
+            memory.index.nprobe = p  # a search-time setting: one trained index for the sweep
+            began = time.perf_counter()
+            slots = memory.search(q, K)
+            seconds[p] = time.perf_counter() - began
+            found[p].append(recall(slots, exact))
+    return {p: (*found[p], seconds[p]) for p in probes}
 
 
 def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int, hnsw: bool,
@@ -318,8 +322,9 @@ def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int, 
             k = np.ascontiguousarray(keys[row, keys.shape[1] - size :])
             q = np.ascontiguousarray(queries[row].reshape(-1, DIM))
             exact = exact_top(k, q, K)
-            for p in probes:
-                found[p].append(ivf_recall(k, q, exact, p))
+            if probes:
+                for p, got in ivf_recall(k, q, exact, probes).items():
+                    found[p].append(got)
             if not hnsw:
                 continue
             memory = Memory(config)

@@ -27,9 +27,9 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 
 IVF_TRAIN_PER_LIST = 32
 """Keys per inverted list that k-means trains on. The ivf index trains once a memory holds
-``IVF_TRAIN_PER_LIST * nlist`` entries, on exactly that many (the newest live ones, sampled), so
-training costs the same whatever the memory size, and a ``nlist`` that could never train is
-refused at open."""
+``IVF_TRAIN_PER_LIST * nlist`` entries, on exactly that many of its live keys (sampled by faiss
+with its fixed seed), so training costs the same whatever the memory size; a ``nlist`` that
+could never train is refused at open."""
 
 
 def ivf_nlist(max_memories: int, nlist: int) -> int:
@@ -191,7 +191,6 @@ class IVFIndex:
         else:
             quantizer.add(centroids)
             ivf.is_trained = True
-        ivf.nprobe = self.nprobe
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         self._quantizer = quantizer  # the IVF index does not own it: keep it alive
         self._ivf = ivf
@@ -221,7 +220,9 @@ class IVFIndex:
     def search(self, keys: np.ndarray, queries: np.ndarray, k: int, lo: int, hi: int) -> np.ndarray:
         if not self.trained:
             return _exact(keys, queries, k, min(hi, self.ring))
-        return self._ivf.search(queries, k)[1]
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.nprobe  # read here: a benchmark may sweep it on one trained index
+        return self._ivf.search(queries, k, params=params)[1]
 
     def state(self) -> tuple[np.ndarray | None, int]:
         """The centroids (None before training) and the ``total`` they were trained at."""

@@ -169,11 +169,14 @@ def get_keys(source: str, checkpoint: str | None, tokens: int) -> tuple[np.ndarr
         return (*random_keys(tokens), "random unit vectors")
     try:
         path = Path(checkpoint) if checkpoint else train_checkpoint()
-        tag = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime}:{tokens}".encode()).hexdigest()
-        cached = CACHE / f"keys-{tag[:16]}.npz"
-        if cached.is_file():
-            data = np.load(cached)
-            keys, queries = data["keys"], data["queries"]
+        tag = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime}".encode()).hexdigest()[:16]
+        cached = CACHE / f"keys-{tag}-{tokens}.npz"
+        # Keys of more tokens serve too: their last ``tokens`` keys precede the same queries.
+        larger = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in CACHE.glob(f"keys-{tag}-*.npz")
+                        if int(f.stem.rsplit("-", 1)[1]) >= tokens)
+        if larger:
+            data = np.load(larger[0][1])
+            keys, queries = data["keys"][:, -tokens:], data["queries"]
         else:
             started = time.perf_counter()
             keys, queries = model_keys(path, tokens)

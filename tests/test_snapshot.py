@@ -52,15 +52,15 @@ def test_ivf_round_trip_keeps_the_centroids(memory_server, tmp_path):
                              nlist=4, nprobe=1)
     servers = [s.endpoint for s in memory_server(2, "--data-dir", str(tmp_path))]
     with MemoryClient(servers, timeout=10) as client:
-        fill(client, "ivf", config, adds=25)  # 325 entries a memory: trained at 130, wrapped
+        fill(client, "ivf", config, adds=25)  # 325 entries: trained at 130 and 260, wrapped
         before = searches(client, "ivf", config)
         client.snapshot("ivf", "t1")
-        fill(client, "ivf", config, adds=25, seed=2)  # retrained at 386 on other keys
+        fill(client, "ivf", config, adds=25, seed=2)  # retrained at 520 on other keys
         client.restore("ivf", "t1")
         assert_same(searches(client, "ivf", config), before)
     state = read_snapshot(tmp_path, "ivf", shard_tag("t1", 0, 2))
     assert [(m["trained_at"], m["centroids"].shape) for m in state["memories"]] == \
-        [(130, (4, 16))] * 2  # server 0 holds row 0 of both layers
+        [(260, (4, 16))] * 2  # server 0 holds row 0 of both layers
 
 
 def test_round_trip_gives_identical_searches(memory_server, tmp_path):

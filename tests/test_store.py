@@ -573,14 +573,14 @@ def test_ivf_recall_after_training_on_clustered_keys():
     centres = unit(rng, 256, 32).astype(np.float64)
     keys, queries = clustered(rng, 8192, 32, centres), clustered(rng, 256, 32, centres)
     found = {}
-    for index in ("flat", "ivf"):  # ivf defaults here: 256 lists, nprobe 8
+    for index in ("flat", "ivf"):  # ivf defaults here: 256 lists, nprobe 32
         store = make_store(index=index, max_memories=8192, rows=1, layers=1, dim=32)
         for start in range(0, 8192, 512):
             store.add("ns", 0, np.array([0]), keys[None, start : start + 512],
                       tagged_values(0, np.arange(start, start + 512), 32)[None])
         kv, mask = store.search("ns", 0, np.array([0]), queries[None], 32).dense()
         found[index] = np.where(mask[0], kv[0, :, :, 1, 1], -1)
-    assert ivf_of(store).trained and (ivf_of(store).nlist, ivf_of(store).nprobe) == (256, 8)
+    assert ivf_of(store).trained and (ivf_of(store).nlist, ivf_of(store).nprobe) == (256, 32)
     hits = sum(len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found["ivf"], found["flat"]))
     recall = hits / found["flat"].size
     assert recall >= 0.9, f"ivf recall@32 {recall:.3f} below the 0.9 floor"
@@ -622,13 +622,13 @@ def test_ivf_export_import_resumes_exactly_across_retraining():
     rng = np.random.default_rng(23)
     store = make_store(index="ivf", max_memories=1024, rows=2, layers=1,
                        ivf=dict(nlist=16, nprobe=2))
-    fill(store, rng, [0, 1], steps=9, n=150)  # trained at 600, ring wrapped
+    fill(store, rng, [0, 1], steps=9, n=150)  # trained at 600 and 1200 (doubled), ring wrapped
     state = store.export_namespace("ns")
-    assert state["memories"][0]["trained_at"] == 600
+    assert state["memories"][0]["trained_at"] == 1200
     other = MemoryStore()
     other.import_namespace("ns", state)
     queries = unit(rng, 2, 60, 16)
-    for step in range(8):  # the next training comes at 1624 = 600 + 1024
+    for step in range(8):  # the next training comes at 2224 = 1200 + 1024
         a = store.search("ns", 0, np.arange(2), queries, 8).dense()
         b = other.search("ns", 0, np.arange(2), queries, 8).dense()
         np.testing.assert_array_equal(a[0], b[0])
@@ -636,7 +636,7 @@ def test_ivf_export_import_resumes_exactly_across_retraining():
         more = unit(rng, 2, 150, 16)
         for s in (store, other):
             s.add("ns", 0, np.arange(2), more, more)
-    assert ivf_of(store).trained_at == ivf_of(other).trained_at == 1650
+    assert ivf_of(store).trained_at == ivf_of(other).trained_at == 2250
 
 
 def test_import_refuses_centroids_that_do_not_fit():

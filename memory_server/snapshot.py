@@ -24,9 +24,10 @@ File ``<data-dir>/<namespace>@<tag>.snapshot``, all integers little-endian::
     checksum     32 bytes  BLAKE2b-256 of every byte before it
 
 ``slots`` is the allocated ring of the memory (``store.Memory.export``), so a restore is the same
-ring, slot for slot, and the index is rebuilt from it (an ivf index under the same centroids, so it
-gives the same results). Version 1 files (no centroids: ``[layer, row, total, slots]``) are read. No pickle: the header is plain msgpack and
-the arrays are raw bytes whose dtypes and shapes follow from the config.
+ring, slot for slot, and the index is rebuilt from it (an ivf index under the same centroids, so
+it gives the same results). Version 1 files (no centroids: ``[layer, row, total, slots]``) are
+read. No pickle: the header is plain msgpack and the arrays are raw bytes whose dtypes and shapes
+follow from the config.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def _parse(path: Path, data: memoryview, namespace: str, tag: str) -> dict:
         fields = 4 if version == 1 else 6
         if any(len(entry) != fields for entry in header["memories"]):
             raise ValueError(f"every memory entry of a version {version} file has {fields} fields")
-        entries = [(*(int(x) for x in entry), 0, 0)[:6] for entry in header["memories"]]
+        entries = [tuple(int(x) for x in entry) + ((0, 0) if version == 1 else ())
+                   for entry in header["memories"]]
     except Exception as exc:  # msgpack errors, a missing key, a malformed entry, a bad config
         raise refuse(f"malformed header: {type(exc).__name__}: {exc}") from None
     if (header.get("namespace"), header.get("tag")) != (namespace, tag):

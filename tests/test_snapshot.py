@@ -205,6 +205,7 @@ def test_kill_during_snapshot_keeps_the_previous_one(memory_server, tmp_path):
 CRASHING = {"dim": 4, "max_memories": 8, "num_layers": 1, "num_rows": 1, "index": "hnsw",
             "hnsw_m": 1}  # faiss segfaults on the first add to an HNSW graph with M=1
 ONE_MEMORY = [(0, 0, 3, np.ones((3, 4), np.float32), np.ones((3, 4), np.float32))]
+BASE_CONFIG = {"dim": 4, "max_memories": 8, "num_layers": 1, "num_rows": 1}
 
 
 def test_restore_of_a_config_out_of_range_is_refused_and_the_server_lives(memory_server,
@@ -216,6 +217,19 @@ def test_restore_of_a_config_out_of_range_is_refused_and_the_server_lives(memory
                                                           "got 1")):
             client.restore("bad", "t")
         assert client.ping() and client.stats()[0]["namespaces"] == 0
+
+
+def test_a_version_1_snapshot_still_restores(memory_server, tmp_path):
+    """Files written before ivf (format 1: no centroid fields) load as they were."""
+    keys = np.eye(4, dtype=np.float32)[:3]
+    forge_snapshot(tmp_path, "old", shard_tag("t", 0, 1), BASE_CONFIG, [(0, 0, 3, keys, -keys)],
+                   version=1)
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.restore("old", "t")
+        kv, mask = client.search("old", 0, [0], keys[None], 1).dense()
+    np.testing.assert_array_equal(kv[0, :, 0, 1], -keys)
+    assert mask.all()
 
 
 def test_restore_at_start_of_a_config_out_of_range_exits_2(tmp_path):

@@ -94,7 +94,7 @@ class NamespaceConfig:
     """IVF inverted lists; 0 picks about 4 sqrt(max_memories) (``index.ivf_nlist``). The index
     trains once a memory holds ``IVF_TRAIN_PER_LIST`` (32) keys per list; it is exact before."""
     nprobe: int = 0
-    """IVF lists a query scans; 0 picks nlist / 64, at least 8 (``index.ivf_nprobe``). Recall and
+    """IVF lists a query scans; 0 picks nlist / 64, at least 32 (``index.ivf_nprobe``). Recall and
     search time grow with it."""
 
     def __post_init__(self):

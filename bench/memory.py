@@ -1,7 +1,8 @@
-"""Memory add/search cost and HNSW recall: the seed's KNNMemory, memtrans in-process and remote.
+"""Memory add/search cost and recall: the seed's KNNMemory, memtrans in-process and remote.
 
 The workload of one memorizing layer's step at the issue's configuration: batch 8, 8 heads x 512
-queries per row, k=32, dim 64, memories of 16K and 64K entries per row, ``flat`` and ``hnsw``.
+queries per row, k=32, dim 64, memories of 16K and 64K (and, with ``--sizes``, 262K) entries per
+row, ``flat``, ``hnsw`` and ``ivf``.
 
 Keys and queries come from a trained model by default: the l2-normalised keys (``to_kv``, key half)
 and queries (``to_q``) of the first memorizing layer of a small memtrans model (dim_head 64) run
@@ -21,14 +22,23 @@ Rows:
   sharded ``row % servers``); times include the wire both ways and the client's merge.
 
 ``add ms`` is the median of the last ``--reps`` adds of 512 tokens per row that fill the memory
-(each waited for); ``search ms`` the median of ``--reps`` searches (after one warm-up) of the full
-memory. Bytes on the wire are array payload per search: the queries plus the compact reply.
-Recall@32 is measured on the index code itself (memtrans ``Memory``, the seed's ``KNN``) against an
-exact inner-product search of the same keys, on ``--recall-rows`` rows.
+(each waited for). The memory is then given one more ring's worth of adds (the same keys again),
+and ``add ms/step`` is their mean: the add cost of a step in steady state, with the ``ivf``
+retraining that a turn of the ring brings amortised in it (the seed's memory is not turned).
+``search ms`` is the median of ``--reps`` searches (after one warm-up) of the full memory, after
+that turn; ``step ms`` = search + amortised add, the memory's cost per step and layer, and
+``flat / this`` compares it with ``flat`` on the same memory kind. ``server RSS`` is the resident
+memory of the server processes (all of them) with the full memories. Bytes on the wire are array
+payload per search: the queries plus the compact reply. Recall@32 is measured on the index code
+itself (memtrans ``Memory``, the seed's ``KNN``) against an exact inner-product search of the same
+keys, on ``--recall-rows`` rows; for ``ivf`` after the fill (centroids from the oldest
+32 x nlist keys) and after a turn of the ring (retrained on the full ring), at the default nprobe
+and each of ``--nprobes`` (with the time of one row's search on one thread).
 
     python -m bench.memory                                  # everything (~6-10 minutes on 2 cores)
     python -m bench.memory --sizes 16384 --memories inproc remote1 --indexes flat
     python -m bench.memory --keys random --no-recall
+    python -m bench.memory --sizes 16384 65536 262144 --indexes flat ivf --memories inproc remote1
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memory_server.index import ivf_nlist, ivf_nprobe
 from memory_server.local import start_servers
 from memory_server.store import Memory, NamespaceConfig
 from memtrans import RemoteKNNMemory
@@ -106,28 +117,29 @@ def stdlib_tokens(total: int) -> np.ndarray:
 @torch.no_grad()
 def model_keys(checkpoint: Path, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Keys ``(BATCH, tokens, DIM)`` and the queries of the next QUERIES tokens, from a model."""
-    from memtrans import MemorizingTransformer
-    from memtrans.data import NUM_TOKENS, PAD_ID
+    from memtrans.checkpoint import resolve_config
+    from memtrans.train import build_model
 
     from .step import ZeroMemory
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    c = state["config"]
-    if c["dim_head"] != DIM:
-        raise RuntimeError(f"{checkpoint} has dim_head {c['dim_head']}, the benchmark needs {DIM}")
-    model = MemorizingTransformer(
-        num_tokens=NUM_TOKENS, dim=c["dim"], depth=c["depth"], heads=c["heads"],
-        dim_head=c["dim_head"], memorizing_layers=tuple(c["memorizing_layers"]),
-        max_knn_memories=c["max_memories"], num_retrieved_memories=c["num_retrieved"],
-        xl_max_memories=c["xl_max_memories"], pad_id=PAD_ID)
+    config = resolve_config({}, state, checkpoint)
+    if config.dim_head != DIM:
+        raise RuntimeError(f"{checkpoint} has dim_head {config.dim_head}, the benchmark needs {DIM}")
+    model = build_model(config)
     model.load_state_dict(state["model"])
     model.eval()
     attn = model.layers[model.memorizing_layers[0] - 1][0].fn
     got = {"k": [], "q": []}
-    hooks = [attn.to_kv.register_forward_hook(
+    # The keys the memory stores and the queries it is searched with: after the layer's
+    # convolutions or smear (when it has them), before they are normalised.
+    key_source = attn.key_conv or attn.key_smear
+    hooks = [key_source.register_forward_hook(lambda m, i, out: got["k"].append(out))
+             if key_source is not None else attn.to_kv.register_forward_hook(
                  lambda m, i, out: got["k"].append(out[..., :DIM])),
-             attn.to_q.register_forward_hook(lambda m, i, out: got["q"].append(out))]
-    seq, heads = c["seq_len"], c["heads"]
+             (attn.query_conv or attn.to_q).register_forward_hook(
+                 lambda m, i, out: got["q"].append(out))]
+    seq, heads = config.seq_len, config.heads
     # A model with fewer heads than HEADS gives the queries of more tokens instead.
     query_tokens = QUERIES * -(-HEADS // heads)
     total = tokens + query_tokens
@@ -155,11 +167,14 @@ def get_keys(source: str, checkpoint: str | None, tokens: int) -> tuple[np.ndarr
         return (*random_keys(tokens), "random unit vectors")
     try:
         path = Path(checkpoint) if checkpoint else train_checkpoint()
-        tag = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime}:{tokens}".encode()).hexdigest()
-        cached = CACHE / f"keys-{tag[:16]}.npz"
-        if cached.is_file():
-            data = np.load(cached)
-            keys, queries = data["keys"], data["queries"]
+        tag = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime}".encode()).hexdigest()[:16]
+        cached = CACHE / f"keys-{tag}-{tokens}.npz"
+        # Keys of more tokens serve too: their last ``tokens`` keys precede the same queries.
+        larger = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in CACHE.glob(f"keys-{tag}-*.npz")
+                        if int(f.stem.rsplit("-", 1)[1]) >= tokens)
+        if larger:
+            data = np.load(larger[0][1])
+            keys, queries = data["keys"][:, -tokens:], data["queries"]
         else:
             started = time.perf_counter()
             keys, queries = model_keys(path, tokens)
@@ -183,17 +198,30 @@ def _kv(keys: np.ndarray, start: int, n: int) -> torch.Tensor:
     return torch.stack((k, torch.randn(k.shape)), dim=-2)
 
 
-def measure(memory, keys: np.ndarray, queries: np.ndarray, size: int, reps: int,
-            seed: bool = False) -> dict:
-    """Fill ``memory`` with the last ``size`` keys (timing the last adds), then time searches."""
-    keys = keys[:, keys.shape[1] - size :]
-    add_times = []
-    for start in range(0, size, ADD):
+def _fill(memory, keys: np.ndarray, seed: bool) -> list[float]:
+    """Add ``keys`` 512 per row at a time, each waited for; their times."""
+    times = []
+    for start in range(0, keys.shape[1], ADD):
         began = time.perf_counter()
         memory.add(_kv(keys, start, ADD))
         if not seed:
             memory.collect_adds()
-        add_times.append(time.perf_counter() - began)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def measure(memory, keys: np.ndarray, queries: np.ndarray, size: int, reps: int,
+            seed: bool = False, servers=()) -> dict:
+    """Fill ``memory`` with the last ``size`` keys (timing the last adds), turn its ring once
+    more with the same keys (timing every add), then time searches."""
+    keys = keys[:, keys.shape[1] - size :]
+    add_times = _fill(memory, keys, seed)
+    turn_times = add_times if seed else _fill(memory, keys, seed)
     q = torch.from_numpy(queries)
     last = {}
 
@@ -204,14 +232,17 @@ def measure(memory, keys: np.ndarray, queries: np.ndarray, size: int, reps: int,
             last["r"] = memory.retrieved(memory.search_async(q, K))
 
     search_s = timed(search, reps)
-    out = dict(search=search_s, add=float(np.median(add_times[-reps:])), request=q.numel() * 4)
+    out = dict(search=search_s, add=float(np.median(add_times[-reps:])),
+               add_step=float(np.mean(turn_times)), request=q.numel() * 4,
+               rss=sum(rss_bytes(s.proc.pid) for s in servers) if servers else None)
     if not seed:
         r = last["r"]
         out["reply"] = r.keys.nbytes + r.values.nbytes + r.positions.nbytes
     return out
 
 
-def run_memory(kind: str, index: str, size: int, keys, queries, reps: int, flags) -> dict | None:
+def run_memory(kind: str, index: str, size: int, keys, queries, reps: int, flags,
+               options: dict) -> dict | None:
     if kind == "seed":
         if index != "hnsw":
             return None
@@ -222,7 +253,7 @@ def run_memory(kind: str, index: str, size: int, keys, queries, reps: int, flags
             return measure(memories[0], keys, queries, size, reps, seed=True)
     if kind == "inproc":
         memories = KNNMemoryList.create_memories(batch_size=BATCH, num_memory_layers=1)(
-            dim=DIM, max_memories=size, multiprocessing=False, index=index)
+            dim=DIM, max_memories=size, multiprocessing=False, index=index, **options)
         try:
             return measure(memories[0], keys, queries, size, reps)
         finally:
@@ -232,9 +263,9 @@ def run_memory(kind: str, index: str, size: int, keys, queries, reps: int, flags
     try:
         memories = RemoteKNNMemory.create([s.endpoint for s in servers], dim=DIM,
                                           max_memories=size, batch_size=BATCH, index=index,
-                                          timeout=600)
+                                          timeout=600, **options)
         try:
-            return measure(memories[0], keys, queries, size, reps)
+            return measure(memories[0], keys, queries, size, reps, servers=servers)
         finally:
             memories.cleanup()
     finally:
@@ -257,25 +288,99 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return hits / exact.size
 
 
-def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int) -> dict:
-    """Recall@K of memtrans hnsw (default config) and the seed's HNSW against exact search."""
+def ivf_recall(k: np.ndarray, q: np.ndarray, exact: np.ndarray, probes: list[int]) -> dict:
+    """Recall@K of an ivf memory filled 512 at a time at each nprobe, after the fill and after
+    one more turn of its ring (the same keys: slots stay sequence numbers), and the seconds of
+    that last search: nprobe -> (recall after fill, recall after turn, seconds)."""
+    memory = Memory(NamespaceConfig(dim=DIM, max_memories=k.shape[0], num_layers=1, num_rows=1,
+                                    index="ivf"))
+    found, seconds = {p: [] for p in probes}, {}
+    for _ in range(2):
+        for start in range(0, k.shape[0], ADD):
+            memory.add(k[start : start + ADD], k[start : start + ADD])
+        for p in probes:
+            memory.index.nprobe = p  # a search-time setting: one trained index for the sweep
+            began = time.perf_counter()
+            slots = memory.search(q, K)
+            seconds[p] = time.perf_counter() - began
+            found[p].append(recall(slots, exact))
+    return {p: (*found[p], seconds[p]) for p in probes}
+
+
+def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int, hnsw: bool,
+                   ivf: bool, nprobes: list[int]) -> dict:
+    """Recall@K against exact search of memtrans hnsw and the seed's HNSW (``hnsw``), and of
+    ivf (``ivf``) at the default nprobe and at ``nprobes``."""
     from .seed import available, seed_knn
 
     config = NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=1, index="hnsw")
-    ours, seed = [], []
-    for row in range(rows):
-        k = np.ascontiguousarray(keys[row, keys.shape[1] - size :])
-        q = np.ascontiguousarray(queries[row].reshape(-1, DIM))
+    default = ivf_nprobe(ivf_nlist(size, 0), 0)
+    probes = sorted({default, *(p for p in nprobes if p <= ivf_nlist(size, 0))}) if ivf else []
+    ours, seed, found = [], [], {p: [] for p in probes}
+    threads = faiss_threads(1)  # one row's search on one thread, as a server's row thread
+    try:
+        for row in range(rows):
+            k = np.ascontiguousarray(keys[row, keys.shape[1] - size :])
+            q = np.ascontiguousarray(queries[row].reshape(-1, DIM))
+            exact = exact_top(k, q, K)
+            if probes:
+                for p, got in ivf_recall(k, q, exact, probes).items():
+                    found[p].append(got)
+            if not hnsw:
+                continue
+            memory = Memory(config)
+            memory.add(k, np.zeros_like(k))
+            slots = memory.search(q, K)  # slots == sequence numbers: the ring never wrapped
+            ours.append(recall(slots, exact))
+            if available() is None:
+                knn = seed_knn(DIM, size)
+                knn.add(k, ids=np.arange(size))
+                seed.append(recall(knn.search(q, K), exact))
+    finally:
+        faiss_threads(threads)
+    return dict(hnsw=float(np.mean(ours)) if ours else None,
+                seed=float(np.mean(seed)) if seed else None,
+                default=default, ivf={p: np.mean(v, axis=0) for p, v in found.items()})
+
+
+HNSW_SWEEP = [(segments, m, ef) for segments in (1, 4) for m in (16, 32) for ef in (32, 64, 128)]
+"""(hnsw_segments, hnsw_m, ef_search) of ``--hnsw-sweep``."""
+
+
+def hnsw_sweep(keys: np.ndarray, queries: np.ndarray, size: int) -> list[list]:
+    """Recall@K and one row's search time (one faiss thread) of memtrans hnsw settings and of
+    flat, on row 0: whether any HNSW setting beats exact search."""
+    k = np.ascontiguousarray(keys[0, keys.shape[1] - size :])
+    q = np.ascontiguousarray(queries[0].reshape(-1, DIM))
+    threads = faiss_threads(1)
+    try:
         exact = exact_top(k, q, K)
-        memory = Memory(config)
-        memory.add(k, np.zeros_like(k))
-        slots = memory.search(q, K)  # slots == sequence numbers: the ring never wrapped
-        ours.append(recall(slots, exact))
-        if available() is None:
-            knn = seed_knn(DIM, size)
-            knn.add(k, ids=np.arange(size))
-            seed.append(recall(knn.search(q, K), exact))
-    return dict(ours=float(np.mean(ours)), seed=float(np.mean(seed)) if seed else None)
+        flat = Memory(NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=1))
+        flat.add(k, k)
+        rows = [[f"{size // 1024}K", "flat", "-", "-", "-", "1.000",
+                 f"{timed(lambda: flat.search(q, K), 1) * 1e3:.0f}"]]
+        for segments, m in sorted({(s, m) for s, m, _ in HNSW_SWEEP}):
+            memory = Memory(NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=1,
+                                            index="hnsw", hnsw_m=m, hnsw_segments=segments))
+            for start in range(0, size, ADD):
+                memory.add(k[start : start + ADD], k[start : start + ADD])
+            for ef in sorted(e for s, mm, e in HNSW_SWEEP if (s, mm) == (segments, m)):
+                memory.index.ef_search = ef  # a search-time setting: no rebuild needed
+                seconds = timed(lambda: memory.search(q, K), 1)
+                rows.append([f"{size // 1024}K", "hnsw", segments, m, ef,
+                             f"{recall(memory.search(q, K), exact):.3f}", f"{seconds * 1e3:.0f}"])
+    finally:
+        faiss_threads(threads)
+    return rows
+
+
+def faiss_threads(n: int) -> int:
+    """Set faiss's OpenMP threads; returns what it was."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    return before
 
 
 # -----------------------------------------------------------------------------
@@ -289,13 +394,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--indexes", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw"])
-    parser.add_argument("--memories", nargs="+", default=list(MEMORIES), choices=MEMORIES)
+    parser.add_argument("--indexes", nargs="+", default=["flat", "hnsw", "ivf"],
+                        choices=["flat", "hnsw", "ivf"])
+    parser.add_argument("--memories", nargs="*", default=list(MEMORIES), choices=MEMORIES,
+                        help="memory kinds to time (none: only the recall tables)")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="memory-server --threads (default: its own default, all cores)")
     parser.add_argument("--keys", choices=["model", "random"], default="model")
     parser.add_argument("--checkpoint", help="memtrans checkpoint (dim_head 64) to take keys from "
                         "(default: train and cache a small one)")
+    parser.add_argument("--nprobe", type=int, default=0,
+                        help="ivf nprobe of the timed rows (default 0: derived from nlist)")
+    parser.add_argument("--nprobes", type=int, nargs="*", default=[],
+                        help="more ivf nprobe values for the recall table")
+    parser.add_argument("--hnsw-sweep", action="store_true",
+                        help="also time hnsw at several segments/M/efSearch against flat")
     parser.add_argument("--recall-rows", type=int, default=4)
     parser.add_argument("--no-recall", action="store_true")
     args = parser.parse_args(argv)
@@ -306,38 +419,62 @@ def main(argv=None) -> None:
     load = [os.getloadavg()[0]]
     rows = []
     for size in args.sizes:
+        flat = {}
         for index in args.indexes:
+            options = dict(nprobe=args.nprobe) if index == "ivf" else {}
             results = {}
             for kind in args.memories:
                 started = time.perf_counter()
-                got = run_memory(kind, index, size, keys, queries, args.reps, flags)
+                got = run_memory(kind, index, size, keys, queries, args.reps, flags, options)
                 if got is not None:
                     results[kind] = got
-                    print(f"[{size} {index} {kind}] add {got['add'] * 1e3:.1f} ms, search "
+                    print(f"[{size} {index} {kind}] add {got['add'] * 1e3:.1f} ms "
+                          f"({got['add_step'] * 1e3:.1f} ms/step), search "
                           f"{got['search'] * 1e3:.0f} ms ({time.perf_counter() - started:.0f} s)",
                           file=sys.stderr, flush=True)
+            if index == "flat":
+                flat = results
             base = results.get("inproc")
             for kind, got in results.items():
                 remote = kind.startswith("remote")
-                rows.append([f"{size // 1024}K", "hnsw M=15 ef 16" if kind == "seed" else index,
-                             LABELS[kind], f"{got['add'] * 1e3:.1f}", f"{got['search'] * 1e3:.0f}",
+                step = got["search"] + got["add_step"]
+                other = flat.get(kind)
+                label = "hnsw M=15 ef 16" if kind == "seed" else index
+                if index == "ivf":
+                    nlist = ivf_nlist(size, 0)
+                    label = f"ivf {nlist} lists, nprobe {ivf_nprobe(nlist, args.nprobe)}"
+                rows.append([f"{size // 1024}K", label, LABELS[kind], f"{got['add'] * 1e3:.1f}",
+                             f"{got['add_step'] * 1e3:.1f}", f"{got['search'] * 1e3:.0f}",
+                             f"{step * 1e3:.0f}",
+                             f"{(other['search'] + other['add_step']) / step:.1f}x"
+                             if other else "-",
                              f"{BATCH * HEADS * QUERIES / got['search']:,.0f}",
                              f"{got['search'] / base['search']:.2f}" if base else "-",
+                             f"{got['rss'] / 2**20:,.0f}" if got["rss"] else "-",
                              f"{(got['request'] + got['reply']) / 2**20:.1f}" if remote else "-",
                              f"{dense / got['reply']:.1f}x" if remote else "-"])
     load.append(os.getloadavg()[0])
 
-    recall_rows = []
-    if not args.no_recall:
+    recall_rows, probe_rows = [], []
+    if not args.no_recall and {"hnsw", "ivf"} & set(args.indexes):
         sets = [("model" if source.startswith("model") else "random", keys, queries)]
         if source.startswith("model"):
             sets.append(("random", *random_keys(max(args.sizes))))
         for size in args.sizes:
             for name, k, q in sets:
-                got = measure_recall(k, q, size, min(args.recall_rows, BATCH))
-                recall_rows.append([f"{size // 1024}K", name, f"{got['ours']:.3f}",
-                                    "n/a" if got["seed"] is None else f"{got['seed']:.3f}"])
+                got = measure_recall(k, q, size, min(args.recall_rows, BATCH),
+                                     "hnsw" in args.indexes, "ivf" in args.indexes, args.nprobes)
+                ivf = got["ivf"].get(got["default"])
+                recall_rows.append([f"{size // 1024}K", name, _f(got["hnsw"]), _f(got["seed"]),
+                                    _f(ivf[0] if ivf is not None else None),
+                                    _f(ivf[1] if ivf is not None else None)])
+                for p, (after_fill, after_turn, seconds) in got["ivf"].items():
+                    probe_rows.append([f"{size // 1024}K", name, ivf_nlist(size, 0), p,
+                                       f"{after_fill:.3f}", f"{after_turn:.3f}",
+                                       f"{seconds * 1e3:.0f}"])
 
+    sweep_rows = [row for size in args.sizes for row in hnsw_sweep(keys, queries, size)] \
+        if args.hnsw_sweep else []
     hnsw = NamespaceConfig(dim=DIM, max_memories=max(args.sizes), num_layers=1, num_rows=1,
                            index="hnsw")
     print(machine_line(f"server threads {args.server_threads or 'default'}, no pinning, "
@@ -348,13 +485,30 @@ def main(argv=None) -> None:
           f"{hnsw.hnsw_segments} segments per memory; seed: HNSW M=15, efSearch 16, "
           f"efConstruction 40. Dense reply (what the seed's search returns) would be "
           f"{dense / 2**20:.0f} MiB.\n")
-    print(table(["memories/row", "index", "memory", "add ms", "search ms", "queries/s",
-                 "search / in-process", "MiB on wire per search", "dense / reply"], rows))
+    if rows:
+        print(table(["memories/row", "index", "memory", "add ms", "add ms/step", "search ms",
+                     "step ms", "flat / this", "queries/s", "search / in-process",
+                     "server RSS MiB", "MiB on wire per search", "dense / reply"], rows))
     if recall_rows:
         print(f"\nRecall@{K} against exact inner-product search of the same keys, mean over "
               f"{min(args.recall_rows, BATCH)} rows x {HEADS * QUERIES} queries:\n")
         print(table(["memories/row", "keys", f"memtrans hnsw (M={hnsw.hnsw_m}, ef "
-                     f"{hnsw.ef_search})", "seed HNSW (M=15, ef 16)"], recall_rows))
+                     f"{hnsw.ef_search})", "seed HNSW (M=15, ef 16)", "ivf after the fill",
+                     "ivf after a ring turn"], recall_rows))
+    if sweep_rows:
+        print(f"\nhnsw settings against flat (row 0, {HEADS * QUERIES} queries, one faiss thread, "
+              f"one search each; keys: {source}):\n")
+        print(table(["memories/row", "index", "segments", "M", "efSearch", f"recall@{K}",
+                     "search ms (1 row)"], sweep_rows))
+    if probe_rows:
+        print(f"\nivf recall@{K} by nprobe (one row, {HEADS * QUERIES} queries, one faiss "
+              f"thread; search ms after the ring turn):\n")
+        print(table(["memories/row", "keys", "nlist", "nprobe", "recall after the fill",
+                     "recall after a ring turn", "search ms (1 row)"], probe_rows))
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

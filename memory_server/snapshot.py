@@ -13,16 +13,21 @@ File ``<data-dir>/<namespace>@<tag>.snapshot``, all integers little-endian::
     version      u32       FORMAT_VERSION
     header size  u32       h
     header       h bytes   msgpack map {"namespace": str, "tag": str, "created": float (unix s),
-                           "config": NamespaceConfig map, "memories": [[layer, row, total, slots],
-                           ...]}
+                           "config": NamespaceConfig map, "memories": [[layer, row, total, slots,
+                           trained_at, centroids], ...]}
     padding      zeros up to a multiple of ALIGN from the start of the file
     keys         float32 (slots, dim) of each memory in header order, back to back
     values       value_dtype (slots, dim) of each memory in header order, back to back
+    centroids    float32 (centroids, dim) of each memory in header order, back to back: a trained
+                 ``ivf`` index's centroids, fitted when the memory held ``trained_at`` entries
+                 (0 rows and 0 for other memories)
     checksum     32 bytes  BLAKE2b-256 of every byte before it
 
 ``slots`` is the allocated ring of the memory (``store.Memory.export``), so a restore is the same
-ring, slot for slot, and the index is rebuilt from it. No pickle: the header is plain msgpack and
-the arrays are raw bytes whose dtypes and shapes follow from the config.
+ring, slot for slot, and the index is rebuilt from it (an ivf index under the same centroids, so
+it gives the same results). Version 1 files (no centroids: ``[layer, row, total, slots]``) are
+read. No pickle: the header is plain msgpack and the arrays are raw bytes whose dtypes and shapes
+follow from the config.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from .errors import InvalidRequest, SnapshotError
 from .store import VALUE_DTYPES, NamespaceConfig
 
 MAGIC = b"MTSNAP\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ALIGN = 64
 SUFFIX = ".snapshot"
 _PREAMBLE = struct.Struct("<8sII")
@@ -87,10 +93,14 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
     value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
     keys = [np.ascontiguousarray(m["keys"], dtype=np.dtype("<f4")) for m in state["memories"]]
     values = [np.ascontiguousarray(m["values"], dtype=value_dtype) for m in state["memories"]]
+    centroids = [np.ascontiguousarray(m["centroids"] if m.get("centroids") is not None
+                                      else np.empty((0, config.dim)), dtype=np.dtype("<f4"))
+                 for m in state["memories"]]
     header = msgpack.packb({
         "namespace": namespace, "tag": tag, "created": time.time(), "config": config.to_dict(),
-        "memories": [[int(m["layer"]), int(m["row"]), int(m["total"]), k.shape[0]]
-                     for m, k in zip(state["memories"], keys)],
+        "memories": [[int(m["layer"]), int(m["row"]), int(m["total"]), k.shape[0],
+                      int(m.get("trained_at", 0)), c.shape[0]]
+                     for m, k, c in zip(state["memories"], keys, centroids)],
     }, use_bin_type=True)
     head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)) + header
     head += bytes(-len(head) % ALIGN)
@@ -99,7 +109,7 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
     digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
     try:
         with open(tmp, "wb") as f:
-            for chunk in (head, *keys, *values):
+            for chunk in (head, *keys, *values, *(c for c in centroids if c.size)):
                 data = memoryview(chunk).cast("B")
                 digest.update(data)
                 f.write(data)
@@ -157,8 +167,8 @@ def _parse(path: Path, data: memoryview, namespace: str, tag: str) -> dict:
     magic, version, header_size = _PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise refuse(f"it does not start with the snapshot magic {MAGIC!r} (not a snapshot)")
-    if version != FORMAT_VERSION:
-        raise refuse(f"format version {version}; this server reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise refuse(f"format version {version}; this server reads versions {READABLE_VERSIONS}")
     body, stored = data[:-_DIGEST_BYTES], bytes(data[-_DIGEST_BYTES:])
     if hashlib.blake2b(body, digest_size=_DIGEST_BYTES).digest() != stored:
         raise refuse("its checksum does not match its contents (corrupt or truncated)")
@@ -168,8 +178,11 @@ def _parse(path: Path, data: memoryview, namespace: str, tag: str) -> dict:
         header = msgpack.unpackb(data[_PREAMBLE.size:_PREAMBLE.size + header_size], raw=False,
                                  strict_map_key=True, max_ext_len=0)
         config = NamespaceConfig.from_dict(header["config"])
-        entries = [(int(layer), int(row), int(total), int(slots))
-                   for layer, row, total, slots in header["memories"]]
+        fields = 4 if version == 1 else 6
+        if any(len(entry) != fields for entry in header["memories"]):
+            raise ValueError(f"every memory entry of a version {version} file has {fields} fields")
+        entries = [tuple(int(x) for x in entry) + ((0, 0) if version == 1 else ())
+                   for entry in header["memories"]]
     except Exception as exc:  # msgpack errors, a missing key, a malformed entry, a bad config
         raise refuse(f"malformed header: {type(exc).__name__}: {exc}") from None
     if (header.get("namespace"), header.get("tag")) != (namespace, tag):
@@ -179,20 +192,27 @@ def _parse(path: Path, data: memoryview, namespace: str, tag: str) -> dict:
     value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
     offset = _PREAMBLE.size + header_size
     offset += -offset % ALIGN
-    need = offset + sum(slots for *_, slots in entries) * config.dim * (key_dtype.itemsize
-                                                                       + value_dtype.itemsize)
-    if any(slots < 0 for *_, slots in entries) or need != body.nbytes:
+    need = offset + config.dim * sum(slots * (key_dtype.itemsize + value_dtype.itemsize)
+                                     + rows * key_dtype.itemsize
+                                     for _, _, _, slots, _, rows in entries)
+    if any(slots < 0 or rows < 0 for _, _, _, slots, _, rows in entries) or need != body.nbytes:
         raise refuse(f"its header describes {need} bytes of header and arrays, but the file has "
                      f"{body.nbytes}")
     memories = []
-    for layer, row, total, slots in entries:
+    for layer, row, total, slots, _, _ in entries:
         keys = np.frombuffer(body, key_dtype, slots * config.dim, offset).reshape(slots, config.dim)
         offset += keys.nbytes
         memories.append({"layer": layer, "row": row, "total": total, "keys": keys})
-    for memory, (*_, slots) in zip(memories, entries):
+    for memory, (_, _, _, slots, _, _) in zip(memories, entries):
         memory["values"] = np.frombuffer(body, value_dtype, slots * config.dim,
                                          offset).reshape(slots, config.dim)
         offset += memory["values"].nbytes
+    for memory, (_, _, _, _, trained_at, rows) in zip(memories, entries):
+        if rows:  # the store checks their shape and trained_at against its config
+            memory["centroids"] = np.frombuffer(body, key_dtype, rows * config.dim,
+                                                offset).reshape(rows, config.dim)
+            memory["trained_at"] = trained_at
+            offset += memory["centroids"].nbytes
     return {"config": config.to_dict(), "memories": memories}
 
 

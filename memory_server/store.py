@@ -28,7 +28,8 @@ import faiss
 import numpy as np
 
 from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, UnknownNamespace
-from .index import INDEX_KINDS, FlatIndex, HNSWIndex, hnsw_segment_size, ring_size
+from .index import (INDEX_KINDS, IVF_TRAIN_PER_LIST, FlatIndex, HNSWIndex, IVFIndex,
+                    hnsw_segment_size, ivf_nlist, ivf_nprobe, ring_size)
 
 VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -47,6 +48,8 @@ CONFIG_RANGES = {
     "hnsw_segments": (1, 64),  # a search runs and merges one HNSW search per segment
     "ef_search": (1, 4096),
     "ef_construction": (1, 4096),
+    "nlist": (0, 1 << 16),  # 0: derived from max_memories; at most max_memories / 32 (below)
+    "nprobe": (0, 1 << 16),  # 0: derived from nlist; at most nlist (below)
 }
 """Field -> (min, max), both included."""
 MAX_MEMORY_FLOATS = 1 << 28
@@ -94,7 +97,8 @@ class NamespaceConfig:
     num_rows: int
     """Global batch rows: valid rows are ``0..num_rows-1``."""
     index: str = "flat"
-    """``flat`` (exact inner product, the paper's choice) or ``hnsw`` (approximate)."""
+    """``flat`` (exact inner product, the paper's choice), ``ivf`` (approximate, inverted file:
+    the fast one at full memories, README) or ``hnsw`` (approximate, slower than ``flat`` here)."""
     value_dtype: str = "float32"
     """How values are stored: ``float32`` or ``float16`` (keys are always float32)."""
     hnsw_m: int = 32
@@ -105,6 +109,12 @@ class NamespaceConfig:
     """HNSW search breadth (raised to k when k is larger); recall grows with it."""
     ef_construction: int = 64
     """HNSW build breadth."""
+    nlist: int = 0
+    """IVF inverted lists; 0 picks about 4 sqrt(max_memories) (``index.ivf_nlist``). The index
+    trains once a memory holds ``IVF_TRAIN_PER_LIST`` (32) keys per list; it is exact before."""
+    nprobe: int = 0
+    """IVF lists a query scans; 0 picks nlist / 64, at least 32 (``index.ivf_nprobe``). Recall and
+    search time grow with it."""
 
     def __post_init__(self):
         for name, (lo, hi) in CONFIG_RANGES.items():
@@ -123,6 +133,20 @@ class NamespaceConfig:
         if self.index not in INDEX_KINDS:
             raise InvalidRequest(f"namespace config: index must be one of {INDEX_KINDS}, "
                                  f"got {self.index!r}")
+        if self.index == "ivf":
+            nlist = ivf_nlist(self.max_memories, self.nlist)
+            most = self.max_memories // IVF_TRAIN_PER_LIST
+            if self.nlist > most:
+                fix = (f"lower nlist to at most {most}" if most else
+                       "a memory this small cannot train any list (it would stay exact): use "
+                       "index flat")
+                raise InvalidRequest(
+                    f"namespace config: nlist={nlist} needs {nlist * IVF_TRAIN_PER_LIST} keys to "
+                    f"train ({IVF_TRAIN_PER_LIST} per list), more than max_memories="
+                    f"{self.max_memories}; {fix}, or leave nlist 0 (the default)")
+            if self.nprobe > nlist:
+                raise InvalidRequest(f"namespace config: nprobe={self.nprobe} is more than the "
+                                     f"{nlist} lists (nlist); lower nprobe or raise nlist")
         if self.value_dtype not in VALUE_DTYPES:
             raise InvalidRequest(f"namespace config: value_dtype must be one of "
                                  f"{tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
@@ -157,6 +181,9 @@ class Memory:
         self.overhead = memory_overhead(config)
         if config.index == "flat":
             self.index = FlatIndex(self.ring)
+        elif config.index == "ivf":
+            nlist = ivf_nlist(config.max_memories, config.nlist)
+            self.index = IVFIndex(config.dim, self.ring, nlist, ivf_nprobe(nlist, config.nprobe))
         else:
             self.index = HNSWIndex(config.dim, self.ring,
                                    hnsw_segment_size(config.max_memories, config.hnsw_segments),
@@ -204,7 +231,7 @@ class Memory:
         slots = (self.total + np.arange(n)) % self.ring
         self.keys[slots] = keys
         self.values[slots] = values
-        self.index.write(self.total, keys)
+        self.index.write(self.total, keys, self.keys)
         self.total += n
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
@@ -218,20 +245,48 @@ class Memory:
         self.total = 0
         self.index.reset()
 
-    def export(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """The allocated ring and the entry count: everything that defines this memory."""
-        return self.keys.copy(), self.values.copy(), self.total
+    def export(self) -> dict:
+        """The allocated ring and the entry count: everything that defines this memory; for a
+        trained ``ivf`` index also its ``centroids`` and the count they were ``trained_at``."""
+        state = {"total": self.total, "keys": self.keys.copy(), "values": self.values.copy()}
+        if isinstance(self.index, IVFIndex) and self.index.trained:
+            state["centroids"], state["trained_at"] = self.index.state()
+        return state
 
-    def load(self, keys: np.ndarray, values: np.ndarray, total: int) -> None:
+    def load(self, keys: np.ndarray, values: np.ndarray, total: int,
+             centroids: np.ndarray | None = None, trained_at: int = 0) -> None:
         """Take an exported ring as it was, slot for slot, and rebuild the index from it."""
         self.keys, self.values, self.total = keys, values, total
         self.index.reset()
+        if centroids is not None:  # a trained ivf index: the same centroids, the same lists
+            self.index.restore(centroids, trained_at, keys, total)
+            return
         # Re-index in write order from the start of the segment holding the oldest live entry:
         # exactly what the index held (the flat index holds nothing of its own).
         lo = max(0, total - self.config.max_memories)
         first = lo - (lo % self.ring) % getattr(self.index, "segment", self.ring)
         if total > first:
-            self.index.write(first, keys[np.arange(first, total) % self.ring])
+            self.index.write(first, keys[np.arange(first, total) % self.ring], keys)
+
+
+def _index_state(item: dict, config: NamespaceConfig, memory: Memory, namespace: str) -> tuple:
+    """The checked ``(centroids, trained_at)`` of an exported memory, or ``()`` when it has none."""
+    if item.get("centroids") is None:
+        return ()
+    where = f"memory (layer {item['layer']}, row {item['row']}) of namespace {namespace!r}"
+    if config.index != "ivf":
+        raise InvalidRequest(f"{where} has ivf centroids but the namespace's index is "
+                             f"{config.index!r}")
+    centroids = np.asarray(item["centroids"], dtype=np.float32)
+    trained_at = item.get("trained_at")
+    if centroids.shape != (memory.index.nlist, config.dim) or not np.isfinite(centroids).all():
+        raise InvalidRequest(f"{where} has centroids of shape {centroids.shape}, expected "
+                             f"{(memory.index.nlist, config.dim)} finite values")
+    if not isinstance(trained_at, (int, np.integer)) or isinstance(trained_at, bool) \
+            or not 0 < trained_at <= int(item["total"]):
+        raise InvalidRequest(f"{where} claims its centroids were trained at entry "
+                             f"{trained_at!r:.50}, not in [1, {int(item['total'])}]")
+    return centroids, int(trained_at)
 
 
 def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
@@ -506,9 +561,7 @@ class MemoryStore:
         memories = []
         for (layer, row), memory in items:
             with memory.lock:
-                keys, values, total = memory.export()
-            memories.append({"layer": layer, "row": row, "total": total, "keys": keys,
-                             "values": values})
+                memories.append({"layer": layer, "row": row, **memory.export()})
         return {"config": ns.config.to_dict(), "memories": memories}
 
     def import_namespace(self, namespace: str, state: dict) -> None:
@@ -532,7 +585,7 @@ class MemoryStore:
                 raise InvalidRequest(f"memory (layer {layer}, row {row}) of namespace "
                                      f"{namespace!r} has inconsistent shapes {keys.shape} / "
                                      f"{values.shape} for {total} entries")
-            memory.load(keys, values, total)
+            memory.load(keys, values, total, *_index_state(item, config, memory, namespace))
             loaded[(layer, row)] = memory
         new = _Namespace(config, loaded, time.monotonic())
         with self._lock:  # the swap is one step: concurrent adds and restores see old or new

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -88,15 +89,16 @@ def export_memories(memories: KNNMemoryList, config: TrainConfig) -> dict | None
         return None
     memories.collect_adds()
     state = memories.backend.store.export_namespace(memories.backend.namespace)
-    for item in state["memories"]:
-        item["keys"] = torch.from_numpy(item["keys"])
-        item["values"] = torch.from_numpy(item["values"])
+    for item in state["memories"]:  # keys, values and an ivf index's centroids
+        for name, value in item.items():
+            if isinstance(value, np.ndarray):
+                item[name] = torch.from_numpy(value)
     return state
 
 
 def import_memories(memories: KNNMemoryList, state: dict) -> None:
-    state = {**state, "memories": [{**item, "keys": item["keys"].numpy(),
-                                    "values": item["values"].numpy()}
+    state = {**state, "memories": [{name: value.numpy() if isinstance(value, torch.Tensor)
+                                    else value for name, value in item.items()}
                                    for item in state["memories"]]}
     memories.backend.store.import_namespace(memories.backend.namespace, state)
 

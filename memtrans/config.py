@@ -12,7 +12,7 @@ MEMORY_MODES = ("remote", "inproc", "off")
 KNN_COMBINES = ("joint", "gate")
 RECALL = "recall"
 """``--data recall``: the built-in long-range recall task (``memtrans.recall``)."""
-INDEX_KINDS = ("flat", "hnsw")
+INDEX_KINDS = ("flat", "hnsw", "ivf")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -94,7 +94,8 @@ class TrainConfig:
     memory_wait_timeout: float = 300.0
     """Seconds ``wait`` waits for a failed memory server to answer again."""
     index: str = "flat"
-    """kNN index: ``flat`` (exact, the paper's) or ``hnsw`` (approximate)."""
+    """kNN index: ``flat`` (exact, the paper's), ``ivf`` (approximate, fast at full memories) or
+    ``hnsw`` (approximate, slower than ``flat`` here)."""
     grad_accum: int = 1
     """Consecutive segments per optimizer step (gradients summed over them)."""
     lr: float = 1e-3

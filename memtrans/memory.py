@@ -102,15 +102,17 @@ class KNNMemory:
     ``add(memories)`` takes ``(b, n, 2, dim)`` key/values; ``search(queries, topk)`` takes
     ``(b, ..., dim)`` queries and returns key/values ``(b, ..., topk, 2, dim)`` and a mask
     ``(b, ..., topk)``. ``b`` is the number of scoped rows (all rows unless ``at_batch_indices``).
-    ``index`` is ``flat`` (exact) or ``hnsw``; ``multiprocessing`` searches rows on all cores.
+    ``index`` is ``flat`` (exact), ``ivf`` (``nlist``/``nprobe``, 0 for the defaults) or ``hnsw``
+    (``ef_search``); ``multiprocessing`` searches rows on all cores.
     """
 
     def __init__(self, dim: int, max_memories: int = 16000, num_indices: int = 1,
                  memmap_filename: str | None = None, multiprocessing: bool = True, *,
-                 index: str = "flat", value_dtype: str = "float32", ef_search: int = 128):
+                 index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
+                 nlist: int = 0, nprobe: int = 0):
         config = NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=1,
                                  num_rows=num_indices, index=index, value_dtype=value_dtype,
-                                 ef_search=ef_search)
+                                 ef_search=ef_search, nlist=nlist, nprobe=nprobe)
         backend = LocalBackend(config, threads=_threads(multiprocessing))
         self._attach(backend, 0, owns_backend=True)
 
@@ -184,13 +186,15 @@ class KNNMemory:
                increment_hits: bool = True, increment_age: bool = True):
         """Top-``topk`` key/values ``(b, ..., topk, 2, dim)`` and mask ``(b, ..., topk)``.
 
-        ``nprobe`` only has a meaning for IVF indices, which memtrans does not use; passing it is
-        an error rather than silently ignored (the seed ignored it). The hit and age counters of
+        ``nprobe`` per search is not supported: an ``ivf`` memory takes it in its config, and other
+        indices have none; passing it is an error rather than silently ignored (the seed ignored
+        it). The hit and age counters of
         the seed are not kept; their flags are accepted for compatibility.
         """
         if nprobe is not None:
-            raise ValueError("nprobe applies to IVF indices; this memory's index is "
-                             f"{self.backend.config.index!r}: tune hnsw with ef_search instead")
+            raise ValueError("nprobe applies to IVF indices and is set when the memories are "
+                             "made (index='ivf', nprobe=...); this memory's index is "
+                             f"{self.backend.config.index!r}")
         retrieval = self.retrieved(self.search_async(queries, topk))
         kv, mask = retrieval.dense()
         lead = tuple(queries.shape[:-1])
@@ -262,7 +266,7 @@ class RemoteKNNMemory(KNNMemory):
     def create(cls, servers, *, dim: int, max_memories: int, batch_size: int, num_layers: int = 1,
                namespace: str | None = None, rank: int = 0, world_size: int = 1,
                index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
-               timeout: float = 60.0, server_public_key=None,
+               nlist: int = 0, nprobe: int = 0, timeout: float = 60.0, server_public_key=None,
                secret_key=None) -> KNNMemoryList:
         """Memories of ``num_layers`` layers for this rank's ``batch_size`` rows on ``servers``.
 
@@ -275,7 +279,8 @@ class RemoteKNNMemory(KNNMemory):
 
         config = NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=num_layers,
                                  num_rows=batch_size * world_size, index=index,
-                                 value_dtype=value_dtype, ef_search=ef_search)
+                                 value_dtype=value_dtype, ef_search=ef_search, nlist=nlist,
+                                 nprobe=nprobe)
         server_public_key = server_public_key or os.environ.get(SERVER_KEY_ENV) or None
         secret_key = secret_key or os.environ.get(CLIENT_KEY_ENV) or None
         client = MemoryClient(_as_servers(servers), timeout=timeout,
@@ -304,12 +309,14 @@ class KNNMemoryList(list):
         """Seed API: returns a function of ``KNNMemory`` arguments that builds the list."""
 
         def inner(dim: int, max_memories: int = 16000, multiprocessing: bool = True, *,
-                  index: str = "flat", value_dtype: str = "float32", ef_search: int = 128):
+                  index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
+                  nlist: int = 0, nprobe: int = 0):
             if num_memory_layers == 0:
                 return cls([])
             config = NamespaceConfig(dim=dim, max_memories=max_memories,
                                      num_layers=num_memory_layers, num_rows=batch_size,
-                                     index=index, value_dtype=value_dtype, ef_search=ef_search)
+                                     index=index, value_dtype=value_dtype, ef_search=ef_search,
+                                     nlist=nlist, nprobe=nprobe)
             backend = LocalBackend(config, threads=_threads(multiprocessing))
             return cls([KNNMemory._on(backend, layer) for layer in range(num_memory_layers)],
                        backend=backend)

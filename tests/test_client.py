@@ -65,6 +65,35 @@ def test_sharded_results_are_bit_identical_to_the_in_process_store(servers, num_
         assert np.array_equal(have_kv, want_kv)
 
 
+def test_ivf_namespace_travels_and_matches_the_in_process_store(servers):
+    """The nlist/nprobe settings go through open; the servers train the same centroids as the
+    in-process store (deterministic k-means), so results are identical once trained and wrapped."""
+    config = NamespaceConfig(dim=8, max_memories=256, num_layers=1, num_rows=3, index="ivf",
+                             nlist=4, nprobe=1)
+    rng = np.random.default_rng(5)
+    adds = [rng.standard_normal((3, 60, 8), dtype=np.float32) for _ in range(6)]
+    queries = rng.standard_normal((3, 20, 8), dtype=np.float32)
+    results = []
+    store = MemoryStore(threads=2)  # as the servers of these tests: one OpenMP thread per row
+    with MemoryClient(servers[:2], timeout=20) as client:
+        for target in (store, client):
+            target.open("ivf", config)
+            for keys in adds:  # trains at 128 entries, wraps at 256
+                target.add("ivf", 0, [0, 1, 2], keys, -keys)
+            results.append(target.search("ivf", 0, [2, 0, 1], queries, 16))
+        assert client.stats()[0]["per_namespace"]["ivf"]["config"] == config.to_dict()
+        client.drop("ivf")
+    store.close()
+    for want, have in zip(*(r.dense() for r in results)):
+        np.testing.assert_array_equal(want, have)
+    exact = MemoryStore()  # nprobe 1 of 4 lists: the servers did search approximately
+    exact.open("flat", NamespaceConfig(dim=8, max_memories=256, num_layers=1, num_rows=3))
+    for keys in adds:
+        exact.add("flat", 0, [0, 1, 2], keys, -keys)
+    assert not np.array_equal(exact.search("flat", 0, [2, 0, 1], queries, 16).dense()[0],
+                              results[1].dense()[0])
+
+
 def test_hnsw_namespace_is_served(servers):
     config = NamespaceConfig(dim=8, max_memories=64, num_layers=1, num_rows=3, index="hnsw")
     keys = np.random.default_rng(0).standard_normal((3, 40, 8), dtype=np.float32)

@@ -352,7 +352,7 @@ K_CAP = 2048  # the documented cap on k (README, Limits)
 # Typical valid values of each integer field, then edges and values of other types.
 TYPICAL = {"dim": (1, 65), "max_memories": (1, 500), "num_layers": (1, 5), "num_rows": (1, 9),
            "hnsw_m": (2, 49), "hnsw_segments": (1, 9), "ef_search": (1, 257),
-           "ef_construction": (1, 257)}
+           "ef_construction": (1, 257), "nlist": (0, 9), "nprobe": (0, 9)}
 EDGES = [0, 1, 2, 3, 4, 63, 64, 65, 255, 256, 257, 1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096,
          4097, 2**16, 2**16 + 1, 2**20, 2**20 + 1, 2**24, 2**24 + 1, 2**28, 2**31, 2**32,
          2**63 - 1, 2**64 - 1, -1, -(2**63)]
@@ -369,7 +369,7 @@ def random_config(rng: random.Random) -> dict:
         config[name] = (rng.randrange(lo, hi) if u < 0.85 else rng.choice(EDGES) if u < 0.97
                         else rng.choice(ODD))
     if rng.random() < 0.9:
-        config["index"] = rng.choice(["hnsw"] * 11 + ["flat"] * 8 + ["ivf", 1])
+        config["index"] = rng.choice(["hnsw"] * 7 + ["ivf"] * 6 + ["flat"] * 6 + ["pq", 1])
     if rng.random() < 0.9:
         config["value_dtype"] = rng.choice(["float16"] * 9 + ["float32"] * 9 + ["bfloat16", None])
     if rng.random() < 0.01:

@@ -16,7 +16,7 @@ def tagged(batch, n, dim, start):
     return torch.stack((keys, values), dim=-2)
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivf"])
 def test_key_value_pairs_stay_matched_after_wrapping(index):
     # The seed never gave faiss the ids: after the first wrap 0% of its pairs were right.
     torch.manual_seed(0)

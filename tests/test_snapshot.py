@@ -46,6 +46,23 @@ def assert_same(a: list, b: list) -> None:
         np.testing.assert_array_equal(mask_a, mask_b)
 
 
+def test_ivf_round_trip_keeps_the_centroids(memory_server, tmp_path):
+    """A trained ivf memory comes back with the same centroids and lists: identical searches."""
+    config = NamespaceConfig(dim=16, max_memories=256, num_layers=2, num_rows=4, index="ivf",
+                             nlist=4, nprobe=1)
+    servers = [s.endpoint for s in memory_server(2, "--data-dir", str(tmp_path))]
+    with MemoryClient(servers, timeout=10) as client:
+        fill(client, "ivf", config, adds=25)  # 325 entries: trained at 130 and 260, wrapped
+        before = searches(client, "ivf", config)
+        client.snapshot("ivf", "t1")
+        fill(client, "ivf", config, adds=25, seed=2)  # retrained at 520 on other keys
+        client.restore("ivf", "t1")
+        assert_same(searches(client, "ivf", config), before)
+    state = read_snapshot(tmp_path, "ivf", shard_tag("t1", 0, 2))
+    assert [(m["trained_at"], m["centroids"].shape) for m in state["memories"]] == \
+        [(260, (4, 16))] * 2  # server 0 holds row 0 of both layers
+
+
 def test_round_trip_gives_identical_searches(memory_server, tmp_path):
     servers = [s.endpoint for s in memory_server(2, "--data-dir", str(tmp_path))]
     with MemoryClient(servers, timeout=10) as client:
@@ -188,6 +205,7 @@ def test_kill_during_snapshot_keeps_the_previous_one(memory_server, tmp_path):
 CRASHING = {"dim": 4, "max_memories": 8, "num_layers": 1, "num_rows": 1, "index": "hnsw",
             "hnsw_m": 1}  # faiss segfaults on the first add to an HNSW graph with M=1
 ONE_MEMORY = [(0, 0, 3, np.ones((3, 4), np.float32), np.ones((3, 4), np.float32))]
+BASE_CONFIG = {"dim": 4, "max_memories": 8, "num_layers": 1, "num_rows": 1}
 
 
 def test_restore_of_a_config_out_of_range_is_refused_and_the_server_lives(memory_server,
@@ -199,6 +217,19 @@ def test_restore_of_a_config_out_of_range_is_refused_and_the_server_lives(memory
                                                           "got 1")):
             client.restore("bad", "t")
         assert client.ping() and client.stats()[0]["namespaces"] == 0
+
+
+def test_a_version_1_snapshot_still_restores(memory_server, tmp_path):
+    """Files written before ivf (format 1: no centroid fields) load as they were."""
+    keys = np.eye(4, dtype=np.float32)[:3]
+    forge_snapshot(tmp_path, "old", shard_tag("t", 0, 1), BASE_CONFIG, [(0, 0, 3, keys, -keys)],
+                   version=1)
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        client.restore("old", "t")
+        kv, mask = client.search("old", 0, [0], keys[None], 1).dense()
+    np.testing.assert_array_equal(kv[0, :, 0, 1], -keys)
+    assert mask.all()
 
 
 def test_restore_at_start_of_a_config_out_of_range_exits_2(tmp_path):

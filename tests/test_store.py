@@ -18,11 +18,17 @@ def unit(rng, *shape):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_store(index="flat", max_memories=64, rows=3, layers=2, dim=16, **store_kwargs):
+def make_store(index="flat", max_memories=64, rows=3, layers=2, dim=16, ivf=None,
+               **store_kwargs):
+    """``ivf``: the namespace's ``nlist`` and ``nprobe`` (default: derived from max_memories)."""
     store = MemoryStore(**store_kwargs)
     store.open("ns", NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=layers,
-                                     num_rows=rows, index=index))
+                                     num_rows=rows, index=index, **(ivf or {})))
     return store
+
+
+def ivf_of(store, layer=0, row=0):
+    return store._namespaces["ns"].memories[(layer, row)].index
 
 
 def tagged_values(row, seqs, dim):
@@ -61,7 +67,7 @@ def test_flat_search_equals_brute_force_after_many_wraps():
         assert (kv[r, :, :, 1, 0] == r).all()
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivf"])
 def test_fifo_every_live_entry_is_found_and_no_evicted_one(index):
     rng = np.random.default_rng(1)
     store = make_store(index=index, max_memories=100, rows=2)
@@ -202,7 +208,7 @@ def test_config_validation():
     with pytest.raises(InvalidRequest, match=re.escape("dim must be an integer in [1, 4096]")):
         NamespaceConfig(dim=0, max_memories=4, num_layers=1, num_rows=1)
     with pytest.raises(InvalidRequest, match="index must be one of"):
-        NamespaceConfig(dim=4, max_memories=4, num_layers=1, num_rows=1, index="ivf")
+        NamespaceConfig(dim=4, max_memories=4, num_layers=1, num_rows=1, index="pq")
     with pytest.raises(InvalidRequest, match="unknown fields"):
         NamespaceConfig.from_dict({"dim": 4, "max_memories": 4, "num_layers": 1, "num_rows": 1,
                                    "bogus": 1})
@@ -220,7 +226,7 @@ def test_rows_in_parallel_give_the_same_result():
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivf"])
 def test_export_import_gives_identical_searches(index):
     rng = np.random.default_rng(10)
     store = make_store(index=index, max_memories=100, rows=2)
@@ -295,6 +301,16 @@ BASE = dict(dim=4, max_memories=8, num_layers=1, num_rows=1)
     ({"ef_construction": 2**63}, "ef_construction must be an integer in [1, 4096]"),
     ({"dim": True}, "dim must be an integer"),
     ({"hnsw_m": 16.0}, "hnsw_m must be an integer"),
+    ({"nlist": 2**16 + 1}, "nlist must be an integer in [0, 65536]"),
+    ({"nprobe": -1}, "nprobe must be an integer in [0, 65536]"),
+    ({"index": "ivf", "max_memories": 1000, "nlist": 32},
+     "nlist=32 needs 1024 keys to train (32 per list), more than max_memories=1000; lower nlist "
+     "to at most 31, or leave nlist 0"),
+    ({"index": "ivf", "nlist": 1}, "a memory this small cannot train any list"),
+    ({"index": "ivf", "max_memories": 1024, "nlist": 8, "nprobe": 9},
+     "nprobe=9 is more than the 8 lists (nlist); lower nprobe or raise nlist"),
+    ({"index": "ivf", "max_memories": 1024, "nprobe": 33},  # the default nlist: 32 here
+     "nprobe=33 is more than the 32 lists"),
     ({"dim": 4096, "max_memories": 2**16 + 1},
      "max_memories x dim = 268439552 is over 268435456"),
     ({"num_layers": 1024, "num_rows": 1025},
@@ -318,6 +334,10 @@ def test_configs_at_the_caps_work():
                      hnsw_segments=64, ef_search=4096, ef_construction=4096),
         "hnsw-wide": dict(dim=8, max_memories=64, num_layers=1, num_rows=1, index="hnsw",
                           hnsw_m=256, hnsw_segments=1, ef_search=1, ef_construction=1),
+        "ivf-lists": dict(dim=16, max_memories=2**21, num_layers=1, num_rows=1, index="ivf",
+                          nlist=2**16, nprobe=2**16),
+        "ivf-one": dict(dim=8, max_memories=32, num_layers=1, num_rows=1, index="ivf", nlist=1,
+                        nprobe=1),  # trains on the 100 keys added below
     }.items():
         config = NamespaceConfig(**config)
         store.open(name, config)
@@ -540,3 +560,110 @@ def test_an_hnsw_search_counts_the_lists_of_its_segments():
             with pytest.raises(LimitExceeded, match="32 a neighbour and segment graph"):
                 store.search("ns", 0, np.arange(1), queries, 64)
         store.close()
+
+
+# ivf
+
+
+def test_ivf_is_exact_before_it_trains():
+    rng = np.random.default_rng(20)
+    keys, queries = unit(rng, 2, 2000, 16), unit(rng, 2, 50, 16)
+    ivf = dict(nlist=64, nprobe=1)  # trains at 64 x 32 = 2048 entries
+    found = []
+    for index in ("flat", "ivf"):
+        store = make_store(index=index, max_memories=4096, rows=2, layers=1,
+                           ivf=ivf if index == "ivf" else None)
+        store.add("ns", 0, np.arange(2), keys, keys)
+        found.append(store.search("ns", 0, np.arange(2), queries, 32).dense())
+    assert not ivf_of(store).trained
+    np.testing.assert_array_equal(found[0][0], found[1][0])
+    np.testing.assert_array_equal(found[0][1], found[1][1])
+
+
+def clustered(rng, n, dim, centres):
+    """Unit keys around ``centres`` random directions, as a model's keys are (not uniform)."""
+    x = centres[rng.integers(len(centres), size=n)] + 0.1 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_ivf_recall_after_training_on_clustered_keys():
+    rng = np.random.default_rng(21)
+    centres = unit(rng, 256, 32).astype(np.float64)
+    keys, queries = clustered(rng, 8192, 32, centres), clustered(rng, 256, 32, centres)
+    found = {}
+    for index in ("flat", "ivf"):  # ivf defaults here: 256 lists, nprobe 32
+        store = make_store(index=index, max_memories=8192, rows=1, layers=1, dim=32)
+        for start in range(0, 8192, 512):
+            store.add("ns", 0, np.array([0]), keys[None, start : start + 512],
+                      tagged_values(0, np.arange(start, start + 512), 32)[None])
+        kv, mask = store.search("ns", 0, np.array([0]), queries[None], 32).dense()
+        found[index] = np.where(mask[0], kv[0, :, :, 1, 1], -1)
+    assert ivf_of(store).trained and (ivf_of(store).nlist, ivf_of(store).nprobe) == (256, 32)
+    hits = sum(len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found["ivf"], found["flat"]))
+    recall = hits / found["flat"].size
+    assert recall >= 0.9, f"ivf recall@32 {recall:.3f} below the 0.9 floor"
+
+
+def test_ivf_never_returns_an_overwritten_entry():
+    """Each add overwrites the oldest slots; searching for the keys it overwrote (their best
+    match, were they still listed) finds only live entries, before and after the retraining
+    that comes when the ring has turned over."""
+    rng = np.random.default_rng(22)
+    store = make_store(index="ivf", max_memories=512, rows=1, layers=1,
+                       ivf=dict(nlist=16, nprobe=4))
+    history = np.empty((0, 16), np.float32)
+    trainings = set()
+    for step in range(40):  # 40 x 100 entries: about 8 turns of the ring
+        keys = unit(rng, 1, 100, 16)
+        seqs = np.arange(step * 100, (step + 1) * 100)
+        store.add("ns", 0, np.array([0]), keys, tagged_values(0, seqs, 16)[None])
+        history = np.concatenate([history, keys[0]])
+        total = history.shape[0]
+        index = ivf_of(store)
+        if index.trained:
+            trainings.add(index.trained_at)
+        evicted = history[max(0, total - 612) : max(0, total - 512)]
+        live = history[-512:]
+        for queries in (evicted, live):
+            if len(queries) == 0:
+                continue
+            kv, mask = store.search("ns", 0, np.array([0]), queries[None], 8).dense()
+            seqs_found = kv[0, :, :, 1, 1][mask[0]]
+            assert (seqs_found >= total - 512).all(), f"an evicted entry was returned at {total}"
+        # A live key's best match is itself: its own list is the first one probed.
+        np.testing.assert_array_equal(kv[0, :, 0, 1, 1], np.arange(total - len(live), total))
+    # Trained by the add that filled the ring (600 entries), then by the first add after each turn.
+    assert trainings == {600, 1200, 1800, 2400, 3000, 3600}
+
+
+def test_ivf_export_import_resumes_exactly_across_retraining():
+    rng = np.random.default_rng(23)
+    store = make_store(index="ivf", max_memories=1024, rows=2, layers=1,
+                       ivf=dict(nlist=16, nprobe=2))
+    fill(store, rng, [0, 1], steps=9, n=150)  # trained at 600 and 1200 (doubled), ring wrapped
+    state = store.export_namespace("ns")
+    assert state["memories"][0]["trained_at"] == 1200
+    other = MemoryStore()
+    other.import_namespace("ns", state)
+    queries = unit(rng, 2, 60, 16)
+    for step in range(8):  # the next training comes at 2224 = 1200 + 1024
+        a = store.search("ns", 0, np.arange(2), queries, 8).dense()
+        b = other.search("ns", 0, np.arange(2), queries, 8).dense()
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        more = unit(rng, 2, 150, 16)
+        for s in (store, other):
+            s.add("ns", 0, np.arange(2), more, more)
+    assert ivf_of(store).trained_at == ivf_of(other).trained_at == 2250
+
+
+def test_import_refuses_centroids_that_do_not_fit():
+    store = make_store(index="ivf", max_memories=256, rows=1, layers=1, ivf=dict(nlist=4))
+    fill(store, np.random.default_rng(24), [0], steps=2, n=100)
+    state = store.export_namespace("ns")
+    good = state["memories"][0]
+    for change, words in [({"centroids": good["centroids"][:3]}, "centroids of shape (3, 16)"),
+                          ({"trained_at": 10**6}, "trained at entry 1000000, not in [1, 200]")]:
+        state["memories"] = [{**good, **change}]
+        with pytest.raises(InvalidRequest, match=re.escape(words)):
+            MemoryStore().import_namespace("ns", state)

@@ -115,6 +115,21 @@ def test_resume_continues_exactly(corpus, inproc_run, tmp_path):
     assert figures(out, "eval") == figures(inproc_run, "eval")
 
 
+def test_resume_continues_exactly_with_ivf(corpus, tmp_path):
+    """The same with --index ivf: its 3 lists train at step 3, the checkpoint of step 4 carries
+    the centroids, and the retraining after the ring turns (step 5) happens in both runs."""
+    whole, out = tmp_path / "whole", tmp_path / "resumed"
+    common = ("--data", str(corpus), "--memory", "inproc", "--index", "ivf", "--eval-every", "4")
+    results = [run(*common, "--steps", "8", "--out", str(whole), *TINY),
+               run(*common, "--steps", "4", "--out", str(out), *TINY),
+               run("--resume", str(out), "--steps", "8")]
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    assert [(r["step"], r["train_bpb"]) for r in records(out, "train")] == \
+        [(r["step"], r["train_bpb"]) for r in records(whole, "train")]
+    assert figures(out, "eval") == figures(whole, "eval")
+
+
 def test_memory_off_trains_without_retrieval(corpus, tmp_path):
     out = tmp_path / "off"
     result = run("--data", str(corpus), "--memory", "off", "--steps", "3", "--out", str(out), *TINY)

@@ -324,7 +324,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configuration (smoke test)")
     parser.add_argument("--segments", type=int)
     parser.add_argument("--prefill", type=int, help="random memories per row added before timing")
-    parser.add_argument("--index", choices=["flat", "hnsw"])
+    parser.add_argument("--index", choices=["flat", "hnsw", "ivf"])
     parser.add_argument("--batch", type=int)
     parser.add_argument("--server-threads", type=int)
     parser.add_argument("--profile", choices=list(ROWS),

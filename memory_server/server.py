@@ -105,9 +105,10 @@ from functools import partial
 import numpy as np
 import zmq
 
-from . import auth, metrics, snapshot, tenants
+from . import auth, connections, metrics, snapshot, tenants
 from .errors import (InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
                      ServerUnavailable, SnapshotError, Unauthorized, UnknownNamespace)
+from .ratelog import RateLimitedLog
 from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
                        MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
                        encode_reply)
@@ -177,6 +178,10 @@ class ServerConfig:
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
+    max_connections: int | None = None
+    """Connections open at once; one past it is shut down at once, before its handshake
+    (``connections.py``). None: ``connections.DEFAULT_MAX_CONNECTIONS``, or fewer when the
+    open-file limit does not allow that many."""
     max_inflight_bytes: int = 1 << 30
     """Bytes of requests accepted but not yet answered and of replies not yet transmitted, all
     clients together; at this many the server stops reading, as at ``max_pending``."""
@@ -239,7 +244,7 @@ class ServerConfig:
         required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
                     "max_client_inflight_bytes")
         for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
-                     "metrics_port"):
+                     "max_connections", "metrics_port"):
             value = getattr(self, name)
             if value is None and name not in required:
                 continue
@@ -272,6 +277,28 @@ class ServerConfig:
     @property
     def curve(self) -> bool:
         return self.curve_secret_key is not None
+
+
+CURVE_FRAME_BYTES = 64
+"""What CURVE adds to a frame on the wire, rounded up: its MESSAGE command's name, nonce,
+authenticator and flags (33 bytes by the CurveZMQ RFC)."""
+
+
+def max_frame_bytes(config: ServerConfig) -> int:
+    """ZeroMQ's cap on one incoming frame (ZMQ_MAXMSGSIZE): a peer that announces a larger one
+    is disconnected at once, without a reply and before anything is allocated for the frame.
+
+    ZeroMQ applies it from the first frame a connection sends, before the handshake, CURVE's
+    included (libzmq issue 4436). So on a CURVE server, whose peers are strangers until their
+    handshake, it is the largest frame a request may hold (``max_message_bytes``) plus CURVE's
+    framing: a stranger can make the server hold at most one such frame per connection, and for
+    at most ``connections.HANDSHAKE_MS``. On other servers (loopback, ipc, ``--insecure``) it is
+    twice that plus a header, so that a request somewhat too large is received and refused with
+    a reply that says so.
+    """
+    if config.curve:
+        return config.max_message_bytes + CURVE_FRAME_BYTES
+    return min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1)
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -311,6 +338,7 @@ class Server:
             if config.admin_token_file else None,
             curve_keys=allowed, curve_admins=admins)
         self._allowed_keys = len(allowed.keys() | admins.keys())
+        max_connections = connections.reserve_descriptors(config.max_connections)
         self._context = zmq.Context()
         self._auth = auth.start_authenticator(self._context, allowed.keys() | admins.keys()) \
             if keys else None
@@ -318,10 +346,8 @@ class Server:
         self.public_key: bytes | None = keys.public if keys else None
         if keys:
             auth.make_curve_server(self._router, keys)
-        # A peer sending a single frame over this is disconnected without a reply; below it, the
-        # message is received and refused politely against max_message_bytes.
-        self._router.setsockopt(zmq.MAXMSGSIZE,
-                                min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1))
+        self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(config))
+        self._router.setsockopt(zmq.HANDSHAKE_IVL, connections.HANDSHAKE_MS)
         # Connections of clients that died without closing them are closed within 2 s.
         self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -335,6 +361,10 @@ class Server:
             self._context.term()
             raise BindError(f"cannot bind {config.bind}: {exc.strerror}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._rejections = RateLimitedLog(log)
+        """Lines about what clients did wrong: theirs to make, so at most 10 a second."""
+        self._connections = connections.ConnectionGuard(self._router, max_connections,
+                                                        self._rejections)
         self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
                                  max_namespaces=config.max_namespaces,
                                  max_memories_per_namespace=config.max_memories_per_namespace,
@@ -406,6 +436,7 @@ class Server:
             for item in cfg.restore:  # before any request: a client sees the restored memories
                 namespace, _, tag = item.rpartition(":")
                 self._restore(namespace, tag)
+            self._connections.start()
             self._start_background()
             while not (self._stopping and not self._pending):
                 if self._stopping and deadline is None:
@@ -468,6 +499,8 @@ class Server:
                 return
             identity = frames[0].bytes
             if count > MAX_FRAMES:
+                self._rejections("rejected a message of %d frames (at most %d)", count,
+                                 MAX_FRAMES)
                 self._send(identity, self._error(
                     None, ProtocolError.code, f"message of {count} frames: a request is a header "
                     f"and at most {MAX_FRAMES - 1} array frames"))
@@ -497,7 +530,8 @@ class Server:
         try:
             request = decode_request(body, max_message_bytes=self.config.max_message_bytes)
         except ProtocolError as exc:
-            log.info("rejected a malformed request (id %s): %s", exc.request_id, exc.message)
+            self._rejections("rejected a malformed request (id %s): %s", exc.request_id,
+                             exc.message)
             self._send(identity, self._error(exc.request_id, exc.code, exc.message, exc.version))
             self._metrics.record("malformed", received, ok=False)
             return
@@ -507,7 +541,7 @@ class Server:
                 raise Unauthorized("shutdown needs an admin credential (a token of the server's "
                                    "--admin-token-file, or with CURVE a --curve-admin key)")
         except Unauthorized as exc:
-            log.debug("refused an unauthorized %s request: %s", request.op, exc.message)
+            self._rejections("refused an unauthorized %s request: %s", request.op, exc.message)
             self._send(identity, self._error(request.id, exc.code, exc.message, request.version))
             self._metrics.record("unauthorized", received, ok=False)
             return
@@ -591,7 +625,7 @@ class Server:
                 trackers.append(self._router.send(part, zmq.NOBLOCK | more, copy=False,
                                                   track=True))
         except zmq.ZMQError as exc:  # the peer's queue is full or it is gone: it will time out
-            log.warning("could not send a reply: %s", exc)
+            self._rejections("could not send a reply: %s", exc, level=logging.WARNING)
         waiting = [t for t in trackers if not t.done]  # small frames are copied: done at once
         if waiting:
             nbytes = sum(memoryview(frame).nbytes for frame in frames)
@@ -667,6 +701,8 @@ class Server:
     def _close(self, wait: bool = True) -> None:
         """Release everything; ``wait=False`` leaves abandoned requests' threads unjoined."""
         self._idle_stop.set()
+        self._connections.stop()
+        self._rejections.flush()
         for item in self._background:
             if isinstance(item, threading.Thread):
                 item.join()
@@ -807,6 +843,8 @@ class Server:
             "protocol": PROTOCOL_VERSION,
             "instance": self.instance,
             "sessions": self._sessions.stats(),
+            "connections": self._connections.stats(),
+            "log_lines_suppressed": self._rejections.suppressed_total,
             "config": self._config_stats(),
         }
 
@@ -816,6 +854,7 @@ class Server:
                 "drain_timeout": cfg.drain_timeout, "max_message_bytes": cfg.max_message_bytes,
                 "max_namespaces": cfg.max_namespaces,
                 "max_memories_per_namespace": cfg.max_memories_per_namespace,
+                "max_connections": self._connections.max_connections,
                 "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
                 "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None}
 

@@ -169,8 +169,8 @@ def test_rejected_requests_are_logged_at_a_bounded_rate_and_clipped(memory_serve
     lines = [line for line in server.output().splitlines() if "malformed" in line]
     assert 1 <= len(lines) <= 10 * (seconds + 2), len(lines)
     assert max(len(line) for line in lines) < 600
-    assert "60000 characters" in lines[0]
-    assert "not logged" in server.output()
+    assert lines[0].endswith("characters)")  # says how much it left out
+    assert "not logged" in server.output() and len(server.output()) < 20_000
 
 
 def _pinger(endpoint: str):

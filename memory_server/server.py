@@ -519,11 +519,15 @@ class Server:
         of a message of a million frames is kept (raises zmq.Again when there is none)."""
         frame = self._router.recv(zmq.NOBLOCK, copy=False)
         frames, count = [frame], 0
-        while frame.more:  # the rest of a message is there already
+        while frame.more and count < MAX_FRAMES:  # the rest of a message is there already
             frame = self._router.recv(copy=False)
+            frames.append(frame)
             count += 1
-            if count <= MAX_FRAMES:
-                frames.append(frame)
+        if frame.more:  # too many: drop the rest the cheapest way (about 1.5 us a frame)
+            recv, more = self._router.recv, self._router.get
+            while more(zmq.RCVMORE):
+                recv()
+                count += 1
         return frames, count
 
     def _accept(self, identity: bytes, body: list, received: float) -> None:

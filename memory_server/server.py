@@ -668,11 +668,27 @@ class Server:
                 return
             _, request, sent, size = self._pending.pop(ticket)
             self._release(identity, size)
+            held = self._held.get(identity, 0)
+            if ok and op not in KEPT_REPLIES and held > self.config.max_client_inflight_bytes:
+                frames, ok = self._unread(request, held), False
             self._send(identity, frames)
             if sent is not None:
                 for waiter in self._sessions.finish(request.op, sent, frames, ok):
                     self._send(waiter, frames)
             self._metrics.record(op, received, ok)
+
+    def _unread(self, request: Request, held: int) -> list:
+        """The reply that replaces a read's (a search's, say: its reply can be megabytes) when
+        its connection does not read what it was sent: requests pipelined before the replies
+        piled up pass the check at receipt, and this bounds what they hold to one reply each
+        while it is made. A request that changed memories keeps its (small) reply."""
+        return self._error(
+            request.id, LimitExceeded.code,
+            f"{request.op} reply withheld: this connection has {held} bytes of replies it has "
+            f"not read, over max_client_inflight_bytes="
+            f"{self.config.max_client_inflight_bytes} (memory-server "
+            f"--max-client-inflight-bytes); read the replies before sending more",
+            request.version)
 
     def _wake(self) -> None:
         self._wakeup.wake()

@@ -203,7 +203,7 @@ class ServerConfig:
     and change every memory."""
     curve_secret_key: str | None = None
     """The server's CURVE secret key (a ``.key_secret`` file from ``memory-server keygen``, or
-    Z85); with it every connection is encrypted and only ``curve_allow`` clients get in."""
+    ``z85:KEY``); with it every connection is encrypted and only ``curve_allow`` clients get in."""
     curve_allow: str | None = None
     """Client public keys allowed to connect: a ``.key`` file or a directory of them; each is a
     tenant named by its file."""

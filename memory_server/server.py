@@ -109,7 +109,7 @@ import numpy as np
 import zmq
 
 from . import auth, connections, metrics, snapshot, tenants
-from .errors import (InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
+from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
                      ServerUnavailable, SnapshotError, Unauthorized, UnknownNamespace)
 from .ratelog import RateLimitedLog
 from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
@@ -825,6 +825,7 @@ class Server:
     def _restore(self, namespace: str, tag: str) -> dict:
         """Load a snapshot into the store, replacing the namespace; all or nothing."""
         state = snapshot.read_snapshot(self.config.data_dir, namespace, tag)
+        self._check_restore(namespace, tag, state)
         try:
             self.store.import_namespace(namespace, state)
         except InvalidRequest as exc:
@@ -834,6 +835,29 @@ class Server:
         log.info("namespace %r restored from snapshot %r (%d memories)", namespace, tag,
                  len(state["memories"]))
         return {"memories": len(state["memories"])}
+
+    def _check_restore(self, namespace: str, tag: str, state: dict) -> None:
+        """What the store does not check of a restore: a new namespace counts against
+        --max-namespaces as an ``open`` does, and an open namespace keeps its key width (its
+        clients send keys of that width; a restore once changed it silently). Restores are
+        serialized by ``_restore_lock``; an ``open`` racing one may still pass the cap by one."""
+        dim = state["config"].get("dim") if isinstance(state.get("config"), dict) else None
+        open_now = self.store.namespaces()
+        if namespace in open_now:
+            current = self.store.config(namespace).dim
+            if dim != current:
+                raise ConfigMismatch(
+                    f"restore of snapshot {tag!r} refused: namespace {namespace!r} is open with "
+                    f"dim={current} and the snapshot's keys have dim={dim}; its clients would "
+                    f"send keys of the wrong width. Drop the namespace first to restore it with "
+                    f"another dim")
+        elif (self.config.max_namespaces is not None
+              and len(open_now) >= self.config.max_namespaces):
+            raise LimitExceeded(
+                f"restore of snapshot {tag!r} into namespace {namespace!r} refused: the server "
+                f"holds {len(open_now)} namespaces, the limit max_namespaces="
+                f"{self.config.max_namespaces} (memory-server --max-namespaces); drop finished "
+                f"namespaces first")
 
     def _data_dir(self, op: str) -> str:
         if self.config.data_dir is None:

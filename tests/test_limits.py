@@ -111,6 +111,8 @@ def test_status_and_metrics_report_the_same_server(memory_server):
     assert 'memtrans_requests_total{op="add"} 1.0' in text
     assert 'memtrans_request_latency_seconds{op="search",quantile="0.99"}' in text
     assert "memtrans_uptime_seconds" in text
+    assert "memtrans_connections " in text and "memtrans_connections_refused_total 0.0" in text
+    assert re.search(r"connections \d+ of \d+ open, 0 refused", out), out
 
 
 def test_status_of_a_silent_endpoint_fails_clearly():

@@ -68,16 +68,19 @@ Security and limits
     ``limit_exceeded`` replies naming the flag; connections past ``--max-connections`` are shut
     down before their handshake (``connections.py``), and ZeroMQ's frame cap applies before it
     too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
-    (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle
-    namespaces and a later request for one is told it expired.
+    (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle namespaces and a later
+    request for one is told it expired.
 
 Bytes in flight
     A request's frames are held from its receipt to its reply, and a reply's until ZeroMQ has
     written them out (zero-copy sends with a tracker per frame), so a client that does not read
     its replies keeps their bytes here. Both count per connection and in all: past
     ``max_client_inflight_bytes`` a connection's next request is refused, past
-    ``max_inflight_bytes`` the I/O thread reads nothing until some are done. A message of more
-    than ``MAX_FRAMES`` frames is read frame by frame and refused, keeping none past the limit.
+    ``max_inflight_bytes`` the I/O thread reads nothing until some are done. Requests sent
+    together all pass the check at receipt, before any reply exists, so the reply of a read
+    (``search``, ``stats``, ``snapshots``) whose connection is past its budget by then is
+    replaced with a ``limit_exceeded`` error. A message of more than ``MAX_FRAMES`` frames is
+    read frame by frame and refused, keeping none past the limit.
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
@@ -109,12 +112,13 @@ import numpy as np
 import zmq
 
 from . import auth, connections, metrics, snapshot, tenants
-from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
-                     ServerUnavailable, SnapshotError, Unauthorized, UnknownNamespace)
-from .ratelog import RateLimitedLog
+from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
+                     ProtocolError, ServerUnavailable, SnapshotError, Unauthorized,
+                     UnknownNamespace)
 from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
                        MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
                        encode_reply)
+from .ratelog import RateLimitedLog
 from .store import MemoryStore, NamespaceConfig
 from .tenants import Tenant
 from .wakeup import Wakeup
@@ -843,9 +847,12 @@ class Server:
         serialized by ``_restore_lock``; an ``open`` racing one may still pass the cap by one."""
         dim = state["config"].get("dim") if isinstance(state.get("config"), dict) else None
         open_now = self.store.namespaces()
-        if namespace in open_now:
-            current = self.store.config(namespace).dim
-            if dim != current:
+        try:
+            current = self.store.config(namespace).dim if namespace in open_now else None
+        except UnknownNamespace:  # dropped meanwhile
+            current = None
+        if current is not None:
+            if isinstance(dim, int) and dim != current:  # a bad config is the store's to refuse
                 raise ConfigMismatch(
                     f"restore of snapshot {tag!r} refused: namespace {namespace!r} is open with "
                     f"dim={current} and the snapshot's keys have dim={dim}; its clients would "

@@ -479,7 +479,7 @@ def test_parse_bytes():
 
 def test_server_config_validates():
     assert ServerConfig(threads=2).bind == "tcp://127.0.0.1:5555"
-    for bad in ({"threads": 0}, {"max_bytes": 0}, {"max_message_bytes": -1},
+    for bad in ({"threads": 0}, {"max_bytes": 0}, {"max_message_bytes": -1}, {"max_connections": 0},
                 {"drain_timeout": 0}, {"drain_timeout": float("inf")},
                 {"bind": "127.0.0.1:5555"}, {"bind": "tcp://10.0.0.1:5555"}):
         with pytest.raises(ValueError):

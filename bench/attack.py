@@ -14,6 +14,7 @@ server before it held anything (the interpreter, numpy, faiss, ZeroMQ): the fixe
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,7 +282,9 @@ def run(max_bytes: int, max_message_bytes: int, threads: int) -> tuple[list[Outc
         sampler.done.set()
         facts["exit"] = server.stop()
         facts["log_bytes"] = len(server.output())
-    pings = [tuple(map(float, line.split())) for line in open(pings_file)]
+    with open(pings_file) as f:
+        pings = [tuple(map(float, line.split())) for line in f]
+    shutil.rmtree(data_dir)
     for outcome in outcomes:
         outcome.peak_rss = sampler.peak(outcome.start, outcome.end)
         outcome.start_rss = sampler.at(outcome.start)

@@ -25,8 +25,12 @@ from zmq.auth.thread import ThreadAuthenticator
 from .tenants import TENANT_NAME
 
 KeySource = bytes | str | os.PathLike
-"""A 40-character Z85 key (bytes or str), or the path of a certificate file holding it."""
+"""A key: 40 Z85 characters as bytes (as ``zmq.curve_keypair`` gives them) or as a string
+prefixed with ``INLINE``; any other string or path names a certificate file holding it."""
 
+INLINE = "z85:"
+"""The prefix of a key given inline as a string. Without it, a mistyped 40-character file name
+would be taken for a key and fail only at the handshake, with no error saying why."""
 _Z85_KEY_LEN = 40
 
 
@@ -53,10 +57,12 @@ def keygen(out_dir: str | os.PathLike, name: str = "server") -> tuple[Path, Path
 
 
 def load_key(source: KeySource, what: str) -> bytes:
-    """A Z85 key given inline or as a certificate file (its secret key if ``what`` says secret)."""
-    if isinstance(source, (bytes, str)) and len(source) == _Z85_KEY_LEN \
-            and not os.path.exists(source):
-        key = source.encode() if isinstance(source, str) else source
+    """A Z85 key given inline (bytes, or a string prefixed with ``INLINE``) or as a certificate
+    file (its secret key if ``what`` says secret)."""
+    if isinstance(source, bytes):
+        key = source
+    elif isinstance(source, str) and source.startswith(INLINE):
+        key = source[len(INLINE):].encode()
     else:
         public, secret = _load_certificate(source)
         key = secret if "secret" in what else public
@@ -142,7 +148,8 @@ def _load_certificate(path: KeySource) -> tuple[bytes, bytes | None]:
     try:
         return zmq.auth.load_certificate(os.fspath(path))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read key file {os.fspath(path)!r}: {exc}") from None
+        raise ValueError(f"cannot read key file {os.fspath(path)!r}: {exc} (a key given inline "
+                         f"is written {INLINE}KEY)") from None
 
 
 def _certificate(stamp: str, public: bytes, secret: bytes | None = None) -> str:

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-memories-per-namespace", type=_positive_int, default=None,
                         help="cap on num_layers x num_rows a namespace may declare "
                              "(default: no cap)")
+    limits.add_argument("--max-connections", type=_positive_int, default=None,
+                        help="connections open at once; one past it is closed before its "
+                             "handshake, and the open-file limit is raised to fit (default: "
+                             "1024, or what the open-file limit allows)")
     limits.add_argument("--max-inflight-bytes", type=parse_bytes, default=1 << 30,
                         help="bytes of requests being served and of replies not yet sent, all "
                              "clients together; at this many the server reads no more until "
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_namespaces=args.max_namespaces,
                               max_memories_per_namespace=args.max_memories_per_namespace,
                               namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
+                              max_connections=args.max_connections,
                               max_inflight_bytes=args.max_inflight_bytes,
                               max_client_inflight_bytes=args.max_client_inflight_bytes
                               or args.max_message_bytes,

@@ -112,9 +112,10 @@ class MemoryClient:
         seconds after which it is sent again on a fresh connection (default ``timeout / 2``).
         ``server_public_key`` (one for all servers, or one per server) turns CURVE on; it
         needs this client's ``secret_key`` (``public_key`` is derived from it when omitted).
-        Keys are Z85 strings or key files from ``memory-server keygen``. ``token``: this
-        client's token for servers started with ``--token-file``; by default read from the file
-        ``$MEMTRANS_TOKEN_FILE`` names, when set."""
+        Keys are key files from ``memory-server keygen``, or Z85 keys inline (bytes, or a
+        string ``"z85:KEY"``). ``token``: this client's token for servers started with
+        ``--token-file``; by default read from the file ``$MEMTRANS_TOKEN_FILE`` names, when
+        set."""
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers or not all(isinstance(s, str) and "://" in s for s in servers):
             raise ValueError(f"servers must be a non-empty list of ZeroMQ endpoints like "

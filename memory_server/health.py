@@ -37,6 +37,11 @@ def format_stats(endpoint: str, stats: dict) -> str:
         lines.append(f"  (the namespaces of tenant {stats.get('tenant')!r}; request counts are "
                      f"for an admin's token or key)")
         return "\n".join(lines)
+    connections = stats.get("connections")
+    if connections is not None:
+        lines.append(f"  connections {connections['open']} of {connections['max']} open, "
+                     f"{connections['refused']} refused; log lines suppressed "
+                     f"{stats.get('log_lines_suppressed', 0)}")
     requests = stats["requests"]
     lines.append(f"  {'op':<10} {'requests':>10} {'errors':>8} {'p50 ms':>9} {'p99 ms':>9}")
     for op, r in sorted(requests.items()):

@@ -54,6 +54,11 @@ class _StatsCollector:
             latency.add_metric([op, "0.5"], r["p50_ms"] / 1000)
             latency.add_metric([op, "0.99"], r["p99_ms"] / 1000)
         yield from (requests, errors, latency)
+        connections = stats["connections"]
+        yield GaugeMetricFamily("memtrans_connections", "Connections open",
+                                value=connections["open"])
+        yield CounterMetricFamily("memtrans_connections_refused", "Connections shut down past "
+                                  "--max-connections", value=connections["refused"])
 
 
 def serve_metrics(port: int, host: str, stats: Callable[[], dict]):

@@ -102,8 +102,17 @@ MAX_MESSAGE_BYTES = 256 << 20
 """Default cap on a request's total size (all frames). A batch-8 search of 4096 queries of width
 64 is 8 MiB; adds are smaller. The server's ``--max-message-bytes`` overrides it."""
 
-MAX_HEADER_BYTES = 1 << 20
-"""Cap on the header frame of a request; real headers are a few hundred bytes."""
+MAX_HEADER_BYTES = 16 << 10
+"""Cap on the header frame of a request. Real headers are a few hundred bytes (at most: a
+namespace name of 256 characters, a token of 1024, a clear's 1024 layers in 3 KB), and the I/O
+thread decodes every header it receives, at a few hundred ns per msgpack object: a 1 MiB header
+of empty lists cost it 0.5 s; a 16 KiB one costs at most a few ms."""
+MAX_HEADER_ITEMS = 4096
+"""Cap on the items of any list in a request header (a clear's layers are at most 1024)."""
+
+_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+"""First bytes of a msgpack map (fixmap, map 16, map 32): a header starting otherwise is refused
+before it is decoded."""
 
 MAX_NDIM = 8
 MAX_ARRAYS = 16
@@ -274,7 +283,12 @@ def decode_request(frames: Sequence[Frame], *,
     if memoryview(head).nbytes > MAX_HEADER_BYTES:
         raise MessageTooLarge(f"header frame is {memoryview(head).nbytes} bytes, over the limit "
                               f"of {MAX_HEADER_BYTES}")
-    header = _unpack(head, max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=256)
+    first = memoryview(head)[:1].tobytes()
+    if not first or first[0] not in _MAP_MARKERS:
+        raise ProtocolError(f"request header must be a msgpack map, got a frame starting with "
+                            f"{first!r}")
+    header = _unpack(head, max_str_len=MAX_HEADER_BYTES, max_array_len=MAX_HEADER_ITEMS,
+                     max_map_len=256)
     request_id = _read_id(header)
     version = _read_version(header)
     if size > max_message_bytes:

@@ -65,16 +65,22 @@ Security and limits
     known credential with ``unauthorized``. An ipc socket file is created with mode 0700 (the
     umask is narrowed around the bind, so there is no moment when it is open to others). Limits
     (bytes, message size, namespaces, memories per namespace, bytes in flight) are refused with
-    ``limit_exceeded`` replies naming the flag; with ``--namespace-ttl`` a thread drops idle
-    namespaces and a later request for one is told it expired.
+    ``limit_exceeded`` replies naming the flag; connections past ``--max-connections`` are shut
+    down before their handshake (``connections.py``), and ZeroMQ's frame cap applies before it
+    too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
+    (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle namespaces and a later
+    request for one is told it expired.
 
 Bytes in flight
     A request's frames are held from its receipt to its reply, and a reply's until ZeroMQ has
     written them out (zero-copy sends with a tracker per frame), so a client that does not read
     its replies keeps their bytes here. Both count per connection and in all: past
     ``max_client_inflight_bytes`` a connection's next request is refused, past
-    ``max_inflight_bytes`` the I/O thread reads nothing until some are done. A message of more
-    than ``MAX_FRAMES`` frames is read frame by frame and refused, keeping none past the limit.
+    ``max_inflight_bytes`` the I/O thread reads nothing until some are done. Requests sent
+    together all pass the check at receipt, before any reply exists, so the reply of a read
+    (``search``, ``stats``, ``snapshots``) whose connection is past its budget by then is
+    replaced with a ``limit_exceeded`` error. A message of more than ``MAX_FRAMES`` frames is
+    read frame by frame and refused, keeping none past the limit.
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
@@ -105,12 +111,14 @@ from functools import partial
 import numpy as np
 import zmq
 
-from . import auth, metrics, snapshot, tenants
-from .errors import (InvalidRequest, LimitExceeded, MemoryServerError, ProtocolError,
-                     ServerUnavailable, SnapshotError, Unauthorized, UnknownNamespace)
+from . import auth, connections, metrics, snapshot, tenants
+from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
+                     ProtocolError, ServerUnavailable, SnapshotError, Unauthorized,
+                     UnknownNamespace)
 from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
                        MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
                        encode_reply)
+from .ratelog import RateLimitedLog
 from .store import MemoryStore, NamespaceConfig
 from .tenants import Tenant
 from .wakeup import Wakeup
@@ -177,6 +185,10 @@ class ServerConfig:
     max_pending: int = 1024
     """Requests accepted but not yet answered; at this many the server stops reading, so ZeroMQ's
     high-water marks push back on clients instead of the queue growing without bound."""
+    max_connections: int | None = None
+    """Connections open at once; one past it is shut down at once, before its handshake
+    (``connections.py``). None: ``connections.DEFAULT_MAX_CONNECTIONS``, or fewer when the
+    open-file limit does not allow that many."""
     max_inflight_bytes: int = 1 << 30
     """Bytes of requests accepted but not yet answered and of replies not yet transmitted, all
     clients together; at this many the server stops reading, as at ``max_pending``."""
@@ -195,7 +207,7 @@ class ServerConfig:
     and change every memory."""
     curve_secret_key: str | None = None
     """The server's CURVE secret key (a ``.key_secret`` file from ``memory-server keygen``, or
-    Z85); with it every connection is encrypted and only ``curve_allow`` clients get in."""
+    ``z85:KEY``); with it every connection is encrypted and only ``curve_allow`` clients get in."""
     curve_allow: str | None = None
     """Client public keys allowed to connect: a ``.key`` file or a directory of them; each is a
     tenant named by its file."""
@@ -239,7 +251,7 @@ class ServerConfig:
         required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
                     "max_client_inflight_bytes")
         for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
-                     "metrics_port"):
+                     "max_connections", "metrics_port"):
             value = getattr(self, name)
             if value is None and name not in required:
                 continue
@@ -272,6 +284,28 @@ class ServerConfig:
     @property
     def curve(self) -> bool:
         return self.curve_secret_key is not None
+
+
+CURVE_FRAME_BYTES = 64
+"""What CURVE adds to a frame on the wire, rounded up: its MESSAGE command's name, nonce,
+authenticator and flags (33 bytes by the CurveZMQ RFC)."""
+
+
+def max_frame_bytes(config: ServerConfig) -> int:
+    """ZeroMQ's cap on one incoming frame (ZMQ_MAXMSGSIZE): a peer that announces a larger one
+    is disconnected at once, without a reply and before anything is allocated for the frame.
+
+    ZeroMQ applies it from the first frame a connection sends, before the handshake, CURVE's
+    included (libzmq issue 4436). So on a CURVE server, whose peers are strangers until their
+    handshake, it is the largest frame a request may hold (``max_message_bytes``) plus CURVE's
+    framing: a stranger can make the server hold at most one such frame per connection, and for
+    at most ``connections.HANDSHAKE_MS``. On other servers (loopback, ipc, ``--insecure``) it is
+    twice that plus a header, so that a request somewhat too large is received and refused with
+    a reply that says so.
+    """
+    if config.curve:
+        return config.max_message_bytes + CURVE_FRAME_BYTES
+    return min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1)
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -311,6 +345,7 @@ class Server:
             if config.admin_token_file else None,
             curve_keys=allowed, curve_admins=admins)
         self._allowed_keys = len(allowed.keys() | admins.keys())
+        max_connections = connections.reserve_descriptors(config.max_connections)
         self._context = zmq.Context()
         self._auth = auth.start_authenticator(self._context, allowed.keys() | admins.keys()) \
             if keys else None
@@ -318,10 +353,8 @@ class Server:
         self.public_key: bytes | None = keys.public if keys else None
         if keys:
             auth.make_curve_server(self._router, keys)
-        # A peer sending a single frame over this is disconnected without a reply; below it, the
-        # message is received and refused politely against max_message_bytes.
-        self._router.setsockopt(zmq.MAXMSGSIZE,
-                                min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1))
+        self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(config))
+        self._router.setsockopt(zmq.HANDSHAKE_IVL, connections.HANDSHAKE_MS)
         # Connections of clients that died without closing them are closed within 2 s.
         self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -335,6 +368,10 @@ class Server:
             self._context.term()
             raise BindError(f"cannot bind {config.bind}: {exc.strerror}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._rejections = RateLimitedLog(log)
+        """Lines about what clients did wrong: theirs to make, so at most 10 a second."""
+        self._connections = connections.ConnectionGuard(self._router, max_connections,
+                                                        self._rejections)
         self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
                                  max_namespaces=config.max_namespaces,
                                  max_memories_per_namespace=config.max_memories_per_namespace,
@@ -406,6 +443,7 @@ class Server:
             for item in cfg.restore:  # before any request: a client sees the restored memories
                 namespace, _, tag = item.rpartition(":")
                 self._restore(namespace, tag)
+            self._connections.start()
             self._start_background()
             while not (self._stopping and not self._pending):
                 if self._stopping and deadline is None:
@@ -468,6 +506,8 @@ class Server:
                 return
             identity = frames[0].bytes
             if count > MAX_FRAMES:
+                self._rejections("rejected a message of %d frames (at most %d)", count,
+                                 MAX_FRAMES)
                 self._send(identity, self._error(
                     None, ProtocolError.code, f"message of {count} frames: a request is a header "
                     f"and at most {MAX_FRAMES - 1} array frames"))
@@ -486,18 +526,23 @@ class Server:
         of a message of a million frames is kept (raises zmq.Again when there is none)."""
         frame = self._router.recv(zmq.NOBLOCK, copy=False)
         frames, count = [frame], 0
-        while frame.more:  # the rest of a message is there already
+        while frame.more and count < MAX_FRAMES:  # the rest of a message is there already
             frame = self._router.recv(copy=False)
+            frames.append(frame)
             count += 1
-            if count <= MAX_FRAMES:
-                frames.append(frame)
+        if frame.more:  # too many: drop the rest the cheapest way (about 1.5 us a frame)
+            recv, more = self._router.recv, self._router.get
+            while more(zmq.RCVMORE):
+                recv()
+                count += 1
         return frames, count
 
     def _accept(self, identity: bytes, body: list, received: float) -> None:
         try:
             request = decode_request(body, max_message_bytes=self.config.max_message_bytes)
         except ProtocolError as exc:
-            log.info("rejected a malformed request (id %s): %s", exc.request_id, exc.message)
+            self._rejections("rejected a malformed request (id %s): %s", exc.request_id,
+                             exc.message)
             self._send(identity, self._error(exc.request_id, exc.code, exc.message, exc.version))
             self._metrics.record("malformed", received, ok=False)
             return
@@ -507,7 +552,7 @@ class Server:
                 raise Unauthorized("shutdown needs an admin credential (a token of the server's "
                                    "--admin-token-file, or with CURVE a --curve-admin key)")
         except Unauthorized as exc:
-            log.debug("refused an unauthorized %s request: %s", request.op, exc.message)
+            self._rejections("refused an unauthorized %s request: %s", request.op, exc.message)
             self._send(identity, self._error(request.id, exc.code, exc.message, request.version))
             self._metrics.record("unauthorized", received, ok=False)
             return
@@ -591,7 +636,7 @@ class Server:
                 trackers.append(self._router.send(part, zmq.NOBLOCK | more, copy=False,
                                                   track=True))
         except zmq.ZMQError as exc:  # the peer's queue is full or it is gone: it will time out
-            log.warning("could not send a reply: %s", exc)
+            self._rejections("could not send a reply: %s", exc, level=logging.WARNING)
         waiting = [t for t in trackers if not t.done]  # small frames are copied: done at once
         if waiting:
             nbytes = sum(memoryview(frame).nbytes for frame in frames)
@@ -630,11 +675,27 @@ class Server:
                 return
             _, request, sent, size = self._pending.pop(ticket)
             self._release(identity, size)
+            held = self._held.get(identity, 0)
+            if ok and op not in KEPT_REPLIES and held > self.config.max_client_inflight_bytes:
+                frames, ok = self._unread(request, held), False
             self._send(identity, frames)
             if sent is not None:
                 for waiter in self._sessions.finish(request.op, sent, frames, ok):
                     self._send(waiter, frames)
             self._metrics.record(op, received, ok)
+
+    def _unread(self, request: Request, held: int) -> list:
+        """The reply that replaces a read's (a search's, say: its reply can be megabytes) when
+        its connection does not read what it was sent: requests pipelined before the replies
+        piled up pass the check at receipt, and this bounds what they hold to one reply each
+        while it is made. A request that changed memories keeps its (small) reply."""
+        return self._error(
+            request.id, LimitExceeded.code,
+            f"{request.op} reply withheld: this connection has {held} bytes of replies it has "
+            f"not read, over max_client_inflight_bytes="
+            f"{self.config.max_client_inflight_bytes} (memory-server "
+            f"--max-client-inflight-bytes); read the replies before sending more",
+            request.version)
 
     def _wake(self) -> None:
         self._wakeup.wake()
@@ -667,6 +728,8 @@ class Server:
     def _close(self, wait: bool = True) -> None:
         """Release everything; ``wait=False`` leaves abandoned requests' threads unjoined."""
         self._idle_stop.set()
+        self._connections.stop()
+        self._rejections.flush()
         for item in self._background:
             if isinstance(item, threading.Thread):
                 item.join()
@@ -766,6 +829,7 @@ class Server:
     def _restore(self, namespace: str, tag: str) -> dict:
         """Load a snapshot into the store, replacing the namespace; all or nothing."""
         state = snapshot.read_snapshot(self.config.data_dir, namespace, tag)
+        self._check_restore(namespace, tag, state)
         try:
             self.store.import_namespace(namespace, state)
         except InvalidRequest as exc:
@@ -775,6 +839,32 @@ class Server:
         log.info("namespace %r restored from snapshot %r (%d memories)", namespace, tag,
                  len(state["memories"]))
         return {"memories": len(state["memories"])}
+
+    def _check_restore(self, namespace: str, tag: str, state: dict) -> None:
+        """What the store does not check of a restore: a new namespace counts against
+        --max-namespaces as an ``open`` does, and an open namespace keeps its key width (its
+        clients send keys of that width; a restore once changed it silently). Restores are
+        serialized by ``_restore_lock``; an ``open`` racing one may still pass the cap by one."""
+        dim = state["config"].get("dim") if isinstance(state.get("config"), dict) else None
+        open_now = self.store.namespaces()
+        try:
+            current = self.store.config(namespace).dim if namespace in open_now else None
+        except UnknownNamespace:  # dropped meanwhile
+            current = None
+        if current is not None:
+            if isinstance(dim, int) and dim != current:  # a bad config is the store's to refuse
+                raise ConfigMismatch(
+                    f"restore of snapshot {tag!r} refused: namespace {namespace!r} is open with "
+                    f"dim={current} and the snapshot's keys have dim={dim}; its clients would "
+                    f"send keys of the wrong width. Drop the namespace first to restore it with "
+                    f"another dim")
+        elif (self.config.max_namespaces is not None
+              and len(open_now) >= self.config.max_namespaces):
+            raise LimitExceeded(
+                f"restore of snapshot {tag!r} into namespace {namespace!r} refused: the server "
+                f"holds {len(open_now)} namespaces, the limit max_namespaces="
+                f"{self.config.max_namespaces} (memory-server --max-namespaces); drop finished "
+                f"namespaces first")
 
     def _data_dir(self, op: str) -> str:
         if self.config.data_dir is None:
@@ -807,6 +897,8 @@ class Server:
             "protocol": PROTOCOL_VERSION,
             "instance": self.instance,
             "sessions": self._sessions.stats(),
+            "connections": self._connections.stats(),
+            "log_lines_suppressed": self._rejections.suppressed_total,
             "config": self._config_stats(),
         }
 
@@ -816,6 +908,7 @@ class Server:
                 "drain_timeout": cfg.drain_timeout, "max_message_bytes": cfg.max_message_bytes,
                 "max_namespaces": cfg.max_namespaces,
                 "max_memories_per_namespace": cfg.max_memories_per_namespace,
+                "max_connections": self._connections.max_connections,
                 "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
                 "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None}
 

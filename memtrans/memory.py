@@ -272,8 +272,9 @@ class RemoteKNNMemory(KNNMemory):
 
         Rows are global across ranks (``rank * batch_size + local_row``); every rank must pass the
         same ``namespace`` (``create_knn_memories`` picks one on rank 0 and broadcasts it).
-        CURVE: ``server_public_key`` and this client's ``secret_key`` (key files or Z85 strings),
-        by default from ``MEMTRANS_SERVER_KEY`` and ``MEMTRANS_CLIENT_KEY`` when set.
+        CURVE: ``server_public_key`` and this client's ``secret_key`` (key files, or Z85 keys
+        inline as bytes or ``"z85:KEY"``), by default from ``MEMTRANS_SERVER_KEY`` and
+        ``MEMTRANS_CLIENT_KEY`` when set.
         """
         from memory_server.client import MemoryClient
 

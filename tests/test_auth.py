@@ -170,3 +170,16 @@ def test_client_key_arguments_are_checked(keys):
         MemoryClient("tcp://127.0.0.1:1", server_public_key=keys / "server.key",
                      secret_key=keys / "allowed/client.key_secret",
                      public_key=keys / "stranger.key")
+
+
+def test_an_inline_key_needs_its_prefix_so_a_mistyped_path_is_not_taken_for_one(keys):
+    """A 40-character string that names no file used to be taken as an inline key, and the
+    mistake showed only as a handshake that never completed."""
+    from memory_server.auth import load_key
+
+    public = (keys / "server.key").read_text().split('public-key = "')[1][:40]
+    assert load_key(f"z85:{public}", "public key") == public.encode()
+    assert load_key(public.encode(), "public key") == public.encode()
+    mistyped = "keys/server.key" + "x" * 25  # 40 characters, no such file
+    with pytest.raises(ValueError, match="cannot read key file.*written z85:KEY"):
+        load_key(mistyped, "public key")

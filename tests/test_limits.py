@@ -111,6 +111,8 @@ def test_status_and_metrics_report_the_same_server(memory_server):
     assert 'memtrans_requests_total{op="add"} 1.0' in text
     assert 'memtrans_request_latency_seconds{op="search",quantile="0.99"}' in text
     assert "memtrans_uptime_seconds" in text
+    assert "memtrans_connections " in text and "memtrans_connections_refused_total 0.0" in text
+    assert re.search(r"connections \d+ of \d+ open, 0 refused", out), out
 
 
 def test_status_of_a_silent_endpoint_fails_clearly():
@@ -217,3 +219,38 @@ def test_a_client_that_does_not_read_its_replies_is_cut_off(memory_server):
     assert len(replies) == sends and 0 < len(refused) < sends
     assert all(r.code == "limit_exceeded" and "replies it has not read" in r.message
                and "--max-client-inflight-bytes" in r.message for r in refused), refused[0]
+
+
+def test_pipelined_reads_whose_replies_are_not_read_are_withheld(memory_server):
+    """40 searches sent at once all pass the check at receipt (nothing is in flight yet); their
+    replies of about 2 MB each used to pile up in the server (200 held +400 MB). Once the
+    connection's unread replies pass --max-client-inflight-bytes, a read's reply is replaced by
+    a limit_exceeded error."""
+    (server,) = memory_server(1, "--max-client-inflight-bytes", "4M")
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((1, 4096, 64), dtype=np.float32)
+    queries = rng.standard_normal((1, 16, 64), dtype=np.float32)
+    sends = 40
+    with MemoryClient(server.endpoint, timeout=30) as client:
+        client.open("big", NamespaceConfig(dim=64, max_memories=4096, num_layers=1, num_rows=1))
+        client.add("big", 0, [0], keys, keys)
+        sock = _raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
+        try:
+            for i in range(sends):
+                sock.send_multipart(encode_request(i + 1, "search", {"namespace": "big",
+                                                                     "layer": 0, "k": 2048},
+                                                   {"rows": np.zeros(1, np.int64),
+                                                    "queries": queries}))
+            deadline = time.monotonic() + 60
+            while client.stats()[0]["requests"].get("search", {}).get("count", 0) < sends:
+                assert time.monotonic() < deadline, "the server did not get to the searches"
+                time.sleep(0.05)
+            replies = []
+            while len(replies) < sends and sock.poll(30_000):
+                replies.append(decode_reply(sock.recv_multipart()))
+        finally:
+            sock.close()
+    withheld = [r for r in replies if not r.ok]
+    assert len(replies) == sends and sends - 5 <= len(withheld) < sends, len(withheld)
+    assert all(r.code == "limit_exceeded" and "replies it has not read" in r.message
+               for r in withheld), withheld[0]

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from memory_server import InvalidRequest, MemoryClient, NamespaceConfig, SnapshotError
+from memory_server import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryClient,
+                           NamespaceConfig, SnapshotError)
 from memory_server.client import shard_tag
 from memory_server.snapshot import read_snapshot, snapshot_path
 from servers import free_port
@@ -241,3 +242,40 @@ def test_restore_at_start_of_a_config_out_of_range_exits_2(tmp_path):
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "hnsw_m must be an integer in [2, 256]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_restore_counts_against_max_namespaces_and_keeps_an_open_namespace_s_dim(memory_server,
+                                                                                 tmp_path):
+    """A restore used to pass --max-namespaces, and to change the dim of a namespace its clients
+    had open, silently."""
+    (server,) = memory_server(1, "--data-dir", str(tmp_path), "--max-namespaces", "2")
+    small = NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=1)
+    wide = NamespaceConfig(dim=8, max_memories=8, num_layers=1, num_rows=1)
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        for name, config in (("a", small), ("b", wide)):
+            client.open(name, config)
+            client.snapshot(name, "t")
+        tag = shard_tag("t", 0, 1)
+        client.drop("a")
+        client.open("c", small)  # two open: b and c
+        with pytest.raises(LimitExceeded, match="restore of snapshot .* into namespace 'a' "
+                                                ".*--max-namespaces"):
+            client.restore("a", "t")
+        client.drop("c")
+        client.restore("a", "t")  # room for it now
+        with pytest.raises(ConfigMismatch, match=rf"snapshot '{tag}' refused: namespace 'b' is "
+                                                 "open with dim=8 and the snapshot's keys have "
+                                                 "dim=4"):
+            _restore_into(tmp_path, client, source="a", target="b")
+        assert client.stats()[0]["per_namespace"].keys() == {"a", "b"}
+
+
+def _restore_into(tmp_path, client: MemoryClient, source: str, target: str) -> None:
+    """Restore ``source``'s snapshot "t" into namespace ``target`` (a copy of the file under
+    ``target``'s name, as a mistaken restore would find)."""
+    tag = shard_tag("t", 0, 1)
+    state = read_snapshot(tmp_path, source, tag)
+    forge_snapshot(tmp_path, target, tag, state["config"],
+                   [(m["layer"], m["row"], m["total"], m["keys"], m["values"])
+                    for m in state["memories"]])
+    client.restore(target, "t")

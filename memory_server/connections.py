@@ -1,0 +1,158 @@
+"""Bounding a server's connections, so that no number of peers can take its file descriptors.
+
+ZeroMQ accepts every TCP (or ipc) connection it is offered and has no cap of its own, so 1,100
+idle connections once took every descriptor a server had: new clients were locked out and
+``snapshot`` failed with "Too many open files". Here a thread watches the ROUTER socket's monitor
+(``ACCEPTED`` and ``DISCONNECTED`` events, which carry the connection's descriptor) and counts
+the open connections; one accepted past ``max_connections`` is shut down at once, before its
+handshake (``shutdown(2)`` on its descriptor: ZeroMQ sees the end of the stream and closes it
+itself, so no descriptor is closed behind its back). Its peer sees the connection close; a ZeroMQ
+client retries until one is free or its time-out passes.
+
+A connection that never completes its handshake (a stranger on a CURVE server, a raw TCP peer)
+is closed by ZeroMQ after ``HANDSHAKE_MS``.
+
+At start, ``reserve_descriptors`` makes sure the process may open ``max_connections`` plus
+``FD_RESERVE`` descriptors (raising its soft limit when the hard one allows), so that connections
+cannot starve snapshots, logs and ZeroMQ's own sockets.
+
+Race: a descriptor is shut down only when its accept is the last event seen for it, and it is
+done straight after the events are read, while ZeroMQ is still in the handshake. Were ZeroMQ to
+close that connection and the number to be reused within those microseconds, the shutdown would
+hit the new holder: a socket (another connection, which then reconnects) or nothing (on a file
+or a pipe ``shutdown`` fails with ENOTSOCK and is ignored).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+import threading
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .ratelog import RateLimitedLog
+
+log = logging.getLogger("memory_server")
+
+DEFAULT_MAX_CONNECTIONS = 1024
+FD_RESERVE = 256
+"""Descriptors kept for everything but connections: snapshot files, logs, ZeroMQ's own sockets
+and pipes, the metrics port, and connections accepted past the cap before they are shut down."""
+HANDSHAKE_MS = 5000
+"""A connection must complete its ZeroMQ handshake (CURVE included) within this, or is closed;
+loopback handshakes take about a millisecond, across the world a few round trips."""
+_POLL_MS = 200  # how often the watcher looks whether it should stop
+
+
+def reserve_descriptors(max_connections: int | None) -> int:
+    """The connection cap to use, after making sure the process may open that many descriptors
+    plus ``FD_RESERVE``: raises the soft RLIMIT_NOFILE as far as needed. ``None`` asks for
+    ``DEFAULT_MAX_CONNECTIONS``, lowered (with a warning) to what the hard limit allows; an
+    explicit cap the hard limit cannot allow raises ``ValueError``."""
+    wanted = DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    needed = wanted + FD_RESERVE
+    if needed > ceiling:
+        if max_connections is not None:
+            raise ValueError(
+                f"--max-connections {max_connections} needs {needed} open files ({FD_RESERVE} "
+                f"more for snapshots, logs and ZeroMQ), but this process may open at most "
+                f"{ceiling} (ulimit -Hn): lower --max-connections or raise the limit")
+        wanted = max(1, ceiling - FD_RESERVE)
+        needed = wanted + FD_RESERVE
+        log.warning("the open-file limit (ulimit -Hn %d) allows %d connections, not %d: "
+                    "serving at most %d (--max-connections)", ceiling, wanted,
+                    DEFAULT_MAX_CONNECTIONS, wanted)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return wanted
+
+
+class ConnectionGuard:
+    """Counts a socket's connections from its monitor and shuts down those past the cap.
+
+    Create it on the thread that owns ``router`` (the monitor is set up on it); ``start`` runs
+    the watcher thread, ``stop`` ends it and the monitor.
+    """
+
+    def __init__(self, router: zmq.Socket, max_connections: int, rejections: RateLimitedLog):
+        self.max_connections = max_connections
+        self._router = router
+        address = f"inproc://memory-server-connections-{id(self):x}"
+        router.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = router.context.socket(zmq.PAIR)
+        # No high-water mark: at one, ZeroMQ's I/O thread would block sending the next event.
+        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._monitor.connect(address)
+        self._rejections = rejections
+        self._open: set[int] = set()
+        self._lock = threading.Lock()
+        self.refused = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="memory-server-connections",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the watcher and the monitor (before the router is closed)."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._router.disable_monitor()
+        self._monitor.close(linger=0)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"open": len(self._open), "max": self.max_connections,
+                    "refused": self.refused}
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            if not self._monitor.poll(_POLL_MS):
+                continue
+            events = []
+            while True:  # every event already there, so an accept is judged by what followed it
+                try:
+                    message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                events.append((message["event"], message["value"]))
+            self._apply(events)
+
+    def _apply(self, events: list[tuple[int, int]]) -> None:
+        last = {fd: i for i, (_, fd) in enumerate(events)}
+        for i, (event, fd) in enumerate(events):
+            if event == zmq.EVENT_DISCONNECTED:
+                with self._lock:
+                    self._open.discard(fd)
+                continue
+            with self._lock:
+                full = len(self._open) >= self.max_connections
+                if not full:
+                    self._open.add(fd)
+                else:
+                    self.refused += 1
+            if full and last[fd] == i:  # not already gone (its disconnect would follow)
+                _shut_down(fd)
+                self._rejections("refused a connection: %d are open, the most this server takes "
+                                 "(--max-connections)", self.max_connections)
+
+
+def _shut_down(fd: int) -> None:
+    """End the connection on ``fd`` without closing the descriptor, which ZeroMQ owns."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket (any more)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()

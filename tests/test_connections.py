@@ -1,0 +1,228 @@
+"""Hostile peers against real servers: more connections than allowed, strangers sending large
+frames to a CURVE server before their handshake, floods of rejected requests in the log, and
+messages that cost the I/O thread (a header of empty lists, a million frames) while another
+client pings."""
+
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from memory_server import MemoryClient, NamespaceConfig
+from memory_server.cli import main
+from memory_server.connections import FD_RESERVE
+from memory_server.local import launch as local_launch
+from memory_server.protocol import PROTOCOL_VERSION, encode_request
+from servers import free_port, launch
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _connect_raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def _closed_by_server(sock: socket.socket, wait: float = 30.0) -> bool:
+    """Read (the server's greeting, then nothing) until the server closes or ``wait`` passes."""
+    sock.settimeout(wait)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_connections_past_the_cap_are_closed_before_their_handshake(memory_server):
+    (server,) = memory_server(1, "--max-connections", "4")
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        assert client.ping()  # one of the four
+        socks = [_connect_raw(server.port) for _ in range(10)]
+        try:
+            deadline = time.monotonic() + 30
+            while client.stats()[0]["connections"]["refused"] < 7:
+                assert time.monotonic() < deadline, client.stats()[0]["connections"]
+                time.sleep(0.05)
+            assert all(_closed_by_server(s) for s in socks[3:])  # the ones past the cap
+            stats = client.stats()[0]["connections"]
+            assert stats["open"] <= 4 and stats["max"] == 4, stats
+            assert client.ping()
+        finally:
+            for s in socks:
+                s.close()
+        # Once the idle ones are gone, a new client gets in.
+        with MemoryClient(server.endpoint, timeout=20) as other:
+            assert other.ping()
+    assert "refused a connection: 4 are open" in server.output()
+
+
+def _launch_with_fd_limit(limit: int, *flags: str):
+    return local_launch("--threads", "2", *flags, prefix=("prlimit", f"--nofile={limit}:{limit}"))
+
+
+@pytest.mark.skipif(subprocess.run(["which", "prlimit"], capture_output=True).returncode != 0,
+                    reason="needs prlimit (util-linux)")
+def test_snapshot_works_while_strangers_hold_more_connections_than_descriptors(tmp_path):
+    """With 400 descriptors, 450 idle connections used to take them all ('Too many open
+    files' in snapshot); at --max-connections 100 the rest are closed as they come."""
+    server = _launch_with_fd_limit(400, "--max-connections", "100", "--data-dir", str(tmp_path))
+    socks = []
+    try:
+        server.wait_ready()
+        with MemoryClient(server.endpoint, timeout=30) as client:
+            client.open("ns", NamespaceConfig(dim=4, max_memories=8, num_layers=1, num_rows=1))
+            socks = [_connect_raw(server.port) for _ in range(450)]
+            deadline = time.monotonic() + 60
+            while client.stats()[0]["connections"]["refused"] < 350:
+                assert time.monotonic() < deadline, client.stats()[0]["connections"]
+                time.sleep(0.05)
+            assert client.snapshot("ns", "t")[0]["memories"] == 0
+    finally:
+        for s in socks:
+            s.close()
+        assert server.stop() == 0, server.output()[-3000:]
+    assert "Too many open files" not in server.output()
+
+
+def test_a_cap_the_open_file_limit_cannot_hold_is_refused_at_start():
+    result = subprocess.run(["prlimit", "--nofile=400:400", sys.executable, "-m",
+                             "memory_server", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                             "--max-connections", "1000"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert (f"--max-connections 1000 needs {1000 + FD_RESERVE} open files" in result.stderr
+            and "at most 400 (ulimit -Hn)" in result.stderr), result.stderr
+
+
+def test_the_default_cap_follows_a_low_open_file_limit():
+    server = _launch_with_fd_limit(400)
+    try:
+        server.wait_ready()
+        with MemoryClient(server.endpoint, timeout=10) as client:
+            assert client.stats()[0]["connections"]["max"] == 400 - FD_RESERVE
+    finally:
+        assert server.stop() == 0
+    assert f"allows {400 - FD_RESERVE} connections, not 1024" in server.output()
+
+
+def _zmtp_greeting(mechanism: bytes) -> bytes:
+    """A ZMTP 3.0 client greeting: signature, version, mechanism, as-server flag, filler."""
+    return (b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + mechanism.ljust(20, b"\0")
+            + b"\0" + b"\0" * 31)
+
+
+def test_a_stranger_cannot_send_a_curve_server_a_large_frame_before_its_handshake(tmp_path):
+    """ZeroMQ's frame cap applies before the handshake: on a CURVE server it is
+    --max-message-bytes (plus CURVE's framing), so a stranger announcing a 30 MiB frame is cut
+    off at its header. It used to be 2 x --max-message-bytes + 1 MiB, so the 30 MiB were read."""
+    assert main(["keygen", "--out", str(tmp_path), "--name", "server"]) == 0
+    assert main(["keygen", "--out", str(tmp_path / "allowed"), "--name", "client"]) == 0
+    server = launch("--curve-secret-key", str(tmp_path / "server.key_secret"), "--curve-allow",
+                    str(tmp_path / "allowed"), "--max-message-bytes", "16M")
+    try:
+        server.wait_ready(server_public_key=tmp_path / "server.key",
+                          secret_key=tmp_path / "allowed/client.key_secret")
+        frame = 30 << 20
+        sock = _connect_raw(server.port)
+        try:
+            # A command frame (flags 0x06: command, 8-byte size) in place of HELLO.
+            with pytest.raises(OSError):  # reset or broken pipe: the server closed it
+                sock.sendall(_zmtp_greeting(b"CURVE") + b"\x06" + struct.pack(">Q", frame)
+                             + b"\0" * frame)
+        finally:
+            sock.close()
+        with MemoryClient(server.endpoint, timeout=10, server_public_key=tmp_path / "server.key",
+                          secret_key=tmp_path / "allowed/client.key_secret") as client:
+            assert client.ping()
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
+def test_rejected_requests_are_logged_at_a_bounded_rate_and_clipped(memory_server):
+    """200 requests naming a 15,000-character op: at most 10 lines a second, none repeating
+    more than 200 characters of it, and a count of those not logged (50 such requests once
+    wrote 26 MB of log)."""
+    (server,) = memory_server(1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "x" * 15_000, "args": {},
+                            "arrays": []})
+    start = time.monotonic()
+    try:
+        for _ in range(200):
+            sock.send(header)
+        for _ in range(200):
+            assert sock.poll(30_000)
+            sock.recv_multipart()
+    finally:
+        sock.close()
+    seconds = time.monotonic() - start
+    assert server.stop() == 0
+    lines = [line for line in server.output().splitlines() if "malformed" in line]
+    assert 1 <= len(lines) <= 10 * (seconds + 2), len(lines)
+    assert max(len(line) for line in lines) < 600
+    assert lines[0].endswith("characters)")  # says how much it left out
+    assert "not logged" in server.output() and len(server.output()) < 20_000
+
+
+def _pinger(endpoint: str):
+    """Pings until told to stop, in a thread; returns (stop, latencies)."""
+    import threading
+
+    stop, latencies = threading.Event(), []
+
+    def run():
+        with MemoryClient(endpoint, timeout=60) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                client.ping()
+                latencies.append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return stop, latencies, thread
+
+
+def hostile_messages() -> dict[str, list[bytes]]:
+    """Malformed messages that once cost the server's I/O thread seconds."""
+    lists = b"\xdc\xff\xff" + b"\x90" * 65535  # a list of 65,535 empty lists
+    return {
+        "1 MiB header of empty lists": [b"\xdc\x00\x10" + lists * 16],
+        "64 KiB map of empty lists": [msgpack.packb({"v": PROTOCOL_VERSION, "id": 1,
+                                                     "op": "ping", "args": {},
+                                                     "arrays": [[]] * 65_000})],
+        "a million frames": [encode_request(7, "ping")[0], *([b""] * 1_000_000)],
+    }
+
+
+@pytest.mark.parametrize("attack", list(hostile_messages()))
+def test_expensive_malformed_messages_are_refused_and_others_are_served(memory_server, attack):
+    (server,) = memory_server(1)
+    frames = hostile_messages()[attack]
+    stop, latencies, thread = _pinger(server.endpoint)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        while not latencies:
+            time.sleep(0.01)
+        for _ in range(3):
+            sock.send_multipart(frames)
+        for _ in range(3):
+            assert sock.poll(60_000)
+            assert not msgpack.unpackb(sock.recv_multipart()[0])["ok"]
+        seen = len(latencies)
+        while len(latencies) < seen + 3:  # the pinger goes on being answered
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()

@@ -560,9 +560,12 @@ def _file_documents(files: Sequence[Document], max_bytes: int) -> list[Document]
     """Each file a document; with ``max_bytes``, a longer one cut into pieces at line breaks."""
     docs = []
     for doc in files:
-        long = max_bytes and (doc.path.name.endswith(".gz")
-                              or doc.path.stat().st_size > max_bytes)
-        docs += _split_file(doc.path, max_bytes, doc.name) if long else [doc]
+        if max_bytes:  # a .gz file's length is known only once decompressed
+            size = len(doc.read()) if doc.path.name.endswith(".gz") else doc.path.stat().st_size
+            if size > max_bytes:
+                docs += _split_file(doc.path, max_bytes, doc.name)
+                continue
+        docs.append(doc)
     return docs
 
 

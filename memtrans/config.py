@@ -24,8 +24,9 @@ class TrainError(Exception):
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """One training run. The defaults train a ~0.8M-parameter model on the standard library in a
-    few minutes on 2 CPU cores: small enough to be the README demo, with documents (~100
-    segments each) far longer than the segment, so memory has something to remember."""
+    few minutes on 2 CPU cores: small enough to be the README demo, with documents (packages
+    of up to 256 KiB, hundreds of segments each) far longer than the segment, so memory has
+    something to remember."""
 
     data: str | None = None
     """Corpus: a directory of text files or one text / .gz file; ``recall``: the built-in recall

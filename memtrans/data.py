@@ -28,7 +28,7 @@ Corpora (``load_corpus``):
   Documents longer than ``max_document_bytes`` (default 256 KiB; 0: no limit) are cut into
   pieces that become documents of their own: each ends at the last file separator in the second
   half of its window, else at the window's last line break, else at the window's end. The
-  separators stay in the pieces, so each names the files it holds.
+  separators stay in the pieces (a piece that starts inside a file does not repeat its line).
 - a **single file** (plain, or ``.gz``): cut into documents of at most ``chunk_bytes`` bytes, each
   ending at its window's last line break (or at the window's end if it has none). Any file works:
   splitting at a separator would leave a file without separators as one document, which only one
@@ -466,7 +466,8 @@ def _scan_directory(root: Path, *, suffix: str = "", excluded_dirs: frozenset[st
         kind = f"{suffix} files" if suffix else "files"
         raise CorpusError(f"no documents in corpus directory {root}: no readable {kind} with text "
                           f"({skipped['empty']} empty, {skipped['binary']} binary and "
-                          f"{skipped['generated']} generated files skipped); point the corpus at a directory of text files")
+                          f"{skipped['generated']} generated files skipped); point the corpus "
+                          f"at a directory of text files")
     return sorted(docs, key=lambda doc: doc.name)
 
 
@@ -535,7 +536,7 @@ def _package_documents(files: Sequence[Document], max_bytes: int) -> list[Packag
     grouped in sorted runs that stay within ``max_bytes`` (a longer file alone, cut)."""
     packages: dict[str, list[Document]] = {}
     top, group, group_bytes = [], [], 0
-    for doc in files:  # sorted by name: a package's files are consecutive
+    for doc in files:  # sorted by name
         if "/" in doc.name:
             packages.setdefault(doc.name.split("/", 1)[0], []).append(doc)
             continue

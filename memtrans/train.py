@@ -5,7 +5,9 @@ starts a new document has its kNN memories cleared, and its Transformer-XL memor
 of that segment's attention and kept out of its kNN memory, so a row's memories only ever hold
 the document it is reading (the paper's setup). One optimizer step takes ``grad_accum``
 consecutive segments of the same documents, in order, because memory order matters. Losses are in bits per byte: the cross entropy over the
-non-pad next tokens (the bytes of a document and its EOS) divided by ln 2.
+non-pad next tokens (the bytes of a document and its EOS) divided by ln 2. Each training log
+record also says how much of the corpus the run has read (``coverage``: documents started,
+epochs covered, tokens).
 
 Memory (``--memory``):
 

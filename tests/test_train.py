@@ -124,6 +124,20 @@ def test_resume_continues_exactly(corpus, inproc_run, tmp_path):
     assert figures(out, "eval") == figures(inproc_run, "eval")
 
 
+def test_default_corpus_is_stdlib_packages_and_the_log_says_how_much_was_read(tmp_path):
+    flags = list(TINY)
+    for flag in ("--documents", "--val-fraction"):  # the defaults: packages, 0.1
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    out = tmp_path / "packages"
+    result = run("--memory", "off", "--steps", "2", "--eval-every", "0", "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr
+    assert "standard library, package documents of at most 262144 bytes" in result.stdout
+    coverage = records(out, "train")[-1]["coverage"]
+    assert coverage["documents"] > 40 and coverage["documents_started"] == 2
+    assert coverage["tokens"] == 2 * 2 * 64 and coverage["epochs_covered"] == 2 / coverage[
+        "documents"]
+
+
 def test_memory_off_trains_without_retrieval(corpus, tmp_path):
     out = tmp_path / "off"
     result = run("--data", str(corpus), "--memory", "off", "--steps", "3", "--out", str(out), *TINY)

@@ -57,8 +57,10 @@ def resolve_config(given: dict, checkpoint: dict | None,
     """The run's config: the flags given, over the checkpoint's config when resuming."""
     if checkpoint is None:
         return TrainConfig(**given)
-    # Checkpoints from before smeared keys and kNN convolutions existed have neither.
-    saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, **checkpoint["config"]}
+    # Checkpoints from before smeared keys and kNN convolutions existed have neither; those from
+    # before package documents read uncut files.
+    saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, "documents": "file",
+             "max_document_bytes": 0, **checkpoint["config"]}
     saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
              "qk_conv_layers": None if saved["qk_conv_layers"] is None
              else tuple(saved["qk_conv_layers"]),

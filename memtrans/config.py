@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .data import DOCUMENT_KINDS, MAX_DOCUMENT_BYTES
 from .recovery import POLICIES
 
 MEMORY_MODES = ("remote", "inproc", "off")
@@ -23,8 +24,9 @@ class TrainError(Exception):
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """One training run. The defaults train a ~0.8M-parameter model on the standard library in a
-    few minutes on 2 CPU cores: small enough to be the README demo, with documents (~100
-    segments each) far longer than the segment, so memory has something to remember."""
+    few minutes on 2 CPU cores: small enough to be the README demo, with documents (packages
+    of up to 256 KiB, hundreds of segments each) far longer than the segment, so memory has
+    something to remember."""
 
     data: str | None = None
     """Corpus: a directory of text files or one text / .gz file; ``recall``: the built-in recall
@@ -37,8 +39,17 @@ class TrainConfig:
     recall_in_context_fraction: float = 0.5
     """Recall task: share of bindings queried while still in the local + XL context (these
     train the copying that memory-only queries need); the rest are queried from memory only."""
-    val_fraction: float = 0.05
-    """Share of the documents held out for validation (chosen by a hash of their names)."""
+    documents: str = "package"
+    """What a document of a directory corpus is (``memtrans.data``): ``package``, a top-level
+    directory's files concatenated with separator lines (the paper's repositories: the memory
+    holds the sibling files a file uses), or ``file``, one file each (shorter histories)."""
+    max_document_bytes: int = MAX_DOCUMENT_BYTES
+    """Directory documents longer than this are cut into pieces (256 KiB), so no row spends most
+    of an epoch in one document; 0: no limit."""
+    val_fraction: float = 0.1
+    """Share of the split units (packages, or files with ``documents='file'``) held out for
+    validation, chosen by a hash of their names. 0.1: on the stdlib's ~190 packages and top-level
+    modules, 0.05 would hold out 3 documents (180 KB), fewer than the 4 rows that evaluate."""
     steps: int = 200
     """Optimizer steps in all (a resumed run continues up to this many)."""
     batch_size: int = 4
@@ -148,6 +159,10 @@ class TrainConfig:
                      "a positive integer")
         _require("recall_in_context_fraction", self.recall_in_context_fraction,
                  lambda v: 0 <= v <= 1, "in [0, 1]")
+        _require("documents", self.documents, lambda v: v in DOCUMENT_KINDS,
+                 f"one of {DOCUMENT_KINDS}")
+        _require("max_document_bytes", self.max_document_bytes, lambda v: _is_int(v) and v >= 0,
+                 "a non-negative integer (0: no limit)")
         _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
         _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _require("lr", self.lr, lambda v: v > 0, "a positive number")
@@ -232,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "memory on a local memory server.")
     add = parser.add_argument
     add("--val-fraction", type=float,
-        help=f"share of documents held out for validation (default {d.val_fraction:g})")
+        help=f"share of packages (or files) held out for validation (default "
+             f"{d.val_fraction:g})")
     add("--steps", type=int, help=f"optimizer steps in all (default {d.steps})")
     add("--batch-size", type=int, help=f"rows per rank (default {d.batch_size})")
     add("--seq-len", type=int, help=f"tokens per segment (default {d.seq_len})")
@@ -242,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dim-head", type=int, help=f"head width (default {d.dim_head})")
     add("--data", help="corpus directory or text/.gz file, or 'recall' for the built-in recall "
         "task (default: the Python stdlib sources)")
+    add("--documents", choices=DOCUMENT_KINDS,
+        help=f"a directory corpus's documents: one per top-level package (its files joined with "
+             f"separator lines, the paper's repositories) or one per file (default "
+             f"{d.documents})")
+    add("--max-document-bytes", type=int,
+        help=f"cut longer documents into pieces; 0: no limit (default {d.max_document_bytes})")
     add("--recall-bindings", type=int,
         help=f"recall task: bindings per document (default {d.recall_bindings})")
     add("--recall-distance", type=int,

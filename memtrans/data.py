@@ -9,9 +9,26 @@ so ``NUM_TOKENS = 259``. A document of ``n`` bytes is the ``n + 2`` tokens ``SOS
 
 Corpora (``load_corpus``):
 
-- a **directory**: every regular file under it, recursively, is one document, except hidden files
-  and directories (name starting with ``.``), empty files, and binary files (a NUL byte in the first
-  8000 bytes, git's rule). A file whose name ends in ``.gz`` is read through gzip.
+- a **directory**: its files, except hidden files and directories (name starting with ``.``),
+  empty files, and binary files (a NUL byte in the first 8000 bytes, git's rule). A file whose
+  name ends in ``.gz`` is read through gzip. ``documents`` says what a document is:
+
+  - ``"package"`` (the default, the paper's repositories): a **package** is a top-level directory
+    of the corpus with everything under it, or a single file at the top level. A directory's
+    document is its files concatenated in sorted path order, each preceded by the separator line
+    ``# ==== <path relative to the corpus root> ====`` (and followed by a line break if it has
+    none), so the memory holds the sibling files a file imports and calls into. The top-level
+    files are grouped: in sorted order, consecutive files join one document while it stays
+    within ``max_document_bytes`` (a rule that keeps top-level modules in documents as long as
+    the packages' pieces, and that needs no knowledge of what the files are). Generated data
+    tables are left out (``GENERATED``: the stdlib's character-map codecs and the Sphinx dump in
+    ``pydoc_data``): they are long, purely local and would crowd out the code.
+  - ``"file"``: every file is one document (the corpus before packages existed).
+
+  Documents longer than ``max_document_bytes`` (default 256 KiB; 0: no limit) are cut into
+  pieces that become documents of their own: each ends at the last file separator in the second
+  half of its window, else at the window's last line break, else at the window's end. The
+  separators stay in the pieces (a piece that starts inside a file does not repeat its line).
 - a **single file** (plain, or ``.gz``): cut into documents of at most ``chunk_bytes`` bytes, each
   ending at its window's last line break (or at the window's end if it has none). Any file works:
   splitting at a separator would leave a file without separators as one document, which only one
@@ -23,16 +40,22 @@ Corpora (``load_corpus``):
   test directories (``test``, ``tests``, ``idle_test``): long code documents, like the paper's
   GitHub set, on every machine with Python.
 
-The train / validation split is by document name (the path relative to the corpus root, plus
-``@offset`` for a piece of a single file): a document is in validation when the first 8 bytes of
-its BLAKE2b hash, read as a fraction of 2**64, are below ``val_fraction``. That is stable across
-machines, Python runs and corpus growth (adding a file never moves another one).
+The train / validation split is by **unit**: the package in ``"package"`` mode (all pieces of a
+package and a top-level file's group on one side: whole packages go to validation), the file in
+``"file"`` mode, the piece for a single file. A unit is in validation when the first 8 bytes of
+the BLAKE2b hash of its name (the path relative to the corpus root, plus ``@offset`` for a piece
+of a single file), read as a fraction of 2**64, are below ``val_fraction``. That is stable across
+machines, Python runs and corpus growth (adding a file never moves another one). Top-level files
+are split one by one, then grouped on each side.
 
 Sharding (``DocumentStream``): with ``R = world_size * batch_size`` global rows, global row
 ``g = rank * batch_size + local_row`` reads documents number ``g, g + R, g + 2R, ...`` of an endless
 sequence made of one shuffled copy of the corpus per epoch (the order of epoch ``e`` is fixed by
 hashing ``(seed, e, document index)``). Every document is read exactly once per epoch, by one row,
-and no two ranks share a document. A file is read when a row starts it, never earlier.
+and no two ranks share a document. A file is read when a row starts it, never earlier (package
+documents are measured once at load to be cut). With documents cut at ``max_document_bytes``, a row
+spends at most that many bytes of an epoch, about ``train bytes / R``, in one document.
+``DocumentStream.coverage`` counts the documents started and the tokens read, for the log.
 """
 
 from __future__ import annotations
@@ -42,6 +65,7 @@ import gzip
 import hashlib
 import mmap
 import os
+import re
 import sys
 import sysconfig
 import zlib
@@ -64,6 +88,17 @@ SNIFF_BYTES = 8000
 DEFAULT_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 """Left out of the default corpus: installed packages are not the standard library, and test
 directories hold deliberately odd files (bad encodings, NUL bytes) rather than ordinary code."""
+DOCUMENT_KINDS = ("package", "file")
+"""What a directory corpus's document is; see the module docstring."""
+MAX_DOCUMENT_BYTES = 256 * 1024
+"""Documents longer than this are cut: with the default 4 rows on the stdlib, about a tenth of
+what a row reads in an epoch, and still 256K tokens of history for the longest memory."""
+GENERATED = re.compile(rb'\A"""\s*Python Character Mapping Codec|Autogenerated by Sphinx')
+"""A file whose first ``SNIFF_BYTES`` match this is a generated data table, left out of package
+documents: the stdlib's character-map codecs (``encodings/cp1252.py`` ..., tables of 256 code
+points made by gencodec.py) and ``pydoc_data/topics.py`` (757 KB of help text dumped by Sphinx)."""
+SEPARATOR = "# ==== {} ====\n"
+"""The line before each file of a package document, naming the file."""
 
 
 class CorpusError(ValueError):
@@ -119,6 +154,10 @@ class Document:
         """What a saved stream position is checked against."""
         return f"{self.name}\0{self.start}\0{self.stop}"
 
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.path,)
+
     def read(self) -> bytes:
         try:
             if self.path.name.endswith(".gz"):
@@ -135,8 +174,55 @@ class Document:
 
     def tokens(self) -> np.ndarray:
         """``SOS, bytes..., EOS`` as int64 tokens."""
-        return np.concatenate((np.array([SOS_ID]), encode(self.read()), np.array([EOS_ID])),
-                              dtype=np.int64)
+        return _framed(self.read())
+
+
+def _framed(data: bytes) -> np.ndarray:
+    return np.concatenate((np.array([SOS_ID]), encode(data), np.array([EOS_ID])), dtype=np.int64)
+
+
+def _concatenate(files: Sequence[Document]) -> tuple[bytes, list[int]]:
+    """Files as one package document (each after its separator line, ending in a line break),
+    and where each file's separator starts."""
+    parts, starts, size = [], [], 0
+    for doc in files:
+        data = doc.read()
+        framed = SEPARATOR.format(doc.name).encode() + data + (b"" if data.endswith(b"\n")
+                                                                 else b"\n")
+        parts.append(framed)
+        starts.append(size)
+        size += len(framed)
+    return b"".join(parts), starts
+
+
+@dataclass(frozen=True, slots=True)
+class PackageDocument:
+    """Files of one package concatenated with separators (``_concatenate``), or the bytes
+    ``[start, stop)`` of that: a piece holds only the files it overlaps, so reading it reads
+    those, not the whole package."""
+
+    files: tuple[Document, ...]
+    name: str
+    """The package (its directory, or ``first...last`` for grouped top-level files), plus
+    ``@offset`` for a piece."""
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def identity(self) -> str:
+        return "\0".join((self.name, str(self.start), str(self.stop),
+                          *(doc.name for doc in self.files)))
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(doc.path for doc in self.files)
+
+    def read(self) -> bytes:
+        return _concatenate(self.files)[0][self.start:self.stop]
+
+    def tokens(self) -> np.ndarray:
+        """``SOS, bytes..., EOS`` as int64 tokens."""
+        return _framed(self.read())
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +299,8 @@ class DocumentStream(Iterator[Segment]):
         self._offset = [0] * batch_size
         """Next input position in the current document's tokens."""
         self._tokens: list[np.ndarray | None] = [None] * batch_size
+        self._tokens_read = 0
+        """Labelled tokens (targets) this rank's rows have been given, for ``coverage``."""
 
     def _document(self, row: int, j: int) -> Document | None:
         """The ``j``-th document of local ``row``, or ``None`` past the last epoch."""
@@ -245,10 +333,26 @@ class DocumentStream(Iterator[Segment]):
             x[row, :k] = tokens[start:start + k]
             labels[row, :k] = tokens[start + 1:start + 1 + k]
             self._offset[row] = start + k
+            self._tokens_read += k
         if not (labels[:, 0] != PAD_ID).any():  # a row with a document has at least one label
             raise StopIteration
         return Segment(torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(reset),
                        tuple(documents), tuple(offsets))
+
+    def coverage(self) -> dict:
+        """How far this rank's rows are through the corpus, for the log (sum ``started`` and
+        ``tokens`` over ranks, take the minimum of ``complete``):
+
+        - ``started``: documents the rows have started (a document read in two epochs counts
+          twice);
+        - ``complete``: the first position of the epoch sequence that no row has started: every
+          document before it has been started, so ``complete / len(docs)`` is the share of
+          epochs covered;
+        - ``tokens``: tokens read (the labels given).
+        """
+        return {"started": sum(self._started), "tokens": self._tokens_read,
+                "complete": min(self.rank * self.batch_size + row + j * self.num_rows
+                                for row, j in enumerate(self._started))}
 
     def _settings(self) -> dict:
         return {"corpus": self._fingerprint, "batch_size": self.batch_size,
@@ -256,7 +360,8 @@ class DocumentStream(Iterator[Segment]):
                 "seed": self.seed, "epochs": self.epochs}
 
     def state_dict(self) -> dict:
-        return {**self._settings(), "started": list(self._started), "offset": list(self._offset)}
+        return {**self._settings(), "started": list(self._started), "offset": list(self._offset),
+                "tokens_read": self._tokens_read}
 
     def load_state_dict(self, state: dict) -> None:
         settings = self._settings()
@@ -267,6 +372,7 @@ class DocumentStream(Iterator[Segment]):
                               + "; ".join(changed) + "); resume with the same corpus and settings")
         self._started = [int(j) for j in state["started"]]
         self._offset = [int(o) for o in state["offset"]]
+        self._tokens_read = int(state.get("tokens_read", 0))  # older positions: from here on
         self._tokens = [self._document(row, j - 1).tokens() if j else None
                         for row, j in enumerate(self._started)]
 
@@ -310,11 +416,11 @@ class Corpus(DocumentStreams):
 
     @property
     def train_files(self) -> list[Path]:
-        return list(dict.fromkeys(doc.path for doc in self.train))
+        return list(dict.fromkeys(path for doc in self.train for path in doc.paths))
 
     @property
     def val_files(self) -> list[Path]:
-        return list(dict.fromkeys(doc.path for doc in self.val))
+        return list(dict.fromkeys(path for doc in self.val for path in doc.paths))
 
     def too_few_for_validation(self, rows: int) -> str:
         return (f"{self.root}: the validation split has {len(self.val)} documents but evaluation "
@@ -334,13 +440,14 @@ def _sniff(path: Path) -> bytes:
         raise _cannot_read(path, exc) from None
 
 
-def _scan_directory(root: Path, *, suffix: str = "",
-                    excluded_dirs: frozenset[str] = frozenset()) -> list[Document]:
-    """Every non-hidden, non-empty, non-binary regular file under ``root`` ending in ``suffix``."""
+def _scan_directory(root: Path, *, suffix: str = "", excluded_dirs: frozenset[str] = frozenset(),
+                    skip_generated: bool = False) -> list[Document]:
+    """Every non-hidden, non-empty, non-binary regular file under ``root`` ending in ``suffix``
+    (and, with ``skip_generated``, not a ``GENERATED`` data table)."""
     def fail(exc: OSError):
         raise CorpusError(f"cannot list corpus directory {exc.filename}: {exc.strerror}")
 
-    docs, skipped = [], {"empty": 0, "binary": 0}
+    docs, skipped = [], {"empty": 0, "binary": 0, "generated": 0}
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in excluded_dirs]
         for filename in filenames:
@@ -351,24 +458,39 @@ def _scan_directory(root: Path, *, suffix: str = "",
             if not head or b"\0" in head:
                 skipped["empty" if not head else "binary"] += 1
                 continue
+            if skip_generated and GENERATED.search(head):
+                skipped["generated"] += 1
+                continue
             docs.append(Document(path, path.relative_to(root).as_posix()))
     if not docs:
         kind = f"{suffix} files" if suffix else "files"
         raise CorpusError(f"no documents in corpus directory {root}: no readable {kind} with text "
-                          f"({skipped['empty']} empty and {skipped['binary']} binary files "
-                          f"skipped); point the corpus at a directory of text files")
+                          f"({skipped['empty']} empty, {skipped['binary']} binary and "
+                          f"{skipped['generated']} generated files skipped); point the corpus "
+                          f"at a directory of text files")
     return sorted(docs, key=lambda doc: doc.name)
 
 
-def _split_file(path: Path, chunk_bytes: int) -> list[Document]:
-    """A single file cut into pieces of at most ``chunk_bytes``, each ending at a line break."""
+def _cut(data, start: int, stop: int, size: int, boundaries: Sequence[int] = ()) -> int:
+    """Where the piece ``[start, ...)`` ends, at most ``stop``: the last boundary (file separator)
+    in the second half of the window, else the last line break, else ``stop``."""
+    if stop >= size:
+        return size
+    inside = [b for b in boundaries if start + (stop - start) // 2 < b <= stop]
+    if inside:
+        return inside[-1]
+    return data.rfind(b"\n", start, stop) + 1 or stop
+
+
+def _split_file(path: Path, chunk_bytes: int, name: str | None = None) -> list[Document]:
+    """A file cut into pieces of at most ``chunk_bytes``, each ending at a line break; pieces are
+    named ``<name>@<offset>`` (``name``: the file's name)."""
+    name = path.name if name is None else name
     def pieces(data) -> list[Document]:
         docs, start, size = [], 0, len(data)
         while start < size:
-            stop = min(start + chunk_bytes, size)
-            if stop < size:
-                stop = data.rfind(b"\n", start, stop) + 1 or stop
-            docs.append(Document(path, f"{path.name}@{start}", start, stop))
+            stop = _cut(data, start, min(start + chunk_bytes, size), size)
+            docs.append(Document(path, f"{name}@{start}", start, stop))
             start = stop
         return docs
 
@@ -387,9 +509,84 @@ def _split_file(path: Path, chunk_bytes: int) -> list[Document]:
     return docs
 
 
-def load_corpus(path: str | os.PathLike | None = None, *, val_fraction: float = 0.05,
-                chunk_bytes: int = 65536) -> Corpus:
-    """A directory, a single (``.gz``) file, or by default the Python standard library's sources.
+def _package_pieces(files: Sequence[Document], name: str,
+                    max_bytes: int) -> list[PackageDocument]:
+    """One package document, or its pieces of at most ``max_bytes`` (0: no limit)."""
+    data, starts = _concatenate(files)
+    if not max_bytes or len(data) <= max_bytes:
+        return [PackageDocument(tuple(files), name)]
+    pieces, start = [], 0
+    while start < len(data):
+        stop = _cut(data, start, min(start + max_bytes, len(data)), len(data), starts[1:])
+        first = max(i for i, s in enumerate(starts) if s <= start)
+        last = max(i for i, s in enumerate(starts) if s < stop)
+        base = starts[first]
+        pieces.append(PackageDocument(tuple(files[first:last + 1]), f"{name}@{start}",
+                                      start - base, stop - base))
+        start = stop
+    return pieces
+
+
+def _framed_size(doc: Document) -> int:
+    return len(_concatenate([doc])[0])
+
+
+def _package_documents(files: Sequence[Document], max_bytes: int) -> list[PackageDocument]:
+    """One document per top-level directory (cut at ``max_bytes``), and the top-level files
+    grouped in sorted runs that stay within ``max_bytes`` (a longer file alone, cut)."""
+    packages: dict[str, list[Document]] = {}
+    top, group, group_bytes = [], [], 0
+    for doc in files:  # sorted by name
+        if "/" in doc.name:
+            packages.setdefault(doc.name.split("/", 1)[0], []).append(doc)
+            continue
+        size = _framed_size(doc)
+        if group and max_bytes and group_bytes + size > max_bytes:
+            top.append(group)
+            group, group_bytes = [], 0
+        group.append(doc)
+        group_bytes += size
+    if group:
+        top.append(group)
+    docs = []
+    for name, members in packages.items():
+        docs += _package_pieces(members, name, max_bytes)
+    for members in top:
+        name = members[0].name if len(members) == 1 else f"{members[0].name}...{members[-1].name}"
+        docs += _package_pieces(members, name, max_bytes)
+    return sorted(docs, key=lambda doc: doc.name)
+
+
+def _file_documents(files: Sequence[Document], max_bytes: int) -> list[Document]:
+    """Each file a document; with ``max_bytes``, a longer one cut into pieces at line breaks."""
+    docs = []
+    for doc in files:
+        if max_bytes:  # a .gz file's length is known only once decompressed
+            size = len(doc.read()) if doc.path.name.endswith(".gz") else doc.path.stat().st_size
+            if size > max_bytes:
+                docs += _split_file(doc.path, max_bytes, doc.name)
+                continue
+        docs.append(doc)
+    return docs
+
+
+def _split_directory(files: Sequence[Document], documents: str, val_fraction: float,
+                     max_bytes: int) -> tuple[list, list]:
+    """Train and validation documents of a directory: units (packages or files) are split by
+    name first, then made into documents on each side, so no unit has pieces on both."""
+    unit = (lambda doc: doc.name.split("/", 1)[0]) if documents == "package" else \
+        (lambda doc: doc.name)
+    make = _package_documents if documents == "package" else _file_documents
+    val = [doc for doc in files if _in_validation(unit(doc), val_fraction)]
+    train = [doc for doc in files if not _in_validation(unit(doc), val_fraction)]
+    return make(train, max_bytes), make(val, max_bytes)
+
+
+def load_corpus(path: str | os.PathLike | None = None, *, val_fraction: float = 0.1,
+                chunk_bytes: int = 65536, documents: str = "package",
+                max_document_bytes: int = MAX_DOCUMENT_BYTES) -> Corpus:
+    """A directory, a single (``.gz``) file, or by default the Python standard library's sources;
+    ``documents`` and ``max_document_bytes`` apply to directories (see the module docstring).
 
     Raises ``CorpusError`` naming the path for a missing or unreadable corpus, one with no
     documents, or a split that leaves train or validation empty.
@@ -398,25 +595,40 @@ def load_corpus(path: str | os.PathLike | None = None, *, val_fraction: float = 
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise CorpusError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    if documents not in DOCUMENT_KINDS:
+        raise CorpusError(f"documents must be one of {DOCUMENT_KINDS}, got {documents!r}")
+    if not isinstance(max_document_bytes, int) or max_document_bytes < 0:
+        raise CorpusError(f"max_document_bytes must be a non-negative integer (0: no limit), got "
+                          f"{max_document_bytes!r}")
+    skip_generated = documents == "package"
     if path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
         what = f"Python {sys.version_info.major}.{sys.version_info.minor} standard library"
         if not root.is_dir():
             raise CorpusError(f"the default corpus, the standard library at {root}, is not a "
                               f"directory here; pass a corpus path")
-        docs = _scan_directory(root, suffix=".py", excluded_dirs=DEFAULT_EXCLUDED_DIRS)
+        files = _scan_directory(root, suffix=".py", excluded_dirs=DEFAULT_EXCLUDED_DIRS,
+                                skip_generated=skip_generated)
     else:
         root = Path(path).expanduser()
         if not root.exists():
             raise CorpusError(f"corpus path {root} does not exist")
         if root.is_dir():
-            what, docs = "directory", _scan_directory(root)
+            what, files = "directory", _scan_directory(root, skip_generated=skip_generated)
         elif root.is_file():
-            what, docs = "file", _split_file(root, chunk_bytes)
+            what, files = "file", None
         else:
             raise CorpusError(f"corpus path {root} is neither a regular file nor a directory")
-    val = tuple(doc for doc in docs if _in_validation(doc.name, val_fraction))
-    train = tuple(doc for doc in docs if not _in_validation(doc.name, val_fraction))
+    if files is None:
+        docs = _split_file(root, chunk_bytes)
+        val = tuple(doc for doc in docs if _in_validation(doc.name, val_fraction))
+        train = tuple(doc for doc in docs if not _in_validation(doc.name, val_fraction))
+    else:
+        train, val = map(tuple, _split_directory(files, documents, val_fraction,
+                                                 max_document_bytes))
+        docs = train + val
+        what += f", {documents} documents" + (f" of at most {max_document_bytes} bytes"
+                                              if max_document_bytes else "")
     if not train:
         raise CorpusError(f"{root}: all {len(docs)} documents fell in the validation split; "
                           f"lower val_fraction (now {val_fraction})")

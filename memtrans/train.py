@@ -5,7 +5,9 @@ starts a new document has its kNN memories cleared, and its Transformer-XL memor
 of that segment's attention and kept out of its kNN memory, so a row's memories only ever hold
 the document it is reading (the paper's setup). One optimizer step takes ``grad_accum``
 consecutive segments of the same documents, in order, because memory order matters. Losses are in bits per byte: the cross entropy over the
-non-pad next tokens (the bytes of a document and its EOS) divided by ln 2.
+non-pad next tokens (the bytes of a document and its EOS) divided by ln 2. Each training log
+record also says how much of the corpus the run has read (``coverage``: documents started,
+epochs covered, tokens).
 
 Memory (``--memory``):
 
@@ -62,7 +64,8 @@ from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_mem
                          servers_persist, snapshot_remote)
 from .config import RECALL, TrainConfig, TrainError, build_parser
 from .copy_task import copy_batch, warmup_rng
-from .data import NUM_TOKENS, PAD_ID, Corpus, CorpusError, Segment, load_corpus
+from .data import (NUM_TOKENS, PAD_ID, Corpus, CorpusError, DocumentStream, Segment,
+                   load_corpus)
 from .evaluation import (EvalSettings, evaluate, knn_layer_parameters, recall_line,
                          sum_over_ranks, xl_valid)
 from .memory import KNNMemoryList, servers_from_env
@@ -179,7 +182,8 @@ def open_corpus(config: TrainConfig):
                           in_context_fraction=config.recall_in_context_fraction)
         task.check_window(config.seq_len, config.xl_max_memories)
         return RecallCorpus.create(task)
-    return load_corpus(config.data, val_fraction=config.val_fraction)
+    return load_corpus(config.data, val_fraction=config.val_fraction, documents=config.documents,
+                       max_document_bytes=config.max_document_bytes)
 
 
 def make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None,
@@ -439,7 +443,8 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                           "data": "copy" if step <= config.copy_warmup_steps else "corpus",
                           "train_bpb": bpb, "tokens_per_s": tokens / busy,
                           "memory_wait_s_per_step": waited / world_size / window,
-                          "lr": learning_rate(step - 1, config), "memory_skipped": int(skipped)}
+                          "lr": learning_rate(step - 1, config), "memory_skipped": int(skipped),
+                          "coverage": coverage(stream, ddp, device)}
                 log.write(record)
                 bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 mem_wait=f"{1000 * record['memory_wait_s_per_step']:.0f}ms/step",
@@ -451,6 +456,20 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
             if (config.checkpoint_every and step % config.checkpoint_every == 0) \
                     or step == config.steps:
                 checkpoint_now()
+
+
+def coverage(stream: DocumentStream, ddp: bool, device) -> dict:
+    """How much of the training corpus the run has read, over all ranks: documents started
+    (counted again in each epoch), the epochs covered (every document before the first position
+    of the epoch sequence no row has started; 1.0: every training document read once), and the
+    corpus tokens read."""
+    mine = stream.coverage()
+    started, tokens = sum_over_ranks([mine["started"], mine["tokens"]], ddp, device)
+    complete = torch.tensor([mine["complete"]], dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(complete, op=dist.ReduceOp.MIN)
+    return {"documents_started": int(started), "documents": len(stream.docs),
+            "epochs_covered": float(complete.item()) / len(stream.docs), "tokens": int(tokens)}
 
 
 def _quietly(cleanup) -> None:

@@ -20,8 +20,17 @@ from memtrans.data import (EOS_ID, NUM_TOKENS, PAD_ID, SOS_ID, Corpus, CorpusErr
                            DocumentStream, Segment, decode, encode, load_corpus)
 
 
+PER_FILE = {"documents": "file", "max_document_bytes": 0, "val_fraction": 0.05}
+"""The per-file corpus these stream tests were written for (the default before packages)."""
+
+
 @pytest.fixture(scope="module")
 def stdlib() -> Corpus:
+    return load_corpus(**PER_FILE)
+
+
+@pytest.fixture(scope="module")
+def packages() -> Corpus:
     return load_corpus()
 
 
@@ -110,10 +119,11 @@ def test_split_is_by_file_disjoint_and_stable(stdlib):
     train, val = set(stdlib.train_files), set(stdlib.val_files)
     assert not train & val
     assert 0.01 < len(val) / (len(train) + len(val)) < 0.12
-    again = load_corpus()
+    again = load_corpus(**PER_FILE)
     assert again.train == stdlib.train and again.val == stdlib.val
     # another interpreter with another string hash seed splits the same way
-    code = "from memtrans.data import load_corpus; print([d.name for d in load_corpus().val])"
+    code = ("from memtrans.data import load_corpus; print([d.name for d in load_corpus("
+            "documents='file', max_document_bytes=0, val_fraction=0.05).val])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
     assert eval(out) == [doc.name for doc in stdlib.val]
@@ -122,7 +132,7 @@ def test_split_is_by_file_disjoint_and_stable(stdlib):
 def test_split_known_answer(tmp_path):
     """Pinned so that a change of the split rule (or a machine that splits differently) shows."""
     make_corpus(tmp_path, {f"doc{i:02d}.txt": b"text %d\n" % i for i in range(20)})
-    corpus = load_corpus(tmp_path, val_fraction=0.3)
+    corpus = load_corpus(tmp_path, val_fraction=0.3, documents="file")
     assert [doc.name for doc in corpus.val] == [
         "doc01.txt", "doc04.txt", "doc06.txt", "doc09.txt", "doc11.txt", "doc12.txt", "doc13.txt"]
     assert len(corpus.train) == 13 and corpus.val_files == [tmp_path / d.name for d in corpus.val]
@@ -175,7 +185,7 @@ def test_resume_continues_exactly(stdlib):
         next(stream)
     state = json.loads(json.dumps(stream.state_dict()))
     expected = [next(stream) for _ in range(200)]
-    resumed = load_corpus().train_stream(batch_size=3, seq_len=128, seed=5)
+    resumed = load_corpus(**PER_FILE).train_stream(batch_size=3, seq_len=128, seed=5)
     resumed.load_state_dict(state)
     for want in expected:
         got = next(resumed)
@@ -187,7 +197,7 @@ def test_resume_at_every_step_across_epochs(tmp_path):
     """Tiny documents: boundaries, exact-fit segments and epoch changes at almost every step."""
     sizes = [1, 3, 4, 7, 8, 12, 2]
     make_corpus(tmp_path, {f"f{i}.txt": bytes([97 + i]) * size for i, size in enumerate(sizes)})
-    corpus = load_corpus(tmp_path, val_fraction=0)
+    corpus = load_corpus(tmp_path, val_fraction=0, documents="file")
     stream = corpus.train_stream(batch_size=2, seq_len=4, seed=1)
     reference = [next(stream) for _ in range(60)]
     for k in range(50):
@@ -248,7 +258,7 @@ def test_directory_rules(tmp_path):
         ".git/config": b"[core]\n",
         "latin1.txt": "caf\xe9\n".encode("latin-1"),  # bytes are kept: no decoding needed
     })
-    corpus = load_corpus(tmp_path, val_fraction=0)
+    corpus = load_corpus(tmp_path, val_fraction=0, documents="file")
     assert [doc.name for doc in corpus.train] == ["a.txt", "c.txt.gz", "latin1.txt",
                                                   "sub/deeper/b.py"]
     assert corpus.train[1].read() == b"gamma, compressed\n"
@@ -278,7 +288,7 @@ def test_single_file_is_cut_at_line_breaks(tmp_path, compress):
 
 def test_stream_reads_lazily_and_names_a_vanished_file(tmp_path):
     make_corpus(tmp_path, {f"{i}.txt": b"%d\n" % i * 50 for i in range(6)})
-    corpus = load_corpus(tmp_path, val_fraction=0)
+    corpus = load_corpus(tmp_path, val_fraction=0, documents="file")
     for doc in corpus.train:
         doc.path.unlink()
     stream = corpus.train_stream(batch_size=2, seq_len=8)  # nothing read yet, so no error
@@ -312,7 +322,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
 
 def test_unreadable_file_while_streaming_is_named(tmp_path, monkeypatch):
     make_corpus(tmp_path, {"a.txt": b"a\n", "b.txt": b"b\n"})
-    corpus = load_corpus(tmp_path, val_fraction=0)
+    corpus = load_corpus(tmp_path, val_fraction=0, documents="file")
     deny_reading(monkeypatch, tmp_path / "b.txt")
     with pytest.raises(CorpusError, match=r"b\.txt: Permission denied"):
         next(corpus.train_stream(batch_size=2, seq_len=4))
@@ -330,7 +340,7 @@ def test_corpus_errors_name_the_path(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     fails(tmp_path / "empty_dir", "no documents")
     make_corpus(tmp_path / "blank", {"e.txt": b"", "z.bin": b"\0\1\2"})
-    fails(tmp_path / "blank", r"1 empty and 1 binary")
+    fails(tmp_path / "blank", r"1 empty, 1 binary and 0 generated")
     make_corpus(tmp_path, {"empty.txt": b"", "bad.gz": b"not gzip at all"})
     fails(tmp_path / "empty.txt", "is empty")
     fails(tmp_path / "bad.gz", "not a valid gzip file")
@@ -344,12 +354,12 @@ def test_corpus_errors_name_the_path(tmp_path):
 
 def test_validation_needs_a_document_per_row(tmp_path):
     make_corpus(tmp_path, {f"doc{i:02d}.txt": b"text\n" for i in range(20)})
-    corpus = load_corpus(tmp_path, val_fraction=0.3)  # 7 validation documents
+    corpus = load_corpus(tmp_path, val_fraction=0.3, documents="file")  # 7 validation documents
     assert len(list(corpus.val_stream(batch_size=7, seq_len=4))) == 2
     with pytest.raises(CorpusError, match=rf"{tmp_path}: the validation split has 7 documents "
                                           r"but evaluation uses 8 rows .*val_fraction \(now 0.3\)"):
         corpus.val_stream(batch_size=4, world_size=2)
-    no_val = load_corpus(tmp_path, val_fraction=0)
+    no_val = load_corpus(tmp_path, val_fraction=0, documents="file")
     with pytest.raises(CorpusError, match="has 0 documents"):
         no_val.val_stream(batch_size=1)
 
@@ -365,7 +375,8 @@ def test_validation_needs_a_document_per_row(tmp_path):
 def test_stream_settings_are_checked(tmp_path, kwargs, match):
     make_corpus(tmp_path, {f"{i}.txt": b"x\n" for i in range(7)})
     with pytest.raises(CorpusError, match=match):
-        DocumentStream(load_corpus(tmp_path, val_fraction=0).train, **{"batch_size": 1, **kwargs})
+        DocumentStream(load_corpus(tmp_path, val_fraction=0, documents="file").train,
+                       **{"batch_size": 1, **kwargs})
 
 
 def test_load_settings_are_checked():
@@ -384,3 +395,162 @@ def test_stream_accepts_plain_paths(tmp_path):
     with pytest.raises(StopIteration):
         next(stream)
     assert isinstance(stream.docs[0], Document)
+
+
+# -----------------------------------------------------------------------------
+# package documents
+
+
+def separated(name: str, data: bytes) -> bytes:
+    return f"# ==== {name} ====\n".encode() + data + (b"" if data.endswith(b"\n") else b"\n")
+
+
+PACKAGES = {
+    "alpha/__init__.py": b"from .core import run\n",
+    "alpha/core.py": b"def run():\n    return 1\n",
+    "alpha/sub/deep.py": b"X = 2",  # no final line break: the separator still starts a line
+    "beta/b.py": b"import alpha\n",
+    "top1.py": b"a = 1\n" * 30,
+    "top2.py": b"b = 2\n" * 30,
+    "top3.py": b"c = 3\n" * 30,
+    "enc/cp9999.py": b'""" Python Character Mapping Codec cp9999 generated from X with gencodec.py.\n'
+                     b'"""\ntable = (\n' + b"    '\\x00'\n" * 50 + b")\n",
+    "docs/topics.py": b"# -*- coding: utf-8 -*-\n# Autogenerated by Sphinx on Mon Dec 4\n"
+                      b"topics = {}\n",
+}
+
+
+def test_package_documents_hold_each_file_once_in_order_with_separators(tmp_path):
+    make_corpus(tmp_path, PACKAGES)
+    corpus = load_corpus(tmp_path, val_fraction=0, max_document_bytes=200)
+    by_name = {doc.name: doc.read() for doc in corpus.train}
+    assert by_name["alpha"] == (separated("alpha/__init__.py", PACKAGES["alpha/__init__.py"])
+                                + separated("alpha/core.py", PACKAGES["alpha/core.py"])
+                                + separated("alpha/sub/deep.py", b"X = 2"))
+    assert by_name["beta"] == separated("beta/b.py", b"import alpha\n")
+    # top-level modules: sorted runs that stay within max_document_bytes (each is 180 + 18)
+    assert by_name["top1.py"] == separated("top1.py", PACKAGES["top1.py"])
+    assert {"top2.py", "top3.py"} <= set(by_name)
+    # generated data tables are left out; a package left with no files has no document
+    assert not any("cp9999" in n or "topics" in n or n in ("enc", "docs") for n in by_name)
+    assert corpus.train_files == sorted(tmp_path / n for n in PACKAGES
+                                        if not n.startswith(("enc/", "docs/")))
+    again = load_corpus(tmp_path, val_fraction=0, max_document_bytes=200)
+    assert [d.identity for d in again.train] == [d.identity for d in corpus.train]
+    grouped = load_corpus(tmp_path, val_fraction=0)  # 256 KiB: all top-level files in one
+    assert {d.name for d in grouped.train} == {"alpha", "beta", "top1.py...top3.py"}
+    every = load_corpus(tmp_path, val_fraction=0, documents="file")  # per file: none left out
+    assert {d.name for d in every.train} == set(PACKAGES)
+
+
+def test_long_packages_are_cut_preferring_file_boundaries(tmp_path):
+    files = {f"pkg/m{i:02d}.py": b"".join(b"line %d of m%d\n" % (j, i) for j in range(40 + i))
+             for i in range(12)}
+    files["pkg/huge.py"] = b"x = 1\n" * 3000  # 18 KB: longer than a piece, cut at line breaks
+    make_corpus(tmp_path, files)
+    whole = load_corpus(tmp_path, val_fraction=0, max_document_bytes=0).train
+    assert [d.name for d in whole] == ["pkg"]
+    pieces = load_corpus(tmp_path, val_fraction=0, max_document_bytes=4096).train
+    data = [p.read() for p in sorted(pieces, key=lambda p: int(p.name.split("@")[1]))]
+    assert b"".join(data) == whole[0].read() and len(data) > 5
+    assert all(0 < len(d) <= 4096 and d.endswith(b"\n") for d in data)
+    starts_at_a_file = [d.startswith(b"# ==== pkg/") for d in data]
+    assert sum(starts_at_a_file) >= 3  # small files: cut between them
+    assert all(p.name.startswith("pkg@") for p in pieces)
+    for piece in pieces:  # a piece reads only the files it overlaps
+        assert all(f"# ==== {f.name} ====".encode() in piece.read() or f is piece.files[0]
+                   for f in piece.files)
+    assert len(pieces) == len({p.identity for p in pieces})
+
+
+def test_file_documents_can_be_cut_too(tmp_path):
+    make_corpus(tmp_path, {"long.txt": b"abcdefg\n" * 100, "short.txt": b"hi\n",
+                           "long.txt.gz": gzip.compress(b"zz\n" * 200)})
+    corpus = load_corpus(tmp_path, val_fraction=0, documents="file", max_document_bytes=256)
+    names = [d.name for d in corpus.train]
+    assert "short.txt" in names and "long.txt@0" in names and "long.txt.gz@0" in names
+    long = [d.read() for d in corpus.train if d.name.startswith("long.txt@")]
+    assert b"".join(long) == b"abcdefg\n" * 100 and all(len(p) <= 256 for p in long)
+
+
+def test_split_keeps_whole_packages_on_one_side(tmp_path):
+    files = {f"p{i:02d}/m{j}.py": b"v = %d\n" % j * 200 for i in range(40) for j in range(6)}
+    files.update({f"t{i:02d}.py": b"t = %d\n" % i * 100 for i in range(40)})
+    make_corpus(tmp_path, files)
+    corpus = load_corpus(tmp_path, val_fraction=0.2, max_document_bytes=2048)
+    package = {p: p.relative_to(tmp_path).parts[0] for p in map(Path, corpus.train_files
+                                                                + corpus.val_files)}
+    train = {package[p] for p in corpus.train_files}
+    val = {package[p] for p in corpus.val_files}
+    assert val and train and not train & val
+    assert len(train | val) == 80  # every package and top-level module is somewhere
+    assert any(d.name.startswith("p") and "@" in d.name for d in corpus.val), "cut pieces"
+
+
+def test_stdlib_packages(packages):
+    docs = packages.train + packages.val
+    names = {doc.name for doc in docs}
+    assert {"json", "email@0", "http"} <= names
+    files = {p.relative_to(packages.root).as_posix() for d in docs for p in d.paths}
+    assert {"os.py", "asyncio/base_events.py", "json/decoder.py", "encodings/utf_8.py"} <= files
+    assert "pydoc_data/topics.py" not in files and "encodings/cp1252.py" not in files
+    assert not any({"test", "tests", "idle_test", "site-packages"} & set(f.split("/"))
+                   for f in files)
+    assert all(len(doc.read()) <= 256 * 1024 for doc in docs)
+    assert not set(packages.train_files) & set(packages.val_files)
+    val_bytes = sum(len(doc.read()) for doc in packages.val)
+    assert val_bytes > 300_000 and len(packages.val) >= 4  # evaluation has 4 rows by default
+
+
+def test_every_package_document_is_read_in_an_epoch_and_coverage_says_so(tmp_path):
+    files = {f"p{i}/m{j}.py": bytes([97 + i]) * (50 + 37 * j) for i in range(5) for j in range(4)}
+    files.update({f"top{i}.py": b"t%d\n" % i * 40 for i in range(6)})
+    make_corpus(tmp_path, files)
+    corpus = load_corpus(tmp_path, val_fraction=0, max_document_bytes=300)
+    n = len(corpus.train)
+    stream = DocumentStream(corpus.train, batch_size=3, seq_len=32, epochs=1)
+    reader = RowReader(3, 32)
+    tokens = 0
+    for seg in stream:
+        reader.feed(seg)
+        tokens += int((seg.labels != PAD_ID).sum())
+    read = collections.Counter(d for row in reader.done for d in row)
+    assert read == collections.Counter(doc.read() for doc in corpus.train)
+    coverage = stream.coverage()
+    assert coverage == {"started": n, "tokens": tokens, "complete": coverage["complete"]}
+    assert coverage["complete"] >= n  # every position of the epoch started
+    endless = corpus.train_stream(batch_size=3, seq_len=32)
+    assert endless.coverage() == {"started": 0, "tokens": 0, "complete": 0}
+    next(endless)
+    assert endless.coverage() == {"started": 3, "tokens": 96, "complete": 3}
+
+
+def test_package_stream_resumes_exactly(tmp_path):
+    files = {f"p{i}/m{j}.py": b"%d%d\n" % (i, j) * (20 + 9 * j) for i in range(4) for j in range(5)}
+    make_corpus(tmp_path, files)
+    corpus = load_corpus(tmp_path, val_fraction=0, max_document_bytes=256)
+    reference = [next(s) for s in [corpus.train_stream(batch_size=2, seq_len=16, seed=4)]
+                 for _ in range(120)]
+    for k in (0, 7, 33, 90):
+        stream = corpus.train_stream(batch_size=2, seq_len=16, seed=4)
+        for _ in range(k):
+            next(stream)
+        state = json.loads(json.dumps(stream.state_dict()))
+        resumed = load_corpus(tmp_path, val_fraction=0, max_document_bytes=256).train_stream(
+            batch_size=2, seq_len=16, seed=4)
+        resumed.load_state_dict(state)
+        assert resumed.coverage() == stream.coverage()
+        for want in reference[k:k + 30]:
+            got = next(resumed)
+            assert torch.equal(got.x, want.x) and torch.equal(got.reset, want.reset)
+    other = load_corpus(tmp_path, val_fraction=0, max_document_bytes=512).train_stream(
+        batch_size=2, seq_len=16, seed=4)
+    with pytest.raises(CorpusError, match="corpus: saved"):
+        other.load_state_dict(state)
+
+
+def test_document_settings_are_checked():
+    with pytest.raises(CorpusError, match="documents must be one of"):
+        load_corpus(documents="repository")
+    with pytest.raises(CorpusError, match="max_document_bytes must be a non-negative integer"):
+        load_corpus(max_document_bytes=-1)

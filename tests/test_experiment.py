@@ -15,7 +15,8 @@ pytestmark = pytest.mark.timeout(240)
 
 TOY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16",
        "--memorizing-layers", "2", "--seq-len", "64", "--batch-size", "2", "--num-retrieved", "8",
-       "--xl-max-memories", "64", "--log-every", "1", "--val-fraction", "0.25"]
+       "--xl-max-memories", "64", "--log-every", "1", "--val-fraction", "0.25",
+       "--documents", "file"]  # a flat directory of modules: one document each
 
 
 @pytest.fixture(scope="module")

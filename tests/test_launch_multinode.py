@@ -29,7 +29,8 @@ RUN_TIMEOUT = 90.0
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16",
         "--memorizing-layers", "2", "--seq-len", "64", "--batch-size", "1", "--max-memories", "96",
         "--num-retrieved", "8", "--xl-max-memories", "64", "--warmup-steps", "0",
-        "--eval-batches", "2", "--log-every", "1", "--val-fraction", "0.25"]
+        "--eval-batches", "2", "--log-every", "1", "--val-fraction", "0.25",
+        "--documents", "file"]  # a flat directory of modules: one document each
 
 # Runs inside host A's namespace for the whole job: every row each server's stats has shown (the
 # trainer drops its namespace at the end, so the rows must be caught while it runs).

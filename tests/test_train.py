@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(120)
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16",
         "--memorizing-layers", "2", "--seq-len", "64", "--batch-size", "2", "--max-memories", "96",
         "--num-retrieved", "8", "--xl-max-memories", "64", "--warmup-steps", "0",
-        "--lr", "3e-3", "--eval-batches", "4", "--log-every", "1", "--val-fraction", "0.25"]
+        "--lr", "3e-3", "--eval-batches", "4", "--log-every", "1", "--val-fraction", "0.25",
+        "--documents", "file"]  # a flat directory of modules: one document each
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,12 @@ def test_inproc_run_logs_losses_validation_and_checkpoint(inproc_run):
     train = records(inproc_run, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
     assert all(math.isfinite(r["train_bpb"]) and r["tokens_per_s"] > 0 for r in train)
+    coverage = [r["coverage"] for r in train]  # 2 rows of 64 tokens a step, ~4 KB documents
+    assert {c["documents"] for c in coverage} == {coverage[0]["documents"]}
+    assert coverage[0]["documents"] > 20
+    tokens = [c["tokens"] for c in coverage]
+    assert 0 < tokens[0] <= 128 and tokens == sorted(tokens) and tokens[-1] <= 8 * 128
+    assert coverage[0]["documents_started"] == 2 and coverage[0]["epochs_covered"] > 0
     evals = records(inproc_run, "eval")
     assert [r["step"] for r in evals] == [4, 8]
     for r in evals:
@@ -112,6 +119,8 @@ def test_resume_continues_exactly(corpus, inproc_run, tmp_path):
     resumed = [(r["step"], r["train_bpb"]) for r in records(out, "train")]
     whole = [(r["step"], r["train_bpb"]) for r in records(inproc_run, "train")]
     assert resumed == whole
+    assert [r["coverage"] for r in records(out, "train")] == \
+        [r["coverage"] for r in records(inproc_run, "train")]
     assert figures(out, "eval") == figures(inproc_run, "eval")
 
 
@@ -128,6 +137,20 @@ def test_resume_continues_exactly_with_ivf(corpus, tmp_path):
     assert [(r["step"], r["train_bpb"]) for r in records(out, "train")] == \
         [(r["step"], r["train_bpb"]) for r in records(whole, "train")]
     assert figures(out, "eval") == figures(whole, "eval")
+
+
+def test_default_corpus_is_stdlib_packages_and_the_log_says_how_much_was_read(tmp_path):
+    flags = list(TINY)
+    for flag in ("--documents", "--val-fraction"):  # the defaults: packages, 0.1
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    out = tmp_path / "packages"
+    result = run("--memory", "off", "--steps", "2", "--eval-every", "0", "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr
+    assert "standard library, package documents of at most 262144 bytes" in result.stdout
+    coverage = records(out, "train")[-1]["coverage"]
+    assert coverage["documents"] > 40 and coverage["documents_started"] == 2
+    assert coverage["tokens"] == 2 * 2 * 64 and coverage["epochs_covered"] == 2 / coverage[
+        "documents"]
 
 
 def test_memory_off_trains_without_retrieval(corpus, tmp_path):
@@ -639,6 +662,26 @@ def test_key_mixing_flags_reach_the_model_and_old_checkpoints_resume_without():
         TrainConfig(qk_conv=17)
     with pytest.raises(ValueError, match=r"qk_conv_layers must be 1-based layer numbers in \[1,"):
         TrainConfig(qk_conv_layers=(5,))
+
+
+def test_documents_flags_and_old_checkpoints_read_uncut_files():
+    from dataclasses import asdict
+
+    from memtrans.checkpoint import resolve_config
+    from memtrans.config import TrainConfig, build_parser
+
+    default = TrainConfig()
+    assert (default.documents, default.max_document_bytes) == ("package", 256 * 1024)
+    flags = vars(build_parser().parse_args(["--documents", "file", "--max-document-bytes", "0"]))
+    assert flags == {"documents": "file", "max_document_bytes": 0}
+    saved = asdict(TrainConfig(out="old"))
+    del saved["documents"], saved["max_document_bytes"]  # from before package documents
+    resumed = resolve_config({}, {"config": saved}, Path("old/checkpoint.pt"))
+    assert (resumed.documents, resumed.max_document_bytes) == ("file", 0)
+    with pytest.raises(ValueError, match="documents must be one of"):
+        TrainConfig(documents="repo")
+    with pytest.raises(ValueError, match="max_document_bytes must be a non-negative integer"):
+        TrainConfig(max_document_bytes=-1)
 
 
 def test_copy_warmup_trains_on_the_copy_task_first_and_resumes_exactly(corpus, tmp_path):

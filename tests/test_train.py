@@ -641,3 +641,49 @@ def test_copy_warmup_trains_on_the_copy_task_first_and_resumes_exactly(corpus, t
     assert [r["data"] for r in train] == ["copy"] * 3 + ["corpus"] * 3
     assert [(r["step"], r["train_bpb"]) for r in records(split, "train")] == \
         [(r["step"], r["train_bpb"]) for r in train]
+
+
+def test_init_from_starts_a_memory_model_from_a_model_without_memory(corpus, tmp_path):
+    """Fine-tuning with memory: the weights both models have come from the checkpoint, the kNN
+    layer's own are initialised; the optimizer and step start fresh."""
+    from memtrans.checkpoint import load_checkpoint, load_weights
+    from memtrans.config import TrainConfig
+    from memtrans.train import build_model
+
+    base = tmp_path / "base"
+    plain = [*TINY, "--memorizing-layers", "", "--memory", "off"]  # later flags win
+    result = run("--data", str(corpus), "--steps", "2", "--out", str(base), *plain)
+    assert result.returncode == 0, result.stderr
+    tuned = tmp_path / "tuned"
+    result = run("--data", str(corpus), "--steps", "1", "--memory", "inproc",
+                 "--init-from", str(base), "--out", str(tuned), *TINY)
+    assert result.returncode == 0, result.stderr
+    [init] = records(tuned, "init")
+    assert init["init_from"] == str(base)
+    assert init["new_parameters"] and all(name.startswith("layers.1.") or "knn" in name
+                                          for name in init["new_parameters"]), init
+    assert "initialised here: layers.1." in result.stderr
+    _, state = load_checkpoint(str(tuned))
+    assert state["step"] == 1 and len(state["optimizer"]["state"]) > 0
+
+    # In process: exactly the shared weights are loaded.
+    weights = load_checkpoint(str(base))[1]["model"]
+    model = build_model(TrainConfig(dim=32, depth=2, heads=2, dim_head=16,
+                                    memorizing_layers=(2,), num_retrieved=8, max_memories=96,
+                                    xl_max_memories=64))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    new = load_weights(model, weights, "base")
+    assert new == init["new_parameters"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, fresh[name] if name in new else weights[name]), name
+
+
+def test_init_from_refuses_weights_of_another_shape(corpus, inproc_run, tmp_path):
+    result = run("--data", str(corpus), "--steps", "1", "--memory", "inproc",
+                 "--init-from", str(inproc_run), "--out", str(tmp_path / "wide"), *TINY,
+                 "--dim", "48")
+    assert_clean_error(result, "--init-from", "token_emb.weight: checkpoint (259, 32), this "
+                       "model (259, 48)", "give the same --dim")
+    result = run("--data", str(corpus), "--steps", "1", "--init-from", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "x"), *TINY)
+    assert_clean_error(result, "no checkpoint at")

@@ -91,8 +91,9 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str) -> list[str
                          + "; ".join(mismatched + [f"{name}: not in this model"
                                                    for name in unexpected[:5]])
                          + (f"; and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-                         + "); give the same --dim, --depth, --heads and --dim-head as the "
-                         "checkpoint's run")
+                         + "); start from a run of the same --dim, --depth, --heads, --dim-head "
+                         "and --memorizing-layers (to fine-tune with memory, one trained with "
+                         "--memory off: its kNN layers are plain attention without retrieval)")
     model.load_state_dict(weights, strict=False)
     return sorted(set(own) - set(weights))
 

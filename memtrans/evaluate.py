@@ -222,7 +222,8 @@ def has_retrieval(config: TrainConfig) -> bool:
 def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
     """The readings of one checkpoint (file or run directory): ``off`` always; ``on`` for a
     memory model; ``repeat`` (two passes, retrieval on) with ``settings.repeat``. With the
-    repeat probe, ``on`` is the repeat read's first pass, which is that read."""
+    repeat probe, ``on`` is the repeat read's first pass: that pass is a plain read with
+    retrieval, and reading it again would only repeat it."""
     path, state = load_checkpoint(run)
     config = resolve_config({}, state, path)
     if config.data == RECALL:

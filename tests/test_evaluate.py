@@ -163,7 +163,9 @@ def test_evaluate_run_and_difference_against_another_checkpoint(run):
     # The same checkpoint against itself: no difference, no width.
     same = difference(readings["on"], readings["on"])
     assert (same.estimate, same.low, same.high) == (0, 0, 0)
-    other = evaluate_run(str(run), EvaluationSettings(tokens=4_000, edges=EDGES))
+    one_more = int(readings["on"].tokens.sum()) + 1  # takes one more document
+    other = evaluate_run(str(run), EvaluationSettings(tokens=one_more, edges=EDGES))
+    assert len(other["readings"]["on"].documents) == len(readings["on"].documents) + 1
     with pytest.raises(TrainError, match="different documents"):
         difference(other["readings"]["on"], readings["on"])
 

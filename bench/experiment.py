@@ -13,14 +13,16 @@ script does not know are passed to every arm.
 Writes ``<out>/<arm>/`` (each run: log, checkpoint, its own plot), ``<out>/results.json``,
 ``<out>/validation.png`` (curves against step and against training wall time) and prints the
 README's two tables: the validation figures, and the final models' figures by how much of its
-document a token has before it (where a larger memory can help and a smaller one cannot). Run it again with the same ``--out`` to finish an interrupted experiment: a
-finished arm is kept, an unfinished one resumes from its checkpoint.
+document a token has before it (where a larger memory can help and a smaller one cannot), read
+by ``memtrans.evaluate`` on whole validation documents (all, or ``--eval-tokens``), with 95%
+intervals by bootstrap over documents for memory arm - none and retrieval on - off. Run it again
+with the same ``--out`` to finish an interrupted experiment: a finished arm is kept, an
+unfinished one resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import subprocess
@@ -28,15 +30,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from bench.common import machine_line, table
-from memtrans.checkpoint import CHECKPOINT, resolve_config
-from memtrans.data import PAD_ID
-from memtrans.evaluation import xl_valid
-from memtrans.train import build_model, make_memories, open_corpus
+from memtrans.checkpoint import CHECKPOINT
+from memtrans.config import TrainError
+from memtrans.evaluate import EvaluationSettings, Reading, bucket_names, difference, evaluate_run
 
 OFF = "off"
 
@@ -52,6 +49,9 @@ class ExperimentConfig:
     held-out files, so the largest arm has history the smaller ones do not."""
     sizes: tuple[int, ...] = (2048, 8192, 32768)
     """kNN memory per row and layer, in tokens, one arm each (plus the arm without memory)."""
+    eval_tokens: int | None = None
+    """The final models' figures by history read whole validation documents until at least
+    this many tokens; None: all of them."""
     memory: str = "remote"
     """Where the memory arms keep their memory: ``remote`` (a local memory server) or ``inproc``."""
     out: str = "runs/experiment"
@@ -63,6 +63,8 @@ class ExperimentConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got "
                                  f"{getattr(self, name)}")
+        if self.eval_tokens is not None and self.eval_tokens < 1:
+            raise ValueError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"--sizes must be positive token counts like 2048,8192, got "
                              f"{','.join(map(str, self.sizes))}")
@@ -139,54 +141,6 @@ def _at_time(curve: list[dict], seconds: float) -> float:
     return math.nan  # before the first evaluation: no figure rather than an extrapolated one
 
 
-def _bucket_names(edges: tuple[int, ...]) -> list[str]:
-    def k(tokens: int) -> str:
-        return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
-    bounds = [0, *edges]
-    return [f"{k(a)}-{k(b)}" for a, b in zip(bounds, edges)] + [f">={k(edges[-1])}"]
-
-
-@torch.no_grad()
-def by_history(run: Path, edges: tuple[int, ...], segments: int) -> dict:
-    """Validation bits per byte of a run's final model on the same segments as its evaluations,
-    split by how many tokens of its document each token has before it (bucket ``i`` holds
-    histories in ``[edges[i-1], edges[i])``), with retrieval and, for memory arms, without."""
-    checkpoint = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)
-    config = resolve_config({}, checkpoint, run / CHECKPOINT)
-    model = build_model(config)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    corpus = open_corpus(config)
-    figures = {"buckets": _bucket_names(edges)}
-    for retrieval in (True, False) if config.memory != OFF else (False,):
-        memories = make_memories(model, config, None)
-        nats, tokens = np.zeros(len(edges) + 1), np.zeros(len(edges) + 1)
-        history, xl = np.zeros(config.batch_size, dtype=np.int64), None
-        stream = corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len)
-        for segment in itertools.islice(stream, segments):
-            reset = segment.reset.numpy()
-            history[reset] = 0
-            if reset.any():
-                memories.clear_memory(np.flatnonzero(reset).tolist())
-            logits, xl = model(segment.x, knn_memories=memories, xl_memories=xl,
-                               add_knn_memory=retrieval, xl_valid=xl_valid(segment))
-            loss = F.cross_entropy(logits.transpose(1, 2), segment.labels, ignore_index=PAD_ID,
-                                   reduction="none").numpy()
-            bucket = np.searchsorted(edges, history[:, None] + np.arange(config.seq_len),
-                                     side="right")
-            labelled = segment.labels.numpy() != PAD_ID
-            np.add.at(nats, bucket[labelled], loss[labelled])
-            np.add.at(tokens, bucket[labelled], 1)
-            history += config.seq_len
-        memories.cleanup()
-        key = "val_bpb" if retrieval or config.memory == OFF else "val_bpb_retrieval_off"
-        with np.errstate(invalid="ignore"):
-            figures[key] = (nats / tokens / math.log(2)).tolist()
-        figures[f"{key}_all"] = float(nats.sum() / tokens.sum() / math.log(2))
-        figures["tokens"] = tokens.astype(int).tolist()
-    return figures
-
-
 def summarize(config: ExperimentConfig) -> dict:
     out = Path(config.out)
     curves = {arm: _curve(out / arm, arm) for arm in config.arms}
@@ -203,8 +157,25 @@ def summarize(config: ExperimentConfig) -> dict:
             "tokens_per_s": tokens_per_s, "common_seconds": common_time,
             "at_common_seconds": {arm: _at_time(curve, common_time)
                                   for arm, curve in curves.items()},
-            "by_history": {arm: by_history(out / arm, edges, config.eval_batches)
+            "by_history": {arm: _final_readings(out / arm, config, edges)
                            for arm in config.arms}}
+
+
+def _final_readings(run: Path, config: ExperimentConfig, edges: tuple[int, ...]) -> dict:
+    """The final model's per-document sums on whole validation documents (``memtrans.evaluate``),
+    as JSON. Kept in ``<run>/final_evaluation.json``: reading all of the validation set takes
+    long, and running the experiment again must not repeat it for an arm that has not changed."""
+    key = {"step": max(r["step"] for r in read_log(run) if r["kind"] == "eval"),
+           "eval_tokens": config.eval_tokens, "edges": list(edges)}
+    saved = run / "final_evaluation.json"
+    if saved.exists():
+        kept = json.loads(saved.read_text())
+        if kept["key"] == key:
+            return kept["readings"]
+    result = evaluate_run(str(run), EvaluationSettings(tokens=config.eval_tokens, edges=edges))
+    readings = {name: reading.to_json() for name, reading in result["readings"].items()}
+    saved.write_text(json.dumps({"key": key, "readings": readings}))
+    return readings
 
 
 def results_table(results: dict) -> str:
@@ -226,19 +197,30 @@ def results_table(results: dict) -> str:
 
 
 def history_table(results: dict) -> str:
-    """Final models' bits per byte by history length; empty buckets left out."""
-    first = next(iter(results["by_history"].values()))
-    shown = [i for i, n in enumerate(first["tokens"]) if n > 0]
-    rows = []
-    for arm, figures in results["by_history"].items():
-        name = "none (Transformer-XL)" if arm == OFF else f"{int(arm):,} tokens"
-        rows.append([name] + [f"{figures['val_bpb'][i]:.4f}" for i in shown])
-        if arm != OFF:
-            rows.append([f"{name}, retrieval off"]
-                        + [f"{figures['val_bpb_retrieval_off'][i]:.4f}" for i in shown])
-    rows.append(["tokens in bucket"] + [f"{first['tokens'][i]:,}" for i in shown])
-    return table(["kNN memory per row / history (tokens)"]
-                 + [first["buckets"][i] for i in shown], rows)
+    """Final models' bits per byte by history length on whole validation documents, with the
+    95% intervals (bootstrap over documents) of memory arm - none and retrieval on - off;
+    empty buckets left out."""
+    readings = {arm: {name: Reading.from_json(r) for name, r in figures.items()}
+                for arm, figures in results["by_history"].items()}
+    edges = tuple(sorted(results["config"]["sizes"]))
+    base = readings[OFF]["off"]
+    tokens = base.tokens[:, 0]
+    columns = [(name, bucket) for name, bucket in zip(["all", *bucket_names(edges)],
+                                                      [None, *range(len(edges) + 1)])
+               if (tokens if bucket is None else tokens[:, bucket]).sum()]
+    rows = [["none (Transformer-XL)"] + [f"{base.bpb(0, b):.4f}" for _, b in columns]]
+    for arm, figures in readings.items():
+        if arm == OFF:
+            continue
+        name = f"{int(arm):,} tokens"
+        on, off = figures["on"], figures["off"]
+        rows.append([name] + [f"{on.bpb(0, b):.4f}" for _, b in columns])
+        rows.append([f"{name} - none"] + [str(difference(on, base, b)) for _, b in columns])
+        rows.append([f"{name}, retrieval off"] + [f"{off.bpb(0, b):.4f}" for _, b in columns])
+        rows.append([f"{name}, on - off"] + [str(difference(on, off, b)) for _, b in columns])
+    rows.append(["tokens in bucket"] + [
+        f"{int((tokens if b is None else tokens[:, b]).sum()):,}" for _, b in columns])
+    return table(["kNN memory per row / history (tokens)"] + [n for n, _ in columns], rows)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -287,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
     parser.add_argument("--sizes", type=_sizes, default=d.sizes,
                         help="kNN memory sizes, tokens per row (default 2048,8192,32768)")
+    parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                        help="the final figures by history read whole validation documents "
+                             "until at least this many tokens (default: all of them)")
     parser.add_argument("--memory", default=d.memory, help="remote (default) or inproc")
     parser.add_argument("--out", default=d.out)
     args, train_args = parser.parse_known_args(argv)
@@ -295,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         run_arms(Path(config.out), arm_flags(config), steps=config.steps,
                  eval_every=config.eval_every, eval_batches=config.eval_batches)
         results = summarize(config)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, TrainError) as exc:
         print(f"bench.experiment: error: {exc}", file=sys.stderr)
         return 2
     report(results, Path(config.out), plot, "validation.png",

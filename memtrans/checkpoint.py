@@ -58,9 +58,9 @@ def resolve_config(given: dict, checkpoint: dict | None,
     if checkpoint is None:
         return TrainConfig(**given)
     # Checkpoints from before smeared keys and kNN convolutions existed have neither; those from
-    # before package documents read uncut files.
+    # before package documents read uncut files; none of them was initialised from another run.
     saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, "documents": "file",
-             "max_document_bytes": 0, **checkpoint["config"]}
+             "max_document_bytes": 0, "init_from": None, **checkpoint["config"]}
     saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
              "qk_conv_layers": None if saved["qk_conv_layers"] is None
              else tuple(saved["qk_conv_layers"]),
@@ -76,6 +76,28 @@ def resolve_config(given: dict, checkpoint: dict | None,
     if config.out is None:
         config.out = str(checkpoint_path.parent)
     return config
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str) -> list[str]:
+    """Load ``weights`` (a checkpoint's ``model``) into ``model`` for ``--init-from``; returns
+    the names of the model's parameters and buffers the weights lack, which keep their
+    initialisation. Weights the model has no place for, or of another shape, are refused: they
+    are a different architecture, and loading around them would train a silently broken model."""
+    own = model.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{name}: checkpoint {tuple(weights[name].shape)}, this model "
+                  f"{tuple(own[name].shape)}" for name in weights
+                  if name in own and weights[name].shape != own[name].shape]
+    if unexpected or mismatched:
+        raise TrainError(f"--init-from {source}: its weights do not fit this model ("
+                         + "; ".join(mismatched + [f"{name}: not in this model"
+                                                   for name in unexpected[:5]])
+                         + (f"; and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+                         + "); start from a run of the same --dim, --depth, --heads, --dim-head "
+                         "and --memorizing-layers (to fine-tune with memory, one trained with "
+                         "--memory off: its kNN layers are plain attention without retrieval)")
+    model.load_state_dict(weights, strict=False)
+    return sorted(set(own) - set(weights))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

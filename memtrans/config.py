@@ -131,6 +131,11 @@ class TrainConfig:
     the resumed checkpoint's directory."""
     resume: str | None = None
     """Checkpoint file, or run directory holding ``checkpoint.pt``, to continue."""
+    init_from: str | None = None
+    """Checkpoint file or run directory whose model weights start this (new) run, e.g. a model
+    trained without memory, to fine-tune with memory (the paper's Fig. 6): parameters of the
+    same name and shape are loaded, the ones the checkpoint lacks (a kNN layer's own) keep
+    their initialisation; optimizer, step and data position start fresh."""
     seed: int = 0
     """Seeds the model initialisation and the document order."""
     checkpoint_every: int = 50
@@ -317,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-batches", type=int, help=f"validation segments (default {d.eval_batches})")
     add("--out", help="run directory (default: runs/<timestamp>, or the resumed run's)")
     add("--resume", help="checkpoint file or run directory to continue")
+    add("--init-from", help="start a new run from this checkpoint's model weights (file or run "
+                            "directory); new parameters initialised, optimizer fresh")
     add("--seed", type=int, help=f"seed (default {d.seed})")
     add("--checkpoint-every", type=int,
         help=f"checkpoint every N steps, 0: at the end (default {d.checkpoint_every})")

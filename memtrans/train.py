@@ -60,8 +60,8 @@ from memory_server.client import MemoryClient
 from memory_server.tenants import TOKEN_ENV
 
 from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_memories,
-                         load_checkpoint, resolve_config, restore_remote, save_checkpoint,
-                         servers_persist, snapshot_remote)
+                         load_checkpoint, load_weights, resolve_config, restore_remote,
+                         save_checkpoint, servers_persist, snapshot_remote)
 from .config import RECALL, TrainConfig, TrainError, build_parser
 from .copy_task import copy_batch, warmup_rng
 from .data import (NUM_TOKENS, PAD_ID, Corpus, CorpusError, DocumentStream, Segment,
@@ -258,7 +258,8 @@ def plot_validation(out: Path) -> str:
 
 def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: bool, rank: int,
           world_size: int, device: torch.device, servers: list[str] | None,
-          out: Path | None, local: LocalServers | None = None) -> None:
+          out: Path | None, local: LocalServers | None = None,
+          init_weights: dict | None = None) -> None:
     """The training loop; ``out`` is None on every rank but 0, and so is ``local`` (the
     auto-started servers, told of each snapshot so they restart from it)."""
     master = rank == 0
@@ -266,9 +267,16 @@ def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: 
                                  world_size=world_size, seed=config.seed)
 
     torch.manual_seed(config.seed)
-    raw_model = build_model(config).to(device)
-    optimizer = _optimizer(raw_model, config)
+    raw_model = build_model(config)
     log = RunLog(out)
+    if init_weights is not None:  # --init-from
+        new = load_weights(raw_model, init_weights, config.init_from)
+        log.write({"kind": "init", "init_from": config.init_from, "new_parameters": new})
+        if master:
+            tqdm.write(f"memtrans-train: weights from {config.init_from}; initialised here: "
+                       f"{', '.join(new) or 'nothing'}")
+    raw_model = raw_model.to(device)
+    optimizer = _optimizer(raw_model, config)
     step, xl = 0, None
     trained_s = 0.0  # wall seconds spent in training steps, validation and checkpoints excluded
 
@@ -509,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(given, checkpoint, checkpoint_path)
         except ValueError as exc:
             raise TrainError(f"invalid setting: {exc}") from None
+        init_weights = None
+        if checkpoint is None and config.init_from is not None:  # fail now, not after servers
+            init_weights = load_checkpoint(config.init_from)[1]["model"]
         corpus = open_corpus(config)
         corpus.val_stream(batch_size=config.batch_size, seq_len=config.seq_len, rank=rank,
                           world_size=world_size)  # fail now, not at the first evaluation
@@ -546,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
             if master:
                 print(f"memtrans-train: corpus: {corpus.description}", flush=True)
             train(config, corpus, checkpoint, ddp=ddp, rank=rank, world_size=world_size,
-                  device=device, servers=servers, out=out if master else None, local=local)
+                  device=device, servers=servers, out=out if master else None, local=local,
+                  init_weights=init_weights)
             if master:
                 print(f"memtrans-train: done; checkpoint {out / CHECKPOINT}; "
                       f"{plot_validation(out)}", flush=True)

@@ -31,6 +31,7 @@ def corpus(tmp_path_factory) -> Path:
 def experiment(out: Path, corpus: Path, steps: int, *extra: str) -> int:
     return main(["--steps", str(steps), "--eval-every", "2", "--eval-batches", "4",
                  "--sizes", "64,128", "--memory", "inproc", "--out", str(out),
+                 "--eval-tokens", "8000",
                  "--data", str(corpus), *TOY, *extra])
 
 
@@ -53,27 +54,36 @@ def test_interrupted_experiment_resumes_and_reports_every_arm(corpus, tmp_path, 
             assert all(p["val_bpb_retrieval_off"] is None for p in curve)
         else:  # 4 segments of 64 with a 64-token XL window: later segments retrieve something
             assert all(p["val_bpb"] != p["val_bpb_retrieval_off"] for p in curve), arm
-    # The by-history figures are the final evaluation's, split: together they give its figure.
-    for arm, figures in results["by_history"].items():
-        assert figures["buckets"] == ["0-64", "64-128", ">=128"]
-        assert sum(figures["tokens"]) > 0 and all(n > 0 for n in figures["tokens"]), arm
-        final = results["curves"][arm][-1]
-        assert figures["val_bpb_all"] == pytest.approx(final["val_bpb"], abs=1e-5), arm
-        if arm != "off":
-            assert figures["val_bpb_retrieval_off_all"] == pytest.approx(
-                final["val_bpb_retrieval_off"], abs=1e-5), arm
+    # The by-history figures: per-document sums on the same whole validation documents (two
+    # here: the first of the fixed order, then enough to reach --eval-tokens).
+    readings = results["by_history"]
+    assert set(readings["off"]) == {"off"}
+    documents = readings["off"]["off"]["documents"]
+    assert len(documents) == 2
+    for arm in ("64", "128"):
+        assert set(readings[arm]) == {"on", "off"}
+        for side in ("on", "off"):
+            assert readings[arm][side]["documents"] == documents
+            assert readings[arm][side]["tokens"] == readings["off"]["off"]["tokens"]
+    tokens = readings["off"]["off"]["tokens"]  # (documents, passes, buckets 0-64, 64-128, >=128)
+    assert [len(doc[0]) for doc in tokens] == [3, 3] and all(n > 0 for doc in tokens
+                                                            for n in doc[0])
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| none (Transformer-XL) | 4 |" in printed and "| 128 tokens | 4 |" in printed
     assert "| 128 tokens, retrieval off |" in printed
+    assert "| 128 tokens - none | " in printed and "| 128 tokens, on - off | " in printed
+    assert "| kNN memory per row / history (tokens) | all | <64 | 64-128 | >=128 |" in printed
 
     # Finished arms are not trained again.
     assert experiment(out, corpus, 4) == 0
     assert capsys.readouterr().out.count("already finished") == 3
+    assert (out / "128" / "final_evaluation.json").exists()  # and not read again
 
 
 @pytest.mark.parametrize("args, message", [
     (["--sizes", "0"], "--sizes must be positive"),
+    (["--eval-tokens", "0"], "--eval-tokens must be a positive"),
     (["--max-memories", "64"], "--max-memories is set per arm"),
     (["--dim", "-1"], "arm off failed"),
 ])

@@ -699,3 +699,55 @@ def test_copy_warmup_trains_on_the_copy_task_first_and_resumes_exactly(corpus, t
     assert [r["data"] for r in train] == ["copy"] * 3 + ["corpus"] * 3
     assert [(r["step"], r["train_bpb"]) for r in records(split, "train")] == \
         [(r["step"], r["train_bpb"]) for r in train]
+
+
+def test_init_from_starts_a_memory_model_from_a_model_without_memory(corpus, tmp_path):
+    """Fine-tuning with memory: a model trained with --memory off (its kNN layer attends
+    locally only) starts a memory run with the paper's gate; the weights both have come from
+    the checkpoint, the gate (new) is initialised; optimizer and step start fresh."""
+    from memtrans.checkpoint import load_checkpoint, load_weights
+    from memtrans.config import TrainConfig
+    from memtrans.train import build_model
+
+    base = tmp_path / "base"
+    result = run("--data", str(corpus), "--steps", "2", "--out", str(base), "--memory", "off",
+                 *TINY)
+    assert result.returncode == 0, result.stderr
+    tuned = tmp_path / "tuned"
+    result = run("--data", str(corpus), "--steps", "1", "--memory", "inproc", "--knn-combine",
+                 "gate", "--init-from", str(base), "--out", str(tuned), *TINY)
+    assert result.returncode == 0, result.stderr
+    [init] = records(tuned, "init")
+    assert init == {"kind": "init", "init_from": str(base),
+                    "new_parameters": ["layers.1.0.fn.combine_gate"]}
+    assert "initialised here: layers.1.0.fn.combine_gate" in result.stdout
+    _, state = load_checkpoint(str(tuned))
+    assert state["step"] == 1 and state["config"]["init_from"] == str(base)
+
+    # In process: exactly the shared weights are loaded, the rest keeps its initialisation.
+    weights = load_checkpoint(str(base))[1]["model"]
+    model = build_model(TrainConfig(dim=32, depth=2, heads=2, dim_head=16,
+                                    memorizing_layers=(2,), num_retrieved=8, max_memories=96,
+                                    xl_max_memories=64, knn_combine="gate"))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert load_weights(model, weights, "base") == ["layers.1.0.fn.combine_gate"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, fresh[name] if name not in weights else weights[name]), name
+
+
+def test_init_from_refuses_weights_that_do_not_fit(corpus, inproc_run, tmp_path):
+    result = run("--data", str(corpus), "--steps", "1", "--memory", "inproc",
+                 "--init-from", str(inproc_run), "--out", str(tmp_path / "wide"), *TINY,
+                 "--dim", "48")
+    assert_clean_error(result, "--init-from", "token_emb.weight: checkpoint (259, 32), this "
+                       "model (259, 48)", "start from a run of the same --dim")
+    plain = tmp_path / "plain"  # layer 2 plain attention: its to_out has a bias, a kNN layer's not
+    result = run("--data", str(corpus), "--steps", "1", "--out", str(plain), *TINY,
+                 "--memorizing-layers", "", "--memory", "off")
+    assert result.returncode == 0, result.stderr
+    result = run("--data", str(corpus), "--steps", "1", "--memory", "inproc",
+                 "--init-from", str(plain), "--out", str(tmp_path / "x"), *TINY)
+    assert_clean_error(result, "layers.1.0.fn.to_out.bias: not in this model", "--memory off")
+    result = run("--data", str(corpus), "--steps", "1", "--init-from", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "y"), *TINY)
+    assert_clean_error(result, "no checkpoint at")

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(240)
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16",
         "--memorizing-layers", "2", "--seq-len", "64", "--batch-size", "2", "--max-memories", "4096",
         "--num-retrieved", "8", "--xl-max-memories", "64", "--warmup-steps", "0",
-        "--eval-batches", "2", "--val-fraction", "0.25"]
+        "--eval-batches", "2", "--val-fraction", "0.25",
+        "--documents", "file"]  # a flat directory of modules: one document each
 EDGES = (64, 256, 1024)
 
 

@@ -97,7 +97,9 @@ def pinger(endpoint: str, out: str) -> None:
             time.sleep(_PING_GAP)
 
 
-def _raw(endpoint: str, **options) -> zmq.Socket:
+def raw_socket(endpoint: str, **options) -> zmq.Socket:
+    """A DEALER connected to ``endpoint`` with the given socket options (``RCVHWM=1``, ...), for
+    sending hand-made frames; it lingers on nothing when closed."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     for name, value in options.items():
@@ -108,7 +110,7 @@ def _raw(endpoint: str, **options) -> zmq.Socket:
 
 def _exchange(endpoint: str, messages: list[list], wait_ms: int = 60_000) -> None:
     """Send every message on one socket, then read as many replies (each an error)."""
-    sock = _raw(endpoint)
+    sock = raw_socket(endpoint)
     try:
         for frames in messages:
             sock.send_multipart(frames)
@@ -181,7 +183,7 @@ def unread_replies(endpoint: str, client: MemoryClient) -> str:
     client.add("big", 0, [0], keys, keys)
     queries = keys[:, :16]
     before = client.stats()[0]["requests"].get("search", {}).get("count", 0)
-    sock = _raw(endpoint, RCVHWM=1, RCVBUF=4096)
+    sock = raw_socket(endpoint, RCVHWM=1, RCVBUF=4096)
     try:
         for i in range(200):  # replies of about 2 MB each, never read
             sock.send_multipart(encode_request(i, "search", {"namespace": "big", "layer": 0,

@@ -9,8 +9,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-import zmq
 
+from bench.attack import raw_socket
 from memory_server import (InvalidRequest, LimitExceeded, MemoryClient, NamespaceConfig,
                            UnknownNamespace)
 from memory_server.protocol import decode_reply, encode_request
@@ -161,18 +161,9 @@ def test_an_add_naming_100k_rows_is_refused_before_it_allocates(memory_server):
     assert stats["bytes"] <= 16 << 20
 
 
-def _raw_socket(endpoint: str, **options):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    for name, value in options.items():
-        sock.setsockopt(getattr(zmq, name), value)
-    sock.connect(endpoint)
-    return sock
-
-
 def test_a_message_of_too_many_frames_is_refused_and_the_server_lives(memory_server):
     (server,) = memory_server(1)
-    sock = _raw_socket(server.endpoint)
+    sock = raw_socket(server.endpoint)
     try:
         frames = [encode_request(7, "ping")[0], *([b""] * 100_000)]
         sock.send_multipart(frames)
@@ -199,7 +190,7 @@ def test_a_client_that_does_not_read_its_replies_is_cut_off(memory_server):
         client.open("big", NamespaceConfig(dim=64, max_memories=4096, num_layers=1, num_rows=1))
         client.add("big", 0, [0], keys, keys)
         # A reader that takes one reply into its queue and a few KiB into its socket, then stops.
-        sock = _raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
+        sock = raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
         try:
             for i in range(sends):  # one at a time: only unread replies are in flight
                 sock.send_multipart(encode_request(i + 1, "search", {"namespace": "big",
@@ -234,7 +225,7 @@ def test_pipelined_reads_whose_replies_are_not_read_are_withheld(memory_server):
     with MemoryClient(server.endpoint, timeout=30) as client:
         client.open("big", NamespaceConfig(dim=64, max_memories=4096, num_layers=1, num_rows=1))
         client.add("big", 0, [0], keys, keys)
-        sock = _raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
+        sock = raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
         try:
             for i in range(sends):
                 sock.send_multipart(encode_request(i + 1, "search", {"namespace": "big",

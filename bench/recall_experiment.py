@@ -78,7 +78,8 @@ class RecallExperimentConfig:
         common = ["--data", "recall", *self.train_args]
         memory_arm = TrainConfig(**vars(build_parser().parse_args(common)))
         # The no-memory arm keeps the memory arms' query/key convolutions, where they have them.
-        layers = memory_arm.qk_conv_layers or memory_arm.memorizing_layers
+        layers = (memory_arm.memorizing_layers if memory_arm.qk_conv_layers is None
+                  else memory_arm.qk_conv_layers)
         convs = ["--qk-conv-layers", ",".join(map(str, layers))]
         return {"none": ["--memory", "off", *common, "--memorizing-layers", "", *convs],
                 "memory": ["--memory", self.memory, *common],

@@ -182,15 +182,11 @@ class TrainConfig:
                  "positive seconds")
         if self.memorizing_layers is None:
             self.memorizing_layers = (default_memorizing_layer(self.depth),)
-        if not all(_is_int(l) and 1 <= l <= self.depth for l in self.memorizing_layers):
-            raise ValueError(f"memorizing_layers must be 1-based layer numbers in [1, depth="
-                             f"{self.depth}], got {self.memorizing_layers!r} (leave it out for "
-                             f"layer {default_memorizing_layer(self.depth)})")
-        if self.qk_conv_layers is not None and not all(
-                _is_int(l) and 1 <= l <= self.depth for l in self.qk_conv_layers):
-            raise ValueError(f"qk_conv_layers must be 1-based layer numbers in [1, depth="
-                             f"{self.depth}], got {self.qk_conv_layers!r} (leave it out for the "
-                             f"memorizing layers)")
+        _require_layers("memorizing_layers", self.memorizing_layers, self.depth,
+                        f"layer {default_memorizing_layer(self.depth)}")
+        if self.qk_conv_layers is not None:
+            _require_layers("qk_conv_layers", self.qk_conv_layers, self.depth,
+                            "the memorizing layers")
         if not self.memorizing_layers and self.memory != "off":
             raise ValueError(f"a model without memorizing layers has no kNN memory: use --memory "
                              f"off with it, not {self.memory!r}")
@@ -204,6 +200,12 @@ class TrainConfig:
         if bad:
             raise ValueError(f"memory_servers must be ZeroMQ endpoints like tcp://host:5555, got "
                              f"{', '.join(bad)}")
+
+
+def _require_layers(name: str, layers, depth: int, default: str) -> None:
+    if not all(_is_int(l) and 1 <= l <= depth for l in layers):
+        raise ValueError(f"{name} must be 1-based layer numbers in [1, depth={depth}], got "
+                         f"{layers!r} (leave it out for {default})")
 
 
 def default_memorizing_layer(depth: int) -> int:

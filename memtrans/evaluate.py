@@ -1,7 +1,8 @@
 """A thorough evaluation of trained checkpoints: whole validation documents, bits per byte by
 history length, and 95% intervals (``memtrans.bootstrap``) for every difference.
 
-    memtrans-evaluate RUN [RUN ...] [--tokens N] [--repeat] [--json PATH]
+    memtrans-evaluate RUN [RUN ...] [--tokens N] [--repeat] [--max-memories N] [--index KIND]
+                      [--compare-index KIND] [--edges 2048,8192,32768] [--json PATH]
 
 The trainer's own validation reads a fixed number of segments, which covers a few documents and
 gives one number with no error bar. This reads whole documents (all of the validation split, or
@@ -25,7 +26,10 @@ nats and tokens per history bucket, and so can resample documents:
   the first pass are still in XL when it ends and never enter the kNN memory (as at any
   document's end), so the second pass can retrieve all of the first but its tail.
 
-Memory is in this process (as ``memtrans-generate``), with the checkpoint's kNN settings.
+Memory is in this process (as ``memtrans-generate``), with the checkpoint's kNN settings
+unless ``--max-memories`` or ``--index`` say otherwise; ``--compare-index ivf`` reads the same
+checkpoint through a second index too, which measures what the approximate index costs in bits
+per byte.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 
 from .bootstrap import RESAMPLES, SEED, Interval, bpb_difference
 from .checkpoint import load_checkpoint, resolve_config
-from .config import RECALL, TrainConfig, TrainError
+from .config import INDEX_KINDS, RECALL, TrainConfig, TrainError
 from .data import PAD_ID, CorpusError, Document
 from .memory import KNNMemoryList
 from .model import MemorizingTransformer
@@ -204,6 +208,15 @@ class EvaluationSettings:
     edges: tuple[int, ...] = EDGES
     batch_size: int | None = None
     """Rows read at once; None: the checkpoint's batch size."""
+    max_memories: int | None = None
+    """kNN memory per row and layer for this reading; None: the checkpoint's. The memory is
+    a reading-time setting (the weights do not depend on it), so a larger one can be tried on
+    a trained model, as the repeat probe needs when documents are longer than the memory."""
+    index: str | None = None
+    """kNN index for this reading (``flat``, ``ivf``, ...); None: the checkpoint's."""
+    compare_index: str | None = None
+    """Also read with retrieval on through this index (reading ``on-<index>``), to set against
+    ``on``: what an approximate index costs in bits per byte on the same model."""
 
     def __post_init__(self):
         if self.tokens is not None and self.tokens < 1:
@@ -213,6 +226,12 @@ class EvaluationSettings:
                              f"got {','.join(map(str, self.edges))}")
         if self.batch_size is not None and self.batch_size < 1:
             raise TrainError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        if self.max_memories is not None and self.max_memories < 1:
+            raise TrainError(f"--max-memories must be a positive token count, got "
+                             f"{self.max_memories}")
+        for flag, kind in (("--index", self.index), ("--compare-index", self.compare_index)):
+            if kind is not None and kind not in INDEX_KINDS:
+                raise TrainError(f"{flag} must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
 
 
 def has_retrieval(config: TrainConfig) -> bool:
@@ -226,6 +245,9 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
     retrieval, and reading it again would only repeat it."""
     path, state = load_checkpoint(run)
     config = resolve_config({}, state, path)
+    config = dataclasses.replace(
+        config, max_memories=settings.max_memories or config.max_memories,
+        index=settings.index or config.index)
     if config.data == RECALL:
         raise TrainError(f"{run} was trained on the recall task; its evaluation is the "
                          f"trainer's (memtrans-train --data recall logs it)")
@@ -250,7 +272,15 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
             readings["on"] = read(model, documents, memories, retrieval=True, **kwargs)
     finally:
         memories.cleanup()
-    label = f"{run} ({config.max_memories:,} kNN memories)" if retrieval else \
+    if retrieval and settings.compare_index:
+        other = make_memories(model, dataclasses.replace(
+            config, batch_size=batch_size, index=settings.compare_index), None)
+        try:
+            readings[f"on-{settings.compare_index}"] = read(model, documents, other,
+                                                            retrieval=True, **kwargs)
+        finally:
+            other.cleanup()
+    label = f"{run} ({config.max_memories:,} kNN memories, {config.index})" if retrieval else \
         f"{run} (no kNN memory)"
     return {"run": run, "label": label, "config": dataclasses.asdict(config),
             "readings": readings}
@@ -295,6 +325,13 @@ def tables(results: list[dict], edges: Sequence[int] = EDGES) -> list[str]:
         if "on" in readings:
             rows.append([f"{label}: on - off"]
                         + [str(difference(readings["on"], readings["off"], b)) for _, b in columns])
+        index = result["config"]["index"]
+        for name in (n for n in readings if n.startswith("on-")):
+            other = name.removeprefix("on-")
+            rows.append([f"{label}, retrieval on with {other}"]
+                        + [f"{readings[name].bpb(0, b):.4f}" for _, b in columns])
+            rows.append([f"{label}: {other} - {index}"]
+                        + [str(difference(readings[name], readings["on"], b)) for _, b in columns])
     first = results[0]
     for result in results[1:]:
         rows.append([f"{result['label']} - {first['label']}"] + [
@@ -320,6 +357,14 @@ def tables(results: list[dict], edges: Sequence[int] = EDGES) -> list[str]:
     return out
 
 
+def token_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts like "
+                                         f"2048,8192, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memtrans-evaluate", description=__doc__,
@@ -333,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", action="store_true", help="also run the repeat probe")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="rows read at once (default: the checkpoint's)")
+    parser.add_argument("--max-memories", type=int, default=None,
+                        help="kNN memory per row and layer for this reading (default: the "
+                             "checkpoint's; the repeat probe needs one at least as long as the "
+                             "documents)")
+    parser.add_argument("--index", default=None, help=f"kNN index for this reading, one of "
+                        f"{', '.join(INDEX_KINDS)} (default: the checkpoint's)")
+    parser.add_argument("--compare-index", default=None,
+                        help="also read with retrieval on through this index and give its "
+                             "difference from the checkpoint's (or --index's) index")
+    parser.add_argument("--edges", type=token_counts, default=EDGES,
+                        help=f"history bucket bounds in tokens (default "
+                             f"{','.join(map(str, EDGES))})")
     parser.add_argument("--json", default=None, help="also write the per-document sums here")
     return parser
 
@@ -341,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = EvaluationSettings(tokens=args.tokens, repeat=args.repeat,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, edges=args.edges,
+                                      max_memories=args.max_memories, index=args.index,
+                                      compare_index=args.compare_index)
         results = [evaluate_run(run, settings) for run in args.runs]
         lines = tables(results, settings.edges)
     except (TrainError, CorpusError) as exc:

@@ -75,6 +75,10 @@ def test_bad_settings_are_refused():
         EvaluationSettings(tokens=0)
     with pytest.raises(TrainError, match="edges must be increasing"):
         EvaluationSettings(edges=(8192, 2048))
+    with pytest.raises(TrainError, match="--max-memories must be a positive"):
+        EvaluationSettings(max_memories=0)
+    with pytest.raises(TrainError, match="--compare-index must be one of flat, hnsw, ivf"):
+        EvaluationSettings(compare_index="annoy")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +181,7 @@ def test_command_prints_the_tables_and_writes_the_sums(run, tmp_path, capsys):
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "validation documents" in printed and "1000 bootstrap resamples" in printed
-    assert "(4,096 kNN memories), retrieval on |" in printed
+    assert "(4,096 kNN memories, flat), retrieval on |" in printed
     assert ": on - off |" in printed and "repeat probe (retrieval on)" in printed
     assert "| documents |" in printed
     saved = json.loads(out.read_text())
@@ -191,3 +195,24 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert "no checkpoint at" in err and "Traceback" not in err
     assert main([str(tmp_path), "--tokens", "-5"]) == 2
     assert "--tokens must be a positive" in capsys.readouterr().err
+
+
+def test_reading_time_memory_settings_and_a_second_index(run, capsys):
+    """--max-memories and --index override the checkpoint's kNN settings for the reading only;
+    --compare-index reads again through another index, on the same documents. A memory too
+    small to hold a segment's history retrieves less, so it reads differently."""
+    settings = EvaluationSettings(tokens=2_000, edges=EDGES, compare_index="ivf")
+    result = evaluate_run(str(run), settings)
+    readings = result["readings"]
+    assert set(readings) == {"on", "off", "on-ivf"}
+    assert np.array_equal(readings["on-ivf"].tokens, readings["on"].tokens)
+    # Before an ivf memory holds enough keys to train it searches exactly: the same figures.
+    np.testing.assert_allclose(readings["on-ivf"].nats, readings["on"].nats, rtol=1e-4)
+    small = evaluate_run(str(run), EvaluationSettings(tokens=2_000, edges=EDGES, max_memories=64,
+                                                      index="ivf"))
+    assert small["config"]["max_memories"] == 64 and small["config"]["index"] == "ivf"
+    assert small["readings"]["on"].bpb() != pytest.approx(readings["on"].bpb(), abs=1e-6)
+    assert main([str(run), "--tokens", "2000", "--compare-index", "ivf",
+                 "--edges", "64,256,1024"]) == 0
+    printed = capsys.readouterr().out
+    assert ", retrieval on with ivf |" in printed and ": ivf - flat |" in printed

@@ -319,8 +319,12 @@ def _label(arm: str) -> str:
 
 
 def results_table(results: dict) -> str:
-    """The trainer's own validation at the end of each run, by run."""
+    """The trainer's own validation at the end of each run, by run. With runs one at a time,
+    also each main run's validation at the shortest one's training time; with ``--jobs`` above
+    1 the runs share the cores unevenly, so their times do not compare and that column is
+    left out."""
     curves = results["curves"]
+    alone = results["config"]["jobs"] == 1
     rows = []
     for name, curve in curves.items():
         arm, seed = _arm(name), name.rsplit("-s", 1)[1]
@@ -331,10 +335,12 @@ def results_table(results: dict) -> str:
             _label(arm), seed, last["step"], f"{last['train_seconds'] / 60:.1f} min",
             f"{results['tokens_per_s'][name]:,.0f}", f"{last['val_bpb']:.4f}",
             f"{last['val_bpb'] - base[-1]['val_bpb']:+.4f}",
-            "-" if at_time is None else f"{at_time:.4f}", "-" if off is None else f"{off:.4f}"])
+            *([("-" if at_time is None else f"{at_time:.4f}")] if alone else []),
+            "-" if off is None else f"{off:.4f}"])
     return table(["kNN memory per row", "seed", "steps", "training time", "tokens/s",
                   "val bits/byte", "vs none, same seed",
-                  f"at equal time ({results['common_seconds'] / 60:.1f} min)",
+                  *([f"at equal time ({results['common_seconds'] / 60:.1f} min)"] if alone
+                    else []),
                   "same model, retrieval off"], rows)
 
 

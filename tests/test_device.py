@@ -222,25 +222,32 @@ def _models(**overrides):
 @needs_cuda
 @pytest.mark.parametrize("remote", [False, True])
 def test_cuda_results_equal_the_cpu_path_and_stay_on_the_device(memory_server, remote):
+    """The same model on CUDA and on the CPU computes the same logits, and one memory searched
+    with the same queries from the CPU and from CUDA retrieves the same, on the queries' device."""
     cpu, gpu = _models()
     endpoints = [s.endpoint for s in memory_server(2)] if remote else None
     with cpu.knn_memories_context(batch_size=2, servers=endpoints, timeout=20) as on_cpu, \
             gpu.knn_memories_context(batch_size=2, servers=endpoints, timeout=20) as on_gpu:
         xl_cpu = xl_gpu = None
         with torch.no_grad():
-            for _ in range(4):
+            for step in range(4):
                 x = torch.randint(1, 64, (2, 16))
-                a, xl_cpu = cpu(x, knn_memories=on_cpu, xl_memories=xl_cpu)
-                b, xl_gpu = gpu(x.cuda(), knn_memories=on_gpu, xl_memories=xl_gpu)
-                assert b.device.type == "cuda"
+                valid = torch.tensor([True, step != 2])
+                a, xl_cpu = cpu(x, knn_memories=on_cpu, xl_memories=xl_cpu, xl_valid=valid)
+                b, xl_gpu = gpu(x.cuda(), knn_memories=on_gpu, xl_memories=xl_gpu,
+                                xl_valid=valid, micro_batches=2)
+                assert b.device.type == "cuda" and all(m.device.type == "cuda" for m in xl_gpu)
                 torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
-            queries = torch.nn.functional.normalize(torch.randn(2, 2, 16, 8), dim=-1)
-            want = on_cpu[0].retrieved(on_cpu[0].search_async(queries, 4))
-            got = on_gpu[0].retrieved(on_gpu[0].search_async(queries.cuda(), 4))
+        queries = torch.nn.functional.normalize(torch.randn(2, 2, 16, 8), dim=-1)
+        memory = on_gpu[0]
+        want = memory.retrieved(memory.search_async(queries, 4))
+        got = memory.retrieved(memory.search_async(queries.cuda(), 4))
+        kv, mask = memory.search(queries.cuda(), 4)
+    assert kv.device.type == mask.device.type == "cuda"
     for name in ("keys", "values", "positions"):
         tensor = getattr(got, name)
-        assert tensor.device.type == "cuda", name
-        torch.testing.assert_close(tensor.cpu(), getattr(want, name))
+        assert tensor.device.type == "cuda" and getattr(want, name).device.type == "cpu", name
+        assert torch.equal(tensor.cpu(), getattr(want, name)), name
 
 
 @needs_cuda

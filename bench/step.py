@@ -321,8 +321,9 @@ def report(cfg: StepConfig, results: dict[str, dict], load=None) -> str:
                      f"{warm(res['memory_calls']):.2f}" if name != "none" else "-",
                      " ".join(f"{t:.2f}" for t in res["times"])])
     load = f", load average {load[0]:.1f} before / {load[1]:.1f} after" if load else ""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if cfg.device == "cuda" else ""
     lines = [machine_line(f"torch threads per row as set (remote-pinned: 1), no pinning unless "
-                          f"noted; each row a fresh process{load}"),
+                          f"noted; each row a fresh process{load}{gpu}"),
              cfg.describe() + ".",
              f"Step = forward + backward + AdamW step (+ collecting add replies); median of "
              f"segments 2-{cfg.segments} (memories warm), seconds.\n",

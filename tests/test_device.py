@@ -22,9 +22,12 @@ from memtrans.model import KNNAttention
 
 SMALL = dict(num_tokens=64, dim=32, dim_head=8, heads=2, depth=3, memorizing_layers=(2, 3),
              max_knn_memories=64, num_retrieved_memories=4, xl_max_memories=8)
-SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__",
-         "__index__", "__array__")
-"""Tensor methods that, on a CUDA tensor, make the host wait for the GPU stream."""
+SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "masked_select", "__bool__",
+         "__int__", "__float__", "__index__", "__array__")
+"""Tensor methods that, on a CUDA tensor, make the host wait for the GPU stream (``nonzero``,
+``unique`` and ``masked_select`` to size their result from the data)."""
+SYNC_FUNCTIONS = ("nonzero", "unique", "masked_select")
+"""The same as ``torch.`` functions."""
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -67,6 +70,14 @@ class SyncGuard:
                 return original(tensor, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, guarded)
+        for name in SYNC_FUNCTIONS:
+            original = getattr(torch, name)
+
+            def guarded_function(*args, name=name, original=original, **kwargs):
+                self.check(f"torch.{name}()")
+                return original(*args, **kwargs)
+
+            monkeypatch.setattr(torch, name, guarded_function)
         to = torch.Tensor.to
 
         def guarded_to(tensor, *args, **kwargs):

@@ -523,7 +523,10 @@ class MemorizingTransformer(nn.Module):
 
     @staticmethod
     def clear_memory(knn_memories, token_ids: torch.Tensor, token_id: int) -> None:
-        """Clear the memories of the batch rows whose ``token_ids`` contain ``token_id``."""
+        """Clear the memories of the batch rows whose ``token_ids`` contain ``token_id``.
+
+        It reads the token ids on the host, which on CUDA waits for the GPU (the seed's API; a
+        trainer that knows where documents start clears those rows from its data instead)."""
         rows = (token_ids == token_id).any(dim=-1).nonzero(as_tuple=True)[0].tolist()
         if rows and len(knn_memories) > 0:
             scoped = knn_memories[0].scoped_indices

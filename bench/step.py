@@ -27,10 +27,16 @@ Rows (each runs in its own subprocess, one after another):
 memtrans: ``search_async`` + ``retrieved`` + ``add`` + ``collect_adds``, including the tensor to
 numpy copies and any waiting; for the seed: ``search`` + ``add``).
 
+``--device cuda`` runs the model (and its tokens) on the GPU, the memories staying on the host's
+CPU cores; each step ends with ``torch.cuda.synchronize()`` so its time is the GPU's too. It
+stops with an error where CUDA is not available. It has never run: this project's machine has
+no GPU.
+
     python -m bench.step                  # the issue's configuration, every row (~10 minutes)
     python -m bench.step --quick          # tiny configuration, for smoke-testing (~30 s)
     python -m bench.step --rows none remote --segments 5 --prefill 8192
     python -m bench.step --profile inproc # torch.profiler table of one row's warm steps
+    python -m bench.step --device cuda    # the model on the GPU (needs CUDA)
 """
 
 from __future__ import annotations
@@ -46,10 +52,9 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from memory_server.store import Retrieval
+from memtrans.memory import TensorRetrieval
 
 from .common import machine_line, table
 
@@ -83,13 +88,16 @@ class StepConfig:
     """memtrans index kind (the seed always uses its HNSW)."""
     server_threads: int | None = None
     """memory-server --threads for the unpinned remote row (None: the server's default)."""
+    device: str = "cpu"
+    """Where the model runs: ``cpu`` or ``cuda`` (the memories are on the host either way)."""
 
     def describe(self) -> str:
         layers = ",".join(map(str, self.memorizing_layers))
         return (f"batch {self.batch}, {self.seq_len}-token segments, dim {self.dim}, depth "
                 f"{self.depth}, {self.heads} heads x {self.dim_head}, memorizing layers ({layers}), "
                 f"{self.max_memories} memories per row, k={self.k}, {self.segments} consecutive "
-                f"segments per row, prefill {self.prefill}, memtrans index {self.index}")
+                f"segments per row, prefill {self.prefill}, memtrans index {self.index}, "
+                f"model on {self.device}")
 
 
 QUICK = dict(batch=2, seq_len=64, dim=64, depth=4, heads=4, dim_head=16, memorizing_layers=(2, 3),
@@ -103,25 +111,27 @@ QUICK = dict(batch=2, seq_len=64, dim=64, depth=4, heads=4, dim_head=16, memoriz
 class ZeroMemory:
     """The ``KNNMemory`` interface at no cost: every search finds nothing, adds are dropped.
 
-    ``retrieved`` gives a compact ``Retrieval`` of one zero key/value row and all-zero positions
-    (every neighbour masked), built once per shape, so the model does all of its memory-layer
-    work and the memory none.
+    ``retrieved`` gives a compact retrieval of one zero key/value row and all-zero positions
+    (every neighbour masked) on the queries' device, built once per shape, so the model does all
+    of its memory-layer work and the memory none.
     """
 
     def __init__(self, batch: int, dim: int):
         self.dim = dim
         self.num_indices = batch
         self.scoped_indices = list(range(batch))
-        self._zero = np.zeros((1, dim), np.float32)
-        self._positions: dict[tuple, np.ndarray] = {}
+        self._retrievals: dict[tuple, TensorRetrieval] = {}
 
     def search_async(self, queries: torch.Tensor, topk: int):
-        return (queries.shape[0], queries[0].numel() // self.dim, topk)
+        return (queries.shape[0], queries[0].numel() // self.dim, topk), queries.device
 
-    def retrieved(self, shape) -> Retrieval:
-        if shape not in self._positions:
-            self._positions[shape] = np.zeros(shape, np.int32)
-        return Retrieval(self._zero, self._zero, self._positions[shape])
+    def retrieved(self, pending) -> TensorRetrieval:
+        shape, device = pending
+        if (shape, device) not in self._retrievals:
+            zero = torch.zeros((1, self.dim), device=device)
+            positions = torch.zeros(shape, dtype=torch.int32, device=device)
+            self._retrievals[shape, device] = TensorRetrieval(zero, zero, positions)
+        return self._retrievals[shape, device]
 
     def add(self, memories: torch.Tensor) -> None:
         pass
@@ -204,6 +214,7 @@ def run_row(name: str, cfg: StepConfig, *, profile: bool = False) -> dict:
     from memory_server.local import start_servers
     from memtrans import MemorizingTransformer
 
+    device = torch.device(cfg.device)
     note = ""
     if name == "remote-pinned":
         # Before any thread exists, so every thread of this process (torch, ZeroMQ) inherits it.
@@ -241,6 +252,7 @@ def run_row(name: str, cfg: StepConfig, *, profile: bool = False) -> dict:
             stack.callback(memories.cleanup)
             if name == "inproc-sync":
                 memories = [SyncMemory(m) for m in memories]
+        model.to(device)
         _prefill(memories, cfg)
         clock = [0.0]
         metered = [Meter(m, clock) for m in memories]
@@ -250,9 +262,13 @@ def run_row(name: str, cfg: StepConfig, *, profile: bool = False) -> dict:
         profiler = None
         for segment in range(cfg.segments):
             if profile and segment == 1:
-                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                profiler = torch.profiler.profile(activities=activities)
                 profiler.start()
-            tokens = torch.randint(1, cfg.num_tokens, (cfg.batch, cfg.seq_len + 1), generator=gen)
+            tokens = torch.randint(1, cfg.num_tokens, (cfg.batch, cfg.seq_len + 1),
+                                   generator=gen).to(device)
             clock[0] = 0.0
             start = time.perf_counter()
             loss = model(tokens[:, :-1], metered, labels=tokens[:, 1:])
@@ -262,6 +278,8 @@ def run_row(name: str, cfg: StepConfig, *, profile: bool = False) -> dict:
             for memory in metered:
                 if hasattr(memory, "collect_adds"):
                     memory.collect_adds()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
             waits.append(clock[0])
         if profiler is not None:
@@ -303,8 +321,9 @@ def report(cfg: StepConfig, results: dict[str, dict], load=None) -> str:
                      f"{warm(res['memory_calls']):.2f}" if name != "none" else "-",
                      " ".join(f"{t:.2f}" for t in res["times"])])
     load = f", load average {load[0]:.1f} before / {load[1]:.1f} after" if load else ""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if cfg.device == "cuda" else ""
     lines = [machine_line(f"torch threads per row as set (remote-pinned: 1), no pinning unless "
-                          f"noted; each row a fresh process{load}"),
+                          f"noted; each row a fresh process{load}{gpu}"),
              cfg.describe() + ".",
              f"Step = forward + backward + AdamW step (+ collecting add replies); median of "
              f"segments 2-{cfg.segments} (memories warm), seconds.\n",
@@ -327,6 +346,8 @@ def main(argv=None) -> None:
     parser.add_argument("--index", choices=["flat", "hnsw", "ivf"])
     parser.add_argument("--batch", type=int)
     parser.add_argument("--server-threads", type=int)
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="where the model runs (default cpu); the memories stay on the host")
     parser.add_argument("--profile", choices=list(ROWS),
                         help="run this one row in this process under torch.profiler (segments "
                              "2..) and print its op table")
@@ -341,12 +362,16 @@ def main(argv=None) -> None:
         return
 
     cfg = StepConfig(**(QUICK if args.quick else {}))
-    for field in ("segments", "prefill", "index", "batch", "server_threads"):
+    for field in ("segments", "prefill", "index", "batch", "server_threads", "device"):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
     if cfg.prefill + cfg.segments * cfg.seq_len > cfg.max_memories:
         parser.error("prefill + segments x seq_len must fit in max_memories (the seed wipes a "
                      "full memory)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: CUDA is not available here (torch {torch.__version__}, "
+                     f"built with CUDA {torch.version.cuda}): run it on a GPU host with a CUDA "
+                     f"build of torch, or use --device cpu")
     if args.profile:
         res = run_row(args.profile, cfg, profile=True)
         print(report(cfg, {args.profile: res}))

@@ -6,6 +6,11 @@ process on a worker thread (``LocalBackend``), or on ``memory-server`` daemons t
 applies them in that order, so an ``add`` never has to be waited for before the next ``search``:
 the model sends adds and moves on, and their errors surface at the next search of that memory.
 
+Tensors may live on a CUDA device: the model's thread only starts their copies to the host
+(``transfer.to_host``) and each backend's own thread ("knn-memory...") waits for them, and
+``retrieved`` gives the results on the queries' device through non-blocking copies of pinned
+buffers. Nothing on the model's thread waits for the GPU (``tests/test_device.py``).
+
 The classes are drop-in for ``memorizing_transformers_pytorch``'s ``KNNMemory`` and
 ``KNNMemoryList`` (same constructor arguments, ``add``/``search``/``clear``/``at_batch_indices``),
 without its files on disk: memories live in RAM here or on the servers.
@@ -25,6 +30,8 @@ import torch
 
 from memory_server.store import MemoryStore, NamespaceConfig, Retrieval
 
+from .transfer import HostCopy, pin_for, to_device, to_host
+
 DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY = "./.tmp/knn.memories"
 """Kept for the seed's constructor arguments; nothing is written there (memories live in RAM)."""
 
@@ -33,8 +40,43 @@ SERVER_KEY_ENV = "MEMTRANS_SERVER_KEY"
 CLIENT_KEY_ENV = "MEMTRANS_CLIENT_KEY"
 
 
+@dataclass(frozen=True, slots=True)
+class TensorRetrieval:
+    """A ``Retrieval`` as tensors: ``keys`` and ``values`` ``(m, dim)`` (row 0 the "no memory"
+    zeros) and ``positions`` ``(b, q, k)`` int32 into them, 0 where nothing was found."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def staged(cls, retrieval: Retrieval, device: torch.device) -> TensorRetrieval:
+        """On the host, ready to go to ``device`` without waiting (pinned for CUDA)."""
+        return cls(*(pin_for(torch.from_numpy(a), device)
+                     for a in (retrieval.keys, retrieval.values, retrieval.positions)))
+
+    def to(self, device: torch.device) -> TensorRetrieval:
+        """On ``device``, copied ``non_blocking`` (from ``staged``)."""
+        return TensorRetrieval(*(to_device(t, device)
+                                 for t in (self.keys, self.values, self.positions)))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.positions > 0
+
+
+def _split(kv: HostCopy) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values ``(b, n, dim)`` of host key/values ``(b, n, 2, dim)``; waits for the copy."""
+    array = kv.numpy()
+    return np.ascontiguousarray(array[:, :, 0]), np.ascontiguousarray(array[:, :, 1])
+
+
 class LocalBackend:
-    """A private ``MemoryStore`` driven by one worker thread, so calls return futures in order."""
+    """A private ``MemoryStore`` driven by one worker thread, so calls return futures in order.
+
+    The worker waits for a call's device-to-host copy, runs the store, and stages the retrieval
+    for the device: all off the model's thread.
+    """
 
     def __init__(self, config: NamespaceConfig, *, threads: int = 1):
         self.config = config
@@ -44,11 +86,16 @@ class LocalBackend:
         self.store.open(self.namespace, config)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="knn-memory")
 
-    def add_async(self, layer: int, rows: np.ndarray, keys: np.ndarray, values: np.ndarray) -> Future:
-        return self._worker.submit(self.store.add, self.namespace, layer, rows, keys, values)
+    def add_async(self, layer: int, rows: np.ndarray, kv: HostCopy) -> Future[None]:
+        return self._worker.submit(lambda: self.store.add(self.namespace, layer, rows, *_split(kv)))
 
-    def search_async(self, layer: int, rows: np.ndarray, queries: np.ndarray, k: int) -> Future:
-        return self._worker.submit(self.store.search, self.namespace, layer, rows, queries, k)
+    def search_async(self, layer: int, rows: np.ndarray, queries: HostCopy, k: int,
+                     device: torch.device) -> Future[TensorRetrieval]:
+        def search():
+            retrieval = self.store.search(self.namespace, layer, rows, queries.numpy(), k)
+            return TensorRetrieval.staged(retrieval, device)
+
+        return self._worker.submit(search)
 
     def clear(self, rows: np.ndarray, layers: list[int] | None = None) -> None:
         self._worker.submit(self.store.clear, self.namespace, rows, layers).result()
@@ -59,7 +106,13 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """One namespace on memory servers; local rows are offset to this rank's global rows."""
+    """One namespace on memory servers; local rows are offset to this rank's global rows.
+
+    Calls go through one staging thread ("knn-memory-io"), in order: it waits for a call's
+    device-to-host copy and hands the request to the client, whose I/O thread sends it and, as
+    a search's reply completes, stages the retrieval for the device. Clears take the same queue,
+    so they stay in order with the adds before them.
+    """
 
     def __init__(self, client, namespace: str, config: NamespaceConfig, *, num_rows: int,
                  row_offset: int = 0, owns_namespace: bool = True):
@@ -70,18 +123,27 @@ class RemoteBackend:
         self.row_offset = row_offset
         self.owns_namespace = owns_namespace
         client.open(namespace, config)
+        self._staging = ThreadPoolExecutor(1, thread_name_prefix="knn-memory-io")
 
-    def add_async(self, layer: int, rows: np.ndarray, keys: np.ndarray, values: np.ndarray) -> Future:
-        return self.client.add_async(self.namespace, layer, rows + self.row_offset, keys, values)
+    def add_async(self, layer: int, rows: np.ndarray, kv: HostCopy) -> Future[None]:
+        rows = rows + self.row_offset
+        return _flatten(self._staging.submit(
+            lambda: self.client.add_async(self.namespace, layer, rows, *_split(kv))))
 
-    def search_async(self, layer: int, rows: np.ndarray, queries: np.ndarray, k: int) -> Future:
-        return self.client.search_async(self.namespace, layer, rows + self.row_offset, queries, k)
+    def search_async(self, layer: int, rows: np.ndarray, queries: HostCopy, k: int,
+                     device: torch.device) -> Future[TensorRetrieval]:
+        rows = rows + self.row_offset
+        return _flatten(self._staging.submit(
+            lambda: self.client.search_async(self.namespace, layer, rows, queries.numpy(), k)),
+            lambda retrieval: TensorRetrieval.staged(retrieval, device))
 
     def clear(self, rows: np.ndarray, layers: list[int] | None = None) -> None:
-        self.client.clear(self.namespace, rows + self.row_offset, layers)
+        rows = rows + self.row_offset
+        self._staging.submit(self.client.clear, self.namespace, rows, layers).result()
 
     def close(self) -> None:
         try:
+            self._staging.shutdown(wait=True)
             if self.owns_namespace:
                 self.client.drop(self.namespace)
         finally:
@@ -92,8 +154,11 @@ class RemoteBackend:
 class PendingSearch:
     """A search under way, with the adds sent before it (whose errors it reports)."""
 
-    future: Future
+    future: Future[TensorRetrieval]
+    """The retrieval staged on the host for ``device``."""
     adds_before: list[Future]
+    device: torch.device
+    """Where the queries were, and so where the retrieval goes."""
 
 
 class KNNMemory:
@@ -154,33 +219,35 @@ class KNNMemory:
     # operations
 
     def add(self, memories: torch.Tensor) -> None:
-        """Append key/values ``(b, n, 2, dim)``; returns without waiting for the store."""
+        """Append key/values ``(b, n, 2, dim)``; returns without waiting for the store.
+
+        A CPU tensor is read later, on the memory's thread: do not change it in place before
+        ``collect_adds`` (a CUDA tensor is copied, in stream order, when this is called)."""
         self.add_async(memories)
 
     def add_async(self, memories: torch.Tensor) -> Future:
         memories = self._check(memories, "memories", (len(self.scoped_indices), None, 2, self.dim))
-        array = memories.detach().to("cpu", torch.float32).numpy()
-        keys = np.ascontiguousarray(array[:, :, 0])
-        values = np.ascontiguousarray(array[:, :, 1])
-        future = self.backend.add_async(self.layer, self._rows(), keys, values)
+        future = self.backend.add_async(self.layer, self._rows(), to_host(memories))
         self._pending_adds.append(future)
         return future
 
     def search_async(self, queries: torch.Tensor, topk: int) -> PendingSearch:
-        """Start a search of ``(b, ..., dim)`` queries; ``retrieved`` gives its ``Retrieval``."""
+        """Start a search of ``(b, ..., dim)`` queries; ``retrieved`` gives its result."""
         if not isinstance(topk, int) or not 1 <= topk <= self.max_memories:
             raise ValueError(f"topk must be an integer in [1, max_memories={self.max_memories}], "
                              f"got {topk!r}")
         queries = self._check(queries, "queries", (len(self.scoped_indices), ..., self.dim))
-        flat = queries.detach().to("cpu", torch.float32).reshape(queries.shape[0], -1, self.dim)
-        future = self.backend.search_async(self.layer, self._rows(), flat.numpy(), topk)
-        return PendingSearch(future, self._take_pending_adds())
+        flat = to_host(queries.reshape(queries.shape[0], -1, self.dim))
+        future = self.backend.search_async(self.layer, self._rows(), flat, topk, queries.device)
+        return PendingSearch(future, self._take_pending_adds(), queries.device)
 
-    def retrieved(self, pending: PendingSearch) -> Retrieval:
-        """Wait for a search; an error of an add sent before it is raised here."""
+    def retrieved(self, pending: PendingSearch) -> TensorRetrieval:
+        """Wait for a search; its retrieval on the queries' device (``positions`` ``(b, q, k)``
+        for the ``q`` queries of each row, flattened). An error of an add sent before it is
+        raised here."""
         retrieval = pending.future.result()
         _raise_first_error(pending.adds_before)
-        return retrieval
+        return retrieval.to(pending.device)
 
     def search(self, queries: torch.Tensor, topk: int, nprobe: int | None = None,
                increment_hits: bool = True, increment_age: bool = True):
@@ -196,11 +263,10 @@ class KNNMemory:
                              "made (index='ivf', nprobe=...); this memory's index is "
                              f"{self.backend.config.index!r}")
         retrieval = self.retrieved(self.search_async(queries, topk))
-        kv, mask = retrieval.dense()
+        table = torch.stack((retrieval.keys, retrieval.values.float()), dim=1)
         lead = tuple(queries.shape[:-1])
-        kv = torch.from_numpy(kv).reshape(*lead, topk, 2, self.dim)
-        mask = torch.from_numpy(mask).reshape(*lead, topk)
-        return kv.to(queries.device), mask.to(queries.device)
+        kv = table[retrieval.positions.long()].reshape(*lead, topk, 2, self.dim)
+        return kv, retrieval.mask.reshape(*lead, topk)
 
     def collect_adds(self) -> None:
         """Wait for every add sent so far and raise the first error among them."""
@@ -348,6 +414,28 @@ class KNNMemoryList(list):
             if self.backend is not None:
                 self.backend.close()
                 self.backend = None
+
+
+def _flatten(staged: Future[Future], then=None) -> Future:
+    """The result of the future that ``staged`` gives (``then`` of it), or the first error."""
+    out: Future = Future()
+    out.set_running_or_notify_cancel()
+
+    def inner_done(inner: Future) -> None:
+        try:
+            result = inner.result()
+            out.set_result(result if then is None else then(result))
+        except BaseException as exc:  # handed on to whoever waits for ``out``
+            out.set_exception(exc)
+
+    def staged_done(f: Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            f.result().add_done_callback(inner_done)
+
+    staged.add_done_callback(staged_done)
+    return out
 
 
 def _raise_first_error(futures: list[Future]) -> None:

@@ -9,6 +9,11 @@ Memory traffic is overlapped with compute: a kNN layer sends its search as soon 
 exist, computes local attention while the memory works, and only then waits. Retrieved memories
 arrive in compact form (distinct key/values plus positions, see ``memory_server.store.Retrieval``)
 and are read with gathers that never build the dense ``(b, h, n, k, 2, d)`` tensor.
+
+On CUDA the layers never make the host wait for the GPU: no ``.item()``, ``.tolist()``,
+``.cpu()`` or ``bool(tensor)`` on device values, copies to and from the memory through pinned
+buffers and events (``memtrans.transfer``), and host bookkeeping (``xl_valid``, micro-batch
+rows) kept in numpy and Python on the host.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 from contextlib import contextmanager
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -24,6 +30,7 @@ from torch import einsum, nn
 
 from .memory import (DEFAULT_KNN_MEMORY_MEMMAP_DIRECTORY, KNNMemoryList, RemoteKNNMemory,
                      servers_from_env)
+from .transfer import pin_for, to_device
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:
@@ -96,28 +103,34 @@ def _causal_mask(i: int, j: int, device) -> torch.Tensor:
     return torch.ones((i, j), dtype=torch.bool, device=device).triu(j - i + 1)
 
 
-def _stale_xl(xl_valid, xl_len: int):
+def _host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting (pinned, non-blocking on CUDA)."""
+    return to_device(pin_for(tensor, device), device)
+
+
+def _stale_xl(xl_valid: np.ndarray | None, xl_len: int) -> np.ndarray | None:
     """Per row, how many of the oldest XL entries are from a previous document (None: none).
 
-    ``xl_valid`` per row is a bool (the whole XL memory is, or is not, of this document) or the
-    number of its most recent entries that are (carried by the caller while a document's own
-    history fills an XL window longer than a segment).
+    ``xl_valid`` (host bookkeeping, numpy) per row is a bool (the whole XL memory is, or is not,
+    of this document) or the number of its most recent entries that are (carried by the caller
+    while a document's own history fills an XL window longer than a segment).
     """
     if xl_valid is None or xl_len == 0:
         return None
-    if xl_valid.dtype == torch.bool:
-        valid = torch.where(xl_valid, xl_len, 0)
+    if xl_valid.dtype == np.bool_:
+        valid = np.where(xl_valid, xl_len, 0)
     else:
-        valid = xl_valid.clamp(0, xl_len)
+        valid = np.clip(xl_valid, 0, xl_len)
     stale = xl_len - valid
-    return stale if bool(stale.any()) else None
+    return stale if stale.any() else None
 
 
-def _mask_stale_xl(sim: torch.Tensor, stale) -> torch.Tensor:
+def _mask_stale_xl(sim: torch.Tensor, stale: np.ndarray | None) -> torch.Tensor:
     """Hide the XL columns that belong to a previous document."""
     if stale is None:
         return sim
-    hidden = torch.arange(sim.shape[-1], device=sim.device) < stale.to(sim.device).view(-1, 1, 1, 1)
+    stale = _host(torch.from_numpy(stale), sim.device).view(-1, 1, 1, 1)
+    hidden = torch.arange(sim.shape[-1], device=sim.device) < stale
     return sim.masked_fill(hidden, -torch.finfo(sim.dtype).max)
 
 
@@ -134,11 +147,12 @@ def _add_current(knn_memory, discarded: torch.Tensor, stale) -> None:
     if stale is None:
         knn_memory.add(discarded)
         return
-    skip = stale.clamp(max=discarded.shape[1]).tolist()
+    skip = np.minimum(stale, discarded.shape[1]).tolist()
     for count in sorted(set(skip)):
         rows = [r for r, s in enumerate(skip) if s == count]
         if count < discarded.shape[1]:
-            knn_memory.row_group(rows).add(discarded[rows, count:])
+            index = _host(torch.tensor(rows), discarded.device)
+            knn_memory.row_group(rows).add(discarded.index_select(0, index)[:, count:])
 
 
 class KeySmear(nn.Module):
@@ -352,10 +366,9 @@ class KNNAttention(_QKMixing, nn.Module):
         retrieval = state["read_memory"].retrieved(state["search"])
         b, h, n, d = q.shape
         k = self.num_retrieved_memories
-        device = q.device
-        positions = torch.from_numpy(retrieval.positions).to(device, torch.long).view(b, h, n, k)
-        mem_keys = torch.from_numpy(retrieval.keys).to(device, q.dtype)
-        mem_values = torch.from_numpy(retrieval.values).to(device, q.dtype)
+        positions = retrieval.positions.long().view(b, h, n, k)
+        mem_keys = retrieval.keys.to(q.dtype)
+        mem_values = retrieval.values.to(q.dtype)
 
         mask_value = -torch.finfo(sim.dtype).max
         sim_mem = _GatherDot.apply(q, mem_keys, positions) * scale
@@ -510,7 +523,10 @@ class MemorizingTransformer(nn.Module):
 
     @staticmethod
     def clear_memory(knn_memories, token_ids: torch.Tensor, token_id: int) -> None:
-        """Clear the memories of the batch rows whose ``token_ids`` contain ``token_id``."""
+        """Clear the memories of the batch rows whose ``token_ids`` contain ``token_id``.
+
+        It reads the token ids on the host, which on CUDA waits for the GPU (the seed's API; a
+        trainer that knows where documents start clears those rows from its data instead)."""
         rows = (token_ids == token_id).any(dim=-1).nonzero(as_tuple=True)[0].tolist()
         if rows and len(knn_memories) > 0:
             scoped = knn_memories[0].scoped_indices
@@ -538,12 +554,7 @@ class MemorizingTransformer(nn.Module):
             raise ValueError(f"micro_batches must be an integer in [1, batch size {batch_size}], "
                              f"got {micro_batches!r}")
         if xl_valid is not None:
-            xl_valid = torch.as_tensor(xl_valid)
-            if xl_valid.dtype != torch.bool:
-                xl_valid = xl_valid.long()
-            if xl_valid.shape != (batch_size,):
-                raise ValueError(f"xl_valid must hold one bool or count per batch row, shape "
-                                 f"({batch_size},), got {tuple(xl_valid.shape)}")
+            xl_valid = _host_xl_valid(xl_valid, batch_size)
 
         if self.clear_memories_on_sos_token_id is not None:
             self.clear_memory(knn_memories, x, self.clear_memories_on_sos_token_id)
@@ -565,11 +576,11 @@ class MemorizingTransformer(nn.Module):
         biases = (self.rel_pos_bias(seq_len, max_context, device=device),
                   self.knn_rel_pos_bias(seq_len, max_context, device=device))
 
-        groups = [g.tolist() for g in torch.arange(batch_size).tensor_split(micro_batches)]
         runs = [self._run_rows(x[rows], rows, knn_memories_seq, read_memories, xl_memories, biases,
                                add_knn_memory,
                                None if xl_valid is None else xl_valid[rows],
-                               whole_batch=micro_batches == 1) for rows in groups]
+                               whole_batch=micro_batches == 1)
+                for rows in _row_groups(batch_size, micro_batches)]
         results = _round_robin(runs)
         h = torch.cat([r[0] for r in results])
         new_xl_memories = [torch.cat(parts) for parts in zip(*(r[1] for r in results))]
@@ -590,8 +601,9 @@ class MemorizingTransformer(nn.Module):
         """The layers for one row group, as a generator that yields while its kNN search runs."""
         rel_pos_bias, knn_rel_pos_bias = biases
         if not whole_batch:
-            knn_memories = [m.row_group(rows) for m in knn_memories]
-            read_memories = [m.row_group(rows) for m in read_memories]
+            batch_rows = range(rows.start, rows.stop)
+            knn_memories = [m.row_group(batch_rows) for m in knn_memories]
+            read_memories = [m.row_group(batch_rows) for m in read_memories]
             xl_memories = [m[rows] if m is not None else None for m in xl_memories]
         knn_iter, read_iter, xl_iter = iter(knn_memories), iter(read_memories), iter(xl_memories)
         new_xl_memories = []
@@ -627,6 +639,30 @@ class MemorizingTransformer(nn.Module):
             if memory.dim != self.dim_head:
                 raise ValueError(f"kNN memory dim {memory.dim} does not match the model's dim_head "
                                  f"{self.dim_head}")
+
+
+def _host_xl_valid(xl_valid, batch_size: int) -> np.ndarray:
+    """``xl_valid`` as host numpy (bool, or int64 counts), checked: it is bookkeeping the caller
+    has on the host, and reading it from a device would wait for the GPU."""
+    if isinstance(xl_valid, torch.Tensor) and xl_valid.device.type != "cpu":
+        raise ValueError(f"xl_valid is host bookkeeping (per row, how much of its XL memory is its "
+                         f"document's): pass a list, numpy array or CPU tensor, not a tensor on "
+                         f"{xl_valid.device} (reading it would wait for the device)")
+    xl_valid = np.asarray(xl_valid)
+    if xl_valid.dtype != np.bool_:
+        xl_valid = xl_valid.astype(np.int64)
+    if xl_valid.shape != (batch_size,):
+        raise ValueError(f"xl_valid must hold one bool or count per batch row, shape "
+                         f"({batch_size},), got {tuple(xl_valid.shape)}")
+    return xl_valid
+
+
+def _row_groups(batch_size: int, groups: int) -> list[slice]:
+    """``groups`` contiguous row ranges, the first ``batch_size % groups`` one row longer (as
+    ``tensor_split``); slices, so selecting them takes no index tensor to the device."""
+    size, extra = divmod(batch_size, groups)
+    starts = [i * size + min(i, extra) for i in range(groups + 1)]
+    return [slice(a, b) for a, b in zip(starts, starts[1:])]
 
 
 def _round_robin(runs: list) -> list:

@@ -146,10 +146,10 @@ def test_the_leak_control_searches_the_next_rows_memory_and_adds_to_its_own():
     crossed = other_rows(memories)[0]
     crossed.add(torch.stack((keys, keys), dim=2))  # goes to each row's own memory
     own = memories[0].retrieved(memories[0].search_async(keys, 1))
-    torch.testing.assert_close(torch.from_numpy(own.keys[own.positions.reshape(-1)]), keys[:, 0])
+    torch.testing.assert_close(own.keys[own.positions.reshape(-1).long()], keys[:, 0])
     # Each row, searching with its own key, finds the only entry of the other row's memory.
     retrieval = crossed.retrieved(crossed.search_async(keys, 1))
-    got = torch.from_numpy(retrieval.keys[retrieval.positions.reshape(-1)])
+    got = retrieval.keys[retrieval.positions.reshape(-1).long()]
     torch.testing.assert_close(got, keys[[1, 0], 0])
     assert memories[0].scoped_indices == [0, 1]
     assert memories.backend.store.stats()["entries"] == 2

@@ -1,6 +1,5 @@
 """RemoteKNNMemory: the same results as the in-process memory, through real memory servers."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -144,7 +143,7 @@ def test_float16_wire_values_give_the_same_logits_within_tolerance(memory_server
                 x = torch.randint(0, 64, (2, 16))
                 a, b = (model(x, knn_memories=m) for m in memories)
         retrieval = memories[1][0].retrieved(memories[1][0].search_async(torch.randn(2, 3, 8), 4))
-        assert retrieval.values.dtype == np.float16 and retrieval.keys.dtype == np.float32
+        assert retrieval.values.dtype == torch.float16 and retrieval.keys.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
         assert not torch.equal(a, b)
     finally:

@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections open at once; one past it is closed before its "
                              "handshake, and the open-file limit is raised to fit (default: "
                              "1024, or what the open-file limit allows)")
+    limits.add_argument("--max-connections-per-host", type=_positive_int, default=None,
+                        metavar="N",
+                        help="connections one client host may have open at once (an IPv4 "
+                             "address, an IPv6 /64; on ipc a user id), so one host cannot take "
+                             "all of --max-connections; one past it is closed before its "
+                             "handshake (default: no cap per host)")
     limits.add_argument("--max-inflight-bytes", type=parse_bytes, default=1 << 30,
                         help="bytes of requests being served and of replies not yet sent, all "
                              "clients together; at this many the server reads no more until "
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_memories_per_namespace=args.max_memories_per_namespace,
                               namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
                               max_connections=args.max_connections,
+                              max_connections_per_host=args.max_connections_per_host,
                               max_inflight_bytes=args.max_inflight_bytes,
                               max_client_inflight_bytes=args.max_client_inflight_bytes
                               or args.max_message_bytes,

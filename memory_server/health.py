@@ -21,6 +21,13 @@ def fetch_stats(endpoint: str, timeout: float, *, server_key: str | None = None,
                                     f"memory-server running there?{hint}") from None
 
 
+def _per_host(connections: dict) -> str:
+    if connections.get("max_per_host") is None:
+        return ""
+    return (f"{connections['hosts']} hosts, {connections['refused_per_host']} refused past "
+            f"{connections['max_per_host']} per host; ")
+
+
 def format_stats(endpoint: str, stats: dict) -> str:
     """Stats as a few aligned lines: totals, then one line per op (an admin's only)."""
     up = f", up {_duration(stats['uptime_s'])}" if "uptime_s" in stats else ""
@@ -40,7 +47,8 @@ def format_stats(endpoint: str, stats: dict) -> str:
     connections = stats.get("connections")
     if connections is not None:
         lines.append(f"  connections {connections['open']} of {connections['max']} open, "
-                     f"{connections['refused']} refused; log lines suppressed "
+                     f"{connections['refused']} refused; {_per_host(connections)}log lines "
+                     f"suppressed "
                      f"{stats.get('log_lines_suppressed', 0)}")
     requests = stats["requests"]
     lines.append(f"  {'op':<10} {'requests':>10} {'errors':>8} {'p50 ms':>9} {'p99 ms':>9}")

@@ -65,8 +65,9 @@ Security and limits
     known credential with ``unauthorized``. An ipc socket file is created with mode 0700 (the
     umask is narrowed around the bind, so there is no moment when it is open to others). Limits
     (bytes, message size, namespaces, memories per namespace, bytes in flight) are refused with
-    ``limit_exceeded`` replies naming the flag; connections past ``--max-connections`` are shut
-    down before their handshake (``connections.py``), and ZeroMQ's frame cap applies before it
+    ``limit_exceeded`` replies naming the flag; connections past ``--max-connections``, or past
+    ``--max-connections-per-host`` from one host, are shut down before their handshake
+    (``connections.py``), and ZeroMQ's frame cap applies before it
     too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
     (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle namespaces and a later
     request for one is told it expired.
@@ -189,6 +190,10 @@ class ServerConfig:
     """Connections open at once; one past it is shut down at once, before its handshake
     (``connections.py``). None: ``connections.DEFAULT_MAX_CONNECTIONS``, or fewer when the
     open-file limit does not allow that many."""
+    max_connections_per_host: int | None = None
+    """Connections one host (an IPv4 address, an IPv6 /64, on ipc a user id) may have open at
+    once; one past it is shut down like one past ``max_connections``, so one host cannot take
+    them all (None: no cap per host)."""
     max_inflight_bytes: int = 1 << 30
     """Bytes of requests accepted but not yet answered and of replies not yet transmitted, all
     clients together; at this many the server stops reading, as at ``max_pending``."""
@@ -251,7 +256,7 @@ class ServerConfig:
         required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
                     "max_client_inflight_bytes")
         for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
-                     "max_connections", "metrics_port"):
+                     "max_connections", "max_connections_per_host", "metrics_port"):
             value = getattr(self, name)
             if value is None and name not in required:
                 continue
@@ -371,7 +376,8 @@ class Server:
         self._rejections = RateLimitedLog(log)
         """Lines about what clients did wrong: theirs to make, so at most 10 a second."""
         self._connections = connections.ConnectionGuard(self._router, max_connections,
-                                                        self._rejections)
+                                                        self._rejections,
+                                                        config.max_connections_per_host)
         self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
                                  max_namespaces=config.max_namespaces,
                                  max_memories_per_namespace=config.max_memories_per_namespace,
@@ -909,6 +915,7 @@ class Server:
                 "max_namespaces": cfg.max_namespaces,
                 "max_memories_per_namespace": cfg.max_memories_per_namespace,
                 "max_connections": self._connections.max_connections,
+                "max_connections_per_host": cfg.max_connections_per_host,
                 "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
                 "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None}
 

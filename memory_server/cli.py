@@ -14,25 +14,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 
-from . import auth, health, tenants
+from . import auth, health, tenants, units
 from .errors import MemoryServerError
 from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
 from .server import DEFAULT_BIND, WIRE_DTYPES, BindError, DrainTimeout, ServerConfig, serve
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def parse_bytes(text: str) -> int:
     """A positive byte count, optionally with a binary suffix: ``1048576``, ``512M``, ``8GiB``."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
-    if match is None or int(match[1]) == 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive byte count like 1048576, 512M or 8G, got {text!r}")
-    return int(match[1]) * _UNITS[match[2].upper()]
+    try:
+        return units.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -113,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "down")
     tokens = parser.add_argument_group(
         "tenants without CURVE (loopback and ipc binds; files of 'NAME TOKEN' lines, mode 0600, "
-        "from `memory-server token`)")
+        "from `memory-server token`; a tenant's line may end in max_bytes=SIZE, its quota)")
     tokens.add_argument("--token-file", metavar="FILE",
                         default=os.environ.get(tenants.SERVER_TOKEN_ENV) or None,
                         help="the tenants' tokens: every request must carry one, and each "
@@ -126,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "reads server-wide stats and may shut the server down (default: "
                              f"${tenants.SERVER_ADMIN_TOKEN_ENV})")
     limits = parser.add_argument_group("limits (each refused with an error naming its flag)")
+    limits.add_argument("--tenant-max-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                        help="each tenant's quota: the bytes all its namespaces may hold "
+                             "together, e.g. 2G, so one tenant cannot fill --max-bytes for "
+                             "all; past it an add or restore is refused with quota_exceeded. A "
+                             "line 'NAME TOKEN max_bytes=SIZE' of --token-file sets that "
+                             "tenant's own (default: only those lines have quotas; admins "
+                             "never)")
     limits.add_argument("--max-namespaces", type=_positive_int, default=None,
                         help="namespaces open at once (default: no cap)")
     limits.add_argument("--max-memories-per-namespace", type=_positive_int, default=None,
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                               curve_admin=args.curve_admin, token_file=args.token_file,
                               admin_token_file=args.admin_token_file,
                               max_namespaces=args.max_namespaces,
+                              tenant_max_bytes=args.tenant_max_bytes,
                               max_memories_per_namespace=args.max_memories_per_namespace,
                               namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
                               max_connections=args.max_connections,

@@ -40,6 +40,9 @@ def format_stats(endpoint: str, stats: dict) -> str:
     for name, ns in sorted(stats.get("per_namespace", {}).items()):
         lines.append(f"    {name}: {ns['memories']} memories, {ns['entries']} entries, "
                      f"{_bytes(ns['bytes'])}")
+    if stats.get("quota"):
+        quota = stats["quota"]
+        lines.append(f"  quota: {_bytes(quota['bytes'])} of {_bytes(quota['max_bytes'])} held")
     if "requests" not in stats:
         lines.append(f"  (the namespaces of tenant {stats.get('tenant')!r}; request counts are "
                      f"for an admin's token or key)")

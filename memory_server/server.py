@@ -225,6 +225,10 @@ class ServerConfig:
     it every request needs one, and each client sees only its own namespaces."""
     admin_token_file: str | None = None
     """Without CURVE, the admins' tokens (same format)."""
+    tenant_max_bytes: int | None = None
+    """Each tenant's quota (admins have none): the bytes all its namespaces may hold together, so
+    that one tenant cannot fill ``max_bytes`` for all; a ``max_bytes=SIZE`` on a tenant's line of
+    ``token_file`` overrides it (None: only those lines have quotas)."""
     max_namespaces: int | None = None
     """Cap on namespaces open at once; an ``open`` past it is refused (None: no cap)."""
     max_memories_per_namespace: int | None = None
@@ -255,7 +259,7 @@ class ServerConfig:
                 raise ValueError(f"--restore {item!r}: {exc.message}") from None
         required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
                     "max_client_inflight_bytes")
-        for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
+        for name in (*required, "max_bytes", "tenant_max_bytes", "max_namespaces", "max_memories_per_namespace",
                      "max_connections", "max_connections_per_host", "metrics_port"):
             value = getattr(self, name)
             if value is None and name not in required:
@@ -276,6 +280,9 @@ class ServerConfig:
         if self.curve and (self.token_file or self.admin_token_file):
             raise ValueError("with CURVE the client keys are the tenants: pass --curve-allow and "
                              "--curve-admin instead of --token-file and --admin-token-file")
+        if self.tenant_max_bytes is not None and not (self.curve or self.token_file):
+            raise ValueError("--tenant-max-bytes needs tenants: --token-file, or CURVE "
+                             "(--curve-allow)")
         if self.curve_admin is not None and not self.curve:
             raise ValueError("--curve-admin needs CURVE (--curve-secret-key and --curve-allow); "
                              "without CURVE, admins are named in --admin-token-file")
@@ -344,11 +351,19 @@ class Server:
         allowed = auth.load_allowed(config.curve_allow) if config.curve else {}
         admins = auth.load_allowed(config.curve_admin, "--curve-admin") \
             if config.curve_admin else {}
+        lines = tenants.read_token_lines(config.token_file) if config.token_file else []
+        admin_lines = tenants.read_token_lines(config.admin_token_file, "--admin-token-file") \
+            if config.admin_token_file else []
+        if any(line.max_bytes is not None for line in admin_lines):
+            raise ValueError(f"--admin-token-file {config.admin_token_file}: an admin has no "
+                             f"quota (it may act on every namespace); remove max_bytes= from "
+                             f"its lines")
         self._tenants = tenants.Tenants(
-            tokens=tenants.read_token_file(config.token_file) if config.token_file else None,
-            admin_tokens=tenants.read_token_file(config.admin_token_file, "--admin-token-file")
-            if config.admin_token_file else None,
+            tokens={line.name: line.token for line in lines} or None,
+            admin_tokens={line.name: line.token for line in admin_lines} or None,
             curve_keys=allowed, curve_admins=admins)
+        quotas = _quotas(lines, [name for key, name in allowed.items() if key not in admins],
+                         config.tenant_max_bytes)
         self._allowed_keys = len(allowed.keys() | admins.keys())
         max_connections = connections.reserve_descriptors(config.max_connections)
         self._context = zmq.Context()
@@ -381,7 +396,7 @@ class Server:
         self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
                                  max_namespaces=config.max_namespaces,
                                  max_memories_per_namespace=config.max_memories_per_namespace,
-                                 max_search_bytes=config.max_message_bytes)
+                                 max_search_bytes=config.max_message_bytes, quotas=quotas)
         self._sequencer = _Sequencer(
             ThreadPoolExecutor(config.threads, thread_name_prefix="memory-server-request"))
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -440,6 +455,12 @@ class Server:
         else:
             log.info("tenants on: %d tenants, %d of them admins; each sees only its own "
                      "namespaces", len(self._tenants.names), self._tenants.admins)
+        quotas = self.store.quotas
+        if quotas:
+            overcommitted = cfg.max_bytes is not None and sum(quotas.values()) > cfg.max_bytes
+            log.info("quotas for %d tenants: %d bytes in all%s", len(quotas), sum(quotas.values()),
+                     " (more than --max-bytes: a tenant may find the server full before its "
+                     "quota is)" if overcommitted else "")
         poller = zmq.Poller()
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
         reading = False
@@ -888,7 +909,8 @@ class Server:
             name = tenant.unqualify(qualified)
             if name is not None:
                 per_namespace[name] = ns
-        return {**_totals(per_namespace), "per_namespace": per_namespace, "version": VERSION,
+        return {**_totals(per_namespace), "per_namespace": per_namespace,
+                "quota": self.store.quota(tenant.name), "version": VERSION,
                 "protocol": PROTOCOL_VERSION, "instance": self.instance, "tenant": tenant.name,
                 "admin": False, "config": self._config_stats()}, {}
 
@@ -902,6 +924,7 @@ class Server:
             "version": VERSION,
             "protocol": PROTOCOL_VERSION,
             "instance": self.instance,
+            "quotas": {name: self.store.quota(name) for name in self.store.quotas},
             "sessions": self._sessions.stats(),
             "connections": self._connections.stats(),
             "log_lines_suppressed": self._rejections.suppressed_total,
@@ -912,7 +935,7 @@ class Server:
         cfg = self.config
         return {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
                 "drain_timeout": cfg.drain_timeout, "max_message_bytes": cfg.max_message_bytes,
-                "max_namespaces": cfg.max_namespaces,
+                "max_namespaces": cfg.max_namespaces, "tenant_max_bytes": cfg.tenant_max_bytes,
                 "max_memories_per_namespace": cfg.max_memories_per_namespace,
                 "max_connections": self._connections.max_connections,
                 "max_connections_per_host": cfg.max_connections_per_host,
@@ -931,6 +954,15 @@ _HANDLERS = {
     "restore": Server._op_restore,
     "snapshots": Server._op_snapshots,
 }
+
+
+def _quotas(lines: list[tenants.TokenLine], curve_tenants: list[str],
+            default: int | None) -> dict[str, int]:
+    """Tenant name -> its quota: its token line's, else ``default`` (CURVE tenants have no line);
+    tenants without either have none."""
+    quotas = {name: default for name in curve_tenants}
+    quotas.update({line.name: line.max_bytes or default for line in lines})
+    return {name: quota for name, quota in quotas.items() if quota is not None}
 
 
 def _totals(per_namespace: dict) -> dict:

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from . import auth, health, tenants, units
+from . import auth, health, snapshot, tenants, units
 from .errors import MemoryServerError
 from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "ops); without it they are refused")
     parser.add_argument("--restore", action="append", default=[], metavar="NAMESPACE:TAG",
                         help="load this snapshot from --data-dir before serving (repeatable)")
+    parser.add_argument("--snapshot-key-file", metavar="FILE",
+                        default=os.environ.get(snapshot.KEY_ENV) or None,
+                        help="a secret (mode 0600, at least 16 bytes, e.g. from head -c 32 "
+                             "/dev/urandom) that keys the snapshots' checksums: a snapshot "
+                             "changed without it, or written under another key or none, is "
+                             "refused at restore (default: "
+                             f"${snapshot.KEY_ENV}; without it checksums catch corruption only)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback address without CURVE authentication "
                              "(traffic is unencrypted and anyone who can connect can change "
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_message_bytes=args.max_message_bytes, insecure=args.insecure,
                               wire_dtype=args.wire_dtype, drain_timeout=args.drain_timeout,
                               data_dir=args.data_dir, restore=tuple(args.restore),
+                              snapshot_key_file=args.snapshot_key_file,
                               curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
                               curve_admin=args.curve_admin, token_file=args.token_file,
                               admin_token_file=args.admin_token_file,

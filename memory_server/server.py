@@ -43,8 +43,9 @@ Failure detection
     restarted server that lost its namespaces from the one it opened them on.
 
 Snapshots
-    With ``--data-dir``, ``snapshot`` copies a namespace out of the store (each memory under its
-    lock) and writes it atomically (``snapshot.py``); ``restore`` and ``--restore NAMESPACE:TAG``
+    With ``--data-dir``, ``snapshot`` streams a namespace out of the store (each memory copied
+    under its lock, written, let go) and writes it atomically (``snapshot.py``), MACed with
+    ``--snapshot-key-file`` if given; ``restore`` and ``--restore NAMESPACE:TAG``
     (loaded before the first request is read) verify a whole file before they replace the
     namespace with it. Requests of other clients may overlap a snapshot: a client that needs a
     consistent cut across clients (the trainer's ranks) makes the others wait until it returns.
@@ -207,6 +208,10 @@ class ServerConfig:
     refused."""
     restore: tuple[str, ...] = ()
     """``NAMESPACE:TAG`` snapshots loaded from ``data_dir`` before the first request is served."""
+    snapshot_key_file: str | None = None
+    """A secret (mode 0600, at least 16 bytes) that keys the snapshots' checksums, making them
+    MACs: a snapshot changed without the key, written under another or without one is refused
+    at restore (``snapshot.py``). None: plain checksums, which catch corruption only."""
     insecure: bool = False
     """Allow binding a non-loopback address without CURVE: anyone who can reach the port can read
     and change every memory."""
@@ -247,6 +252,9 @@ class ServerConfig:
                              f"ipc:///tmp/memory.sock, got {self.bind!r}")
         if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        if self.snapshot_key_file is not None and self.data_dir is None:
+            raise ValueError("--snapshot-key-file needs --data-dir: the directory of the "
+                             "snapshots it keys")
         if self.restore and self.data_dir is None:
             raise ValueError("--restore needs --data-dir: the directory holding the snapshots")
         for item in self.restore:
@@ -365,6 +373,8 @@ class Server:
         quotas = _quotas(lines, [name for key, name in allowed.items() if key not in admins],
                          config.tenant_max_bytes)
         self._allowed_keys = len(allowed.keys() | admins.keys())
+        self._snapshot_key = snapshot.read_key_file(config.snapshot_key_file) \
+            if config.snapshot_key_file else None
         max_connections = connections.reserve_descriptors(config.max_connections)
         self._context = zmq.Context()
         self._auth = auth.start_authenticator(self._context, allowed.keys() | admins.keys()) \
@@ -829,12 +839,12 @@ class Server:
         namespace, tag = tenant.qualify(args["namespace"]), args["tag"]
         data_dir = self._data_dir("snapshot")
         snapshot.snapshot_path(data_dir, namespace, tag)  # a bad name fails before the copy
-        state = self.store.export_namespace(namespace)
-        info = snapshot.write_snapshot(data_dir, namespace, tag, state)
+        config, count, memories = self.store.export_stream(namespace)
+        info = snapshot.write_snapshot(data_dir, namespace, tag, config, count, memories,
+                                       self._snapshot_key)
         log.info("snapshot of namespace %r written to %s (%d bytes)", namespace, info.path,
                  info.bytes)
-        return {"path": str(info.path), "bytes": info.bytes,
-                "memories": len(state["memories"])}, {}
+        return {"path": str(info.path), "bytes": info.bytes, "memories": count}, {}
 
     def _op_restore(self, tenant: Tenant, args: dict, arrays: dict):
         namespace, tag = tenant.qualify(args["namespace"]), args["tag"]
@@ -855,7 +865,7 @@ class Server:
 
     def _restore(self, namespace: str, tag: str) -> dict:
         """Load a snapshot into the store, replacing the namespace; all or nothing."""
-        state = snapshot.read_snapshot(self.config.data_dir, namespace, tag)
+        state = snapshot.read_snapshot(self.config.data_dir, namespace, tag, self._snapshot_key)
         self._check_restore(namespace, tag, state)
         try:
             self.store.import_namespace(namespace, state)
@@ -940,7 +950,8 @@ class Server:
                 "max_connections": self._connections.max_connections,
                 "max_connections_per_host": cfg.max_connections_per_host,
                 "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
-                "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None}
+                "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None,
+                "snapshot_key": None if self._snapshot_key is None else self._snapshot_key.id}
 
 
 _HANDLERS = {

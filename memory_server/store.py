@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
@@ -564,14 +565,24 @@ class MemoryStore:
 
     def export_namespace(self, namespace: str) -> dict:
         """A namespace's config and every memory's ring, as plain data and numpy arrays."""
+        config, _, memories = self.export_stream(namespace)
+        return {"config": config, "memories": list(memories)}
+
+    def export_stream(self, namespace: str) -> tuple[dict, int, Iterator[dict]]:
+        """A namespace's config, its memory count, and its memories, each copied under its lock
+        only when the iterator reaches it, so a snapshot writer holds one copy at a time.
+        The memories are those that existed at this call, each as it is when reached."""
         ns = self._namespace(namespace)
         with self._lock:
             items = sorted(ns.memories.items())
-        memories = []
-        for (layer, row), memory in items:
-            with memory.lock:
-                memories.append({"layer": layer, "row": row, **memory.export()})
-        return {"config": ns.config.to_dict(), "memories": memories}
+
+        def memories() -> Iterator[dict]:
+            for (layer, row), memory in items:
+                with memory.lock:
+                    state = memory.export()
+                yield {"layer": layer, "row": row, **state}
+
+        return ns.config.to_dict(), len(items), memories()
 
     def import_namespace(self, namespace: str, state: dict) -> None:
         """Replace ``namespace`` with an exported one (the same ring, slot for slot)."""

@@ -160,19 +160,20 @@ def _peak_over(pid: int, step) -> int:
     return _status(pid, "VmHWM") - before
 
 
+@pytest.mark.timeout(600)
 def test_a_snapshot_does_not_copy_the_namespace_in_memory(memory_server, tmp_path):
-    """128 MiB in 8 memories of 16 MiB: writing the snapshot used to copy all of them first
-    (+128 MiB at its peak); streamed, it holds about one memory. A restore allocates the
+    """64 MiB in 16 memories of 4 MiB: writing the snapshot used to copy all of them first
+    (+64 MiB at its peak); streamed, it holds about one memory. A restore allocates the
     namespace it loads, once (the file is read into the memories' own arrays)."""
-    config = NamespaceConfig(dim=64, max_memories=32768, num_layers=1, num_rows=8)
+    config = NamespaceConfig(dim=64, max_memories=8192, num_layers=1, num_rows=16)
     (server,) = memory_server(1, "--data-dir", str(tmp_path))
-    namespace = 8 * 32768 * 64 * 8
+    namespace = 16 * 8192 * 64 * 8
     rng = np.random.default_rng(0)
-    with MemoryClient(server.endpoint, timeout=120) as client:
+    with MemoryClient(server.endpoint, timeout=300) as client:
         client.open("big", config)
-        for _ in range(32768 // 4096):
-            keys = rng.standard_normal((8, 4096, 64), dtype=np.float32)
-            client.add("big", 0, list(range(8)), keys, keys)
+        for _ in range(2):
+            keys = rng.standard_normal((16, 4096, 64), dtype=np.float32)
+            client.add("big", 0, list(range(16)), keys, keys)
         assert client.stats()[0]["bytes"] >= namespace
         written = _peak_over(server.proc.pid, lambda: client.snapshot("big", "t"))
         assert written < namespace // 4, written >> 20

@@ -154,8 +154,6 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str, config
     replaces a same-named one."""
     path = snapshot_path(data_dir, namespace, tag)
     config = NamespaceConfig.from_dict(config)
-    key_dtype = np.dtype("<f4")
-    value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
     header = msgpack.packb({
         "namespace": namespace, "tag": tag, "created": time.time(), "config": config.to_dict(),
         "memories": count, "mac": MAC_KEYED if key else MAC_PLAIN,
@@ -167,29 +165,19 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str, config
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     digest = _hasher(key)
 
-    def write(f, chunk) -> None:
-        data = memoryview(chunk).cast("B")
-        digest.update(data)
-        f.write(data)
-
     try:
         with open(tmp, "wb") as f:
-            write(f, head)
+            def write(chunk) -> None:
+                data = memoryview(chunk).cast("B")
+                digest.update(data)
+                f.write(data)
+
+            write(head)
             written = 0
             for memory in memories:
-                keys = np.ascontiguousarray(memory["keys"], dtype=key_dtype)
-                values = np.ascontiguousarray(memory["values"], dtype=value_dtype)
-                centroids = memory.get("centroids")
-                centroids = np.ascontiguousarray(
-                    centroids if centroids is not None else np.empty((0, config.dim)),
-                    dtype=key_dtype)
-                write(f, RECORD.pack(int(memory["layer"]), int(memory["row"]),
-                                     int(memory["total"]), keys.shape[0],
-                                     int(memory.get("trained_at", 0)), centroids.shape[0]))
-                for array in (keys, values, centroids):
-                    if array.size:
-                        write(f, array)
+                _write_memory(write, memory, config)
                 written += 1
+                del memory  # its copy goes before the next memory is exported
             if written != count:
                 raise SnapshotError(f"cannot write snapshot {path}: {written} memories were "
                                     f"exported, not the {count} announced")
@@ -206,6 +194,22 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str, config
         raise
     info = path.stat()
     return SnapshotInfo(namespace, tag, path, info.st_size, info.st_mtime)
+
+
+def _write_memory(write, memory: dict, config: NamespaceConfig) -> None:
+    """One memory's record and arrays."""
+    key_dtype = np.dtype("<f4")
+    value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
+    keys = np.ascontiguousarray(memory["keys"], dtype=key_dtype)
+    values = np.ascontiguousarray(memory["values"], dtype=value_dtype)
+    centroids = memory.get("centroids")
+    centroids = np.ascontiguousarray(
+        centroids if centroids is not None else np.empty((0, config.dim)), dtype=key_dtype)
+    write(RECORD.pack(int(memory["layer"]), int(memory["row"]), int(memory["total"]),
+                      keys.shape[0], int(memory.get("trained_at", 0)), centroids.shape[0]))
+    for array in (keys, values, centroids):
+        if array.size:
+            write(array)
 
 
 def read_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,

@@ -576,11 +576,13 @@ class MemoryStore:
         with self._lock:
             items = sorted(ns.memories.items())
 
-        def memories() -> Iterator[dict]:
+        def exported(memory: Memory) -> dict:
+            with memory.lock:
+                return memory.export()
+
+        def memories() -> Iterator[dict]:  # holds no memory's copy while the next is made
             for (layer, row), memory in items:
-                with memory.lock:
-                    state = memory.export()
-                yield {"layer": layer, "row": row, **state}
+                yield {"layer": layer, "row": row, **exported(memory)}
 
         return ns.config.to_dict(), len(items), memories()
 

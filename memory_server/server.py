@@ -66,10 +66,11 @@ Security and limits
     known credential with ``unauthorized``. An ipc socket file is created with mode 0700 (the
     umask is narrowed around the bind, so there is no moment when it is open to others). Limits
     (bytes, message size, namespaces, memories per namespace, bytes in flight) are refused with
-    ``limit_exceeded`` replies naming the flag; connections past ``--max-connections``, or past
+    ``limit_exceeded`` replies naming the flag, a tenant's quota (``--tenant-max-bytes``, or
+    ``max_bytes=`` on its token line; booked by the store per tenant prefix) with
+    ``quota_exceeded``; connections past ``--max-connections``, or past
     ``--max-connections-per-host`` from one host, are shut down before their handshake
-    (``connections.py``), and ZeroMQ's frame cap applies before it
-    too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
+    (``connections.py``), and ZeroMQ's frame cap applies before it too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
     (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle namespaces and a later
     request for one is told it expired.
 

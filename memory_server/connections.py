@@ -14,9 +14,10 @@ so one client host cannot take all of ``max_connections`` from the others. The p
 the descriptor the ``ACCEPTED`` event carries (``getpeername(2)`` on it, before the handshake).
 ZeroMQ's own ``Peer-Address`` is a property of received messages only (``zmq_msg_gets``), so it
 comes after the handshake and the first request, too late to refuse a connection that never
-sends one. A host is an IPv4 address, an IPv6 /64 (the block one machine is usually given, so a
-peer cannot pass the cap by taking more addresses of its own network), or on an ipc socket the
-peer's user id (``SO_PEERCRED``: every peer is on this machine). A peer whose address cannot be
+sends one. A host is an IPv4 address, an IPv6 /64 (the smallest block usually routed to one
+network: a peer given a /64 could otherwise take a new address for each connection; the price is
+that hosts sharing a /64 share the cap), or on an ipc socket the peer's user id (``SO_PEERCRED``:
+every peer is on this machine). A peer whose address cannot be
 read (already gone) counts towards ``max_connections`` only.
 
 A connection that never completes its handshake (a stranger on a CURVE server, a raw TCP peer)
@@ -30,7 +31,8 @@ Race: a descriptor is shut down only when its accept is the last event seen for 
 done straight after the events are read, while ZeroMQ is still in the handshake. Were ZeroMQ to
 close that connection and the number to be reused within those microseconds, the shutdown would
 hit the new holder: a socket (another connection, which then reconnects) or nothing (on a file
-or a pipe ``shutdown`` fails with ENOTSOCK and is ignored).
+or a pipe ``shutdown`` fails with ENOTSOCK and is ignored). The peer is read at the same moment,
+so the same reuse would count the connection against the new holder's host.
 """
 
 from __future__ import annotations

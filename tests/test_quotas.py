@@ -111,6 +111,12 @@ def test_the_default_quota_applies_to_every_tenant_without_its_own(tokens):
             assert _fill(alice, "run") == 1  # her own line: 1M
             assert _fill(bob, "run") == 2  # the default, 2M: a third grows the ring to 2 MiB
             assert bob.stats()[0]["quota"]["max_bytes"] == 2 << 20
+        status = subprocess.run([sys.executable, "-m", "memory_server", "status",
+                                 server.endpoint, "--token-file",
+                                 str(tokens["dir"] / "alice.token")],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "quota: 514.0 KiB of 1.0 MiB held" in status.stdout, \
+            status.stdout + status.stderr
     finally:
         assert server.stop() == 0, server.output()[-3000:]
 

@@ -665,7 +665,7 @@ class MemoryStore:
                 raise QuotaExceeded(
                     f"{what} needs {nbytes} more bytes but tenant {group!r} holds {held} of its "
                     f"quota max_bytes={quota} (its line of the server's --token-file, or "
-                    f"--tenant-max-bytes); drop or clear its unused namespaces, lower "
+                    f"--tenant-max-bytes); drop its unused namespaces, lower "
                     f"max_memories, or ask for a larger quota")
         if self.max_bytes is not None and nbytes > freeing \
                 and self._reserved_bytes - freeing + nbytes > self.max_bytes:

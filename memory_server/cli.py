@@ -22,6 +22,7 @@ from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
 from .server import DEFAULT_BIND, WIRE_DTYPES, BindError, DrainTimeout, ServerConfig, serve
 
+
 def parse_bytes(text: str) -> int:
     """A positive byte count, optionally with a binary suffix: ``1048576``, ``512M``, ``8GiB``."""
     try:

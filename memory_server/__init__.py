@@ -1,7 +1,7 @@
 """memory_server: the kNN memory of memtrans as a torch-free library and a ZeroMQ daemon."""
 
 from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
-                     ServerRestarted, ServerUnavailable, SnapshotError, Unauthorized,
+                     QuotaExceeded, ServerRestarted, ServerUnavailable, SnapshotError, Unauthorized,
                      UnknownNamespace)
 from .client import MemoryClient
 from .store import MemoryStore, NamespaceConfig, Retrieval
@@ -9,6 +9,6 @@ from .store import MemoryStore, NamespaceConfig, Retrieval
 __all__ = [
     "ConfigMismatch", "InvalidRequest", "LimitExceeded", "MemoryClient", "MemoryServerError",
     "MemoryStore",
-    "NamespaceConfig", "Retrieval", "ServerRestarted", "ServerUnavailable", "SnapshotError",
+    "NamespaceConfig", "QuotaExceeded", "Retrieval", "ServerRestarted", "ServerUnavailable", "SnapshotError",
     "Unauthorized", "UnknownNamespace",
 ]

@@ -14,25 +14,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 
-from . import auth, health, tenants
+from . import auth, health, snapshot, tenants, units
 from .errors import MemoryServerError
 from .metrics import INSTALL_HINT
 from .protocol import MAX_MESSAGE_BYTES
 from .server import DEFAULT_BIND, WIRE_DTYPES, BindError, DrainTimeout, ServerConfig, serve
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 def parse_bytes(text: str) -> int:
     """A positive byte count, optionally with a binary suffix: ``1048576``, ``512M``, ``8GiB``."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
-    if match is None or int(match[1]) == 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive byte count like 1048576, 512M or 8G, got {text!r}")
-    return int(match[1]) * _UNITS[match[2].upper()]
+    try:
+        return units.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -94,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "ops); without it they are refused")
     parser.add_argument("--restore", action="append", default=[], metavar="NAMESPACE:TAG",
                         help="load this snapshot from --data-dir before serving (repeatable)")
+    parser.add_argument("--snapshot-key-file", metavar="FILE",
+                        default=os.environ.get(snapshot.KEY_ENV) or None,
+                        help="a secret (mode 0600, at least 16 bytes, e.g. from head -c 32 "
+                             "/dev/urandom) that keys the snapshots' checksums: a snapshot "
+                             "changed without it, or written under another key or none, is "
+                             "refused at restore (default: "
+                             f"${snapshot.KEY_ENV}; without it checksums catch corruption only)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback address without CURVE authentication "
                              "(traffic is unencrypted and anyone who can connect can change "
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "down")
     tokens = parser.add_argument_group(
         "tenants without CURVE (loopback and ipc binds; files of 'NAME TOKEN' lines, mode 0600, "
-        "from `memory-server token`)")
+        "from `memory-server token`; a tenant's line may end in max_bytes=SIZE, its quota)")
     tokens.add_argument("--token-file", metavar="FILE",
                         default=os.environ.get(tenants.SERVER_TOKEN_ENV) or None,
                         help="the tenants' tokens: every request must carry one, and each "
@@ -126,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "reads server-wide stats and may shut the server down (default: "
                              f"${tenants.SERVER_ADMIN_TOKEN_ENV})")
     limits = parser.add_argument_group("limits (each refused with an error naming its flag)")
+    limits.add_argument("--tenant-max-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                        help="each tenant's quota: the bytes all its namespaces may hold "
+                             "together, e.g. 2G, so one tenant cannot fill --max-bytes for "
+                             "all; past it an add or restore is refused with quota_exceeded. A "
+                             "line 'NAME TOKEN max_bytes=SIZE' of --token-file sets that "
+                             "tenant's own (default: only those lines have quotas; admins "
+                             "never)")
     limits.add_argument("--max-namespaces", type=_positive_int, default=None,
                         help="namespaces open at once (default: no cap)")
     limits.add_argument("--max-memories-per-namespace", type=_positive_int, default=None,
@@ -135,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections open at once; one past it is closed before its "
                              "handshake, and the open-file limit is raised to fit (default: "
                              "1024, or what the open-file limit allows)")
+    limits.add_argument("--max-connections-per-host", type=_positive_int, default=None,
+                        metavar="N",
+                        help="connections one client host may have open at once (an IPv4 "
+                             "address, an IPv6 /64; on ipc a user id), so one host cannot take "
+                             "all of --max-connections; one past it is closed before its "
+                             "handshake (default: no cap per host)")
     limits.add_argument("--max-inflight-bytes", type=parse_bytes, default=1 << 30,
                         help="bytes of requests being served and of replies not yet sent, all "
                              "clients together; at this many the server reads no more until "
@@ -248,13 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                               max_message_bytes=args.max_message_bytes, insecure=args.insecure,
                               wire_dtype=args.wire_dtype, drain_timeout=args.drain_timeout,
                               data_dir=args.data_dir, restore=tuple(args.restore),
+                              snapshot_key_file=args.snapshot_key_file,
                               curve_secret_key=args.curve_secret_key, curve_allow=args.curve_allow,
                               curve_admin=args.curve_admin, token_file=args.token_file,
                               admin_token_file=args.admin_token_file,
                               max_namespaces=args.max_namespaces,
+                              tenant_max_bytes=args.tenant_max_bytes,
                               max_memories_per_namespace=args.max_memories_per_namespace,
                               namespace_ttl=args.namespace_ttl, metrics_port=args.metrics_port,
                               max_connections=args.max_connections,
+                              max_connections_per_host=args.max_connections_per_host,
                               max_inflight_bytes=args.max_inflight_bytes,
                               max_client_inflight_bytes=args.max_client_inflight_bytes
                               or args.max_message_bytes,

@@ -9,6 +9,17 @@ handshake (``shutdown(2)`` on its descriptor: ZeroMQ sees the end of the stream 
 itself, so no descriptor is closed behind its back). Its peer sees the connection close; a ZeroMQ
 client retries until one is free or its time-out passes.
 
+With ``max_per_host``, a host may hold at most that many of them (like nginx's ``limit_conn``),
+so one client host cannot take all of ``max_connections`` from the others. The peer is known from
+the descriptor the ``ACCEPTED`` event carries (``getpeername(2)`` on it, before the handshake).
+ZeroMQ's own ``Peer-Address`` is a property of received messages only (``zmq_msg_gets``), so it
+comes after the handshake and the first request, too late to refuse a connection that never
+sends one. A host is an IPv4 address, an IPv6 /64 (the smallest block usually routed to one
+network: a peer given a /64 could otherwise take a new address for each connection; the price is
+that hosts sharing a /64 share the cap), or on an ipc socket the peer's user id (``SO_PEERCRED``:
+every peer is on this machine). A peer whose address cannot be
+read (already gone) counts towards ``max_connections`` only.
+
 A connection that never completes its handshake (a stranger on a CURVE server, a raw TCP peer)
 is closed by ZeroMQ after ``HANDSHAKE_MS``.
 
@@ -20,14 +31,17 @@ Race: a descriptor is shut down only when its accept is the last event seen for 
 done straight after the events are read, while ZeroMQ is still in the handshake. Were ZeroMQ to
 close that connection and the number to be reused within those microseconds, the shutdown would
 hit the new holder: a socket (another connection, which then reconnects) or nothing (on a file
-or a pipe ``shutdown`` fails with ENOTSOCK and is ignored).
+or a pipe ``shutdown`` fails with ENOTSOCK and is ignored). The peer is read at the same moment,
+so the same reuse would count the connection against the new holder's host.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 import socket
+import struct
 import threading
 
 import zmq
@@ -79,8 +93,10 @@ class ConnectionGuard:
     the watcher thread, ``stop`` ends it and the monitor.
     """
 
-    def __init__(self, router: zmq.Socket, max_connections: int, rejections: RateLimitedLog):
+    def __init__(self, router: zmq.Socket, max_connections: int, rejections: RateLimitedLog,
+                 max_per_host: int | None = None):
         self.max_connections = max_connections
+        self.max_per_host = max_per_host
         self._router = router
         address = f"inproc://memory-server-connections-{id(self):x}"
         router.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -89,9 +105,11 @@ class ConnectionGuard:
         self._monitor.setsockopt(zmq.RCVHWM, 0)
         self._monitor.connect(address)
         self._rejections = rejections
-        self._open: set[int] = set()
+        self._open: dict[int, str | None] = {}  # descriptor -> its peer's host
+        self._per_host: dict[str, int] = {}
         self._lock = threading.Lock()
         self.refused = 0
+        self.refused_per_host = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="memory-server-connections",
                                         daemon=True)
@@ -110,7 +128,9 @@ class ConnectionGuard:
     def stats(self) -> dict:
         with self._lock:
             return {"open": len(self._open), "max": self.max_connections,
-                    "refused": self.refused}
+                    "refused": self.refused, "hosts": len(self._per_host),
+                    "max_per_host": self.max_per_host,
+                    "refused_per_host": self.refused_per_host}
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
@@ -130,18 +150,77 @@ class ConnectionGuard:
         for i, (event, fd) in enumerate(events):
             if event == zmq.EVENT_DISCONNECTED:
                 with self._lock:
-                    self._open.discard(fd)
+                    self._forget(fd)
                 continue
+            gone = last[fd] != i  # its disconnect follows: nothing to shut down
+            host = None if gone or self.max_per_host is None else peer_host(fd)
             with self._lock:
                 full = len(self._open) >= self.max_connections
-                if not full:
-                    self._open.add(fd)
-                else:
+                crowded = not full and host is not None \
+                    and self._per_host.get(host, 0) >= self.max_per_host
+                if full:
                     self.refused += 1
-            if full and last[fd] == i:  # not already gone (its disconnect would follow)
-                _shut_down(fd)
+                elif crowded:
+                    self.refused_per_host += 1
+                else:
+                    self._forget(fd)  # a number reused before its disconnect was seen
+                    self._open[fd] = host
+                    if host is not None:
+                        self._per_host[host] = self._per_host.get(host, 0) + 1
+            if gone or not (full or crowded):
+                continue
+            _shut_down(fd)
+            if full:
                 self._rejections("refused a connection: %d are open, the most this server takes "
                                  "(--max-connections)", self.max_connections)
+            else:
+                self._rejections("refused a connection from %s: it has %d open, the most one "
+                                 "host may have (--max-connections-per-host)", host,
+                                 self.max_per_host)
+
+    def _forget(self, fd: int) -> None:
+        if fd not in self._open:
+            return
+        host = self._open.pop(fd)
+        if host is not None:
+            left = self._per_host[host] - 1
+            if left:
+                self._per_host[host] = left
+            else:
+                del self._per_host[host]
+
+
+def peer_host(fd: int) -> str | None:
+    """The host a connection's descriptor leads to, as the per-host cap counts it: an IPv4
+    address, an IPv6 /64, or ``uid N`` for a Unix socket; None when it cannot be read."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket (any more)
+        return None
+    try:
+        if sock.family == socket.AF_UNIX:
+            _, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return f"uid {uid}"
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        address = sock.getpeername()[0]
+    except OSError:  # gone meanwhile
+        return None
+    finally:
+        sock.detach()
+    return host_of(address)
+
+
+def host_of(address: str) -> str:
+    """The per-host cap's host of an IP address: itself for IPv4 (also when IPv4-mapped), its
+    /64 for IPv6."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _shut_down(fd: int) -> None:

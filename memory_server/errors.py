@@ -64,6 +64,13 @@ class LimitExceeded(MemoryServerError):
     code = "limit_exceeded"
 
 
+class QuotaExceeded(LimitExceeded):
+    """A tenant's quota (its share of the server's bytes) would be passed. A client older than
+    this code raises it as a ``MemoryServerError`` with the same message."""
+
+    code = "quota_exceeded"
+
+
 class SnapshotError(MemoryServerError):
     """A snapshot could not be written, or a snapshot on disk is missing, corrupt or foreign."""
 
@@ -92,6 +99,7 @@ ERRORS_BY_CODE: dict[str, type[MemoryServerError]] = {
         UnknownNamespace,
         ConfigMismatch,
         LimitExceeded,
+        QuotaExceeded,
         SnapshotError,
         ServerUnavailable,
         Unauthorized,

@@ -21,6 +21,13 @@ def fetch_stats(endpoint: str, timeout: float, *, server_key: str | None = None,
                                     f"memory-server running there?{hint}") from None
 
 
+def _per_host(connections: dict) -> str:
+    if connections.get("max_per_host") is None:
+        return ""
+    return (f"{connections['hosts']} hosts, {connections['refused_per_host']} refused past "
+            f"{connections['max_per_host']} per host; ")
+
+
 def format_stats(endpoint: str, stats: dict) -> str:
     """Stats as a few aligned lines: totals, then one line per op (an admin's only)."""
     up = f", up {_duration(stats['uptime_s'])}" if "uptime_s" in stats else ""
@@ -33,6 +40,9 @@ def format_stats(endpoint: str, stats: dict) -> str:
     for name, ns in sorted(stats.get("per_namespace", {}).items()):
         lines.append(f"    {name}: {ns['memories']} memories, {ns['entries']} entries, "
                      f"{_bytes(ns['bytes'])}")
+    if stats.get("quota"):
+        quota = stats["quota"]
+        lines.append(f"  quota: {_bytes(quota['bytes'])} of {_bytes(quota['max_bytes'])} held")
     if "requests" not in stats:
         lines.append(f"  (the namespaces of tenant {stats.get('tenant')!r}; request counts are "
                      f"for an admin's token or key)")
@@ -40,7 +50,8 @@ def format_stats(endpoint: str, stats: dict) -> str:
     connections = stats.get("connections")
     if connections is not None:
         lines.append(f"  connections {connections['open']} of {connections['max']} open, "
-                     f"{connections['refused']} refused; log lines suppressed "
+                     f"{connections['refused']} refused; {_per_host(connections)}log lines "
+                     f"suppressed "
                      f"{stats.get('log_lines_suppressed', 0)}")
     requests = stats["requests"]
     lines.append(f"  {'op':<10} {'requests':>10} {'errors':>8} {'p50 ms':>9} {'p99 ms':>9}")

@@ -59,6 +59,9 @@ class _StatsCollector:
                                 value=connections["open"])
         yield CounterMetricFamily("memtrans_connections_refused", "Connections shut down past "
                                   "--max-connections", value=connections["refused"])
+        yield CounterMetricFamily("memtrans_connections_refused_per_host", "Connections shut "
+                                  "down past --max-connections-per-host",
+                                  value=connections["refused_per_host"])
 
 
 def serve_metrics(port: int, host: str, stats: Callable[[], dict]):

@@ -43,8 +43,9 @@ Failure detection
     restarted server that lost its namespaces from the one it opened them on.
 
 Snapshots
-    With ``--data-dir``, ``snapshot`` copies a namespace out of the store (each memory under its
-    lock) and writes it atomically (``snapshot.py``); ``restore`` and ``--restore NAMESPACE:TAG``
+    With ``--data-dir``, ``snapshot`` streams a namespace out of the store (each memory copied
+    under its lock, written, let go) and writes it atomically (``snapshot.py``), MACed with
+    ``--snapshot-key-file`` if given; ``restore`` and ``--restore NAMESPACE:TAG``
     (loaded before the first request is read) verify a whole file before they replace the
     namespace with it. Requests of other clients may overlap a snapshot: a client that needs a
     consistent cut across clients (the trainer's ranks) makes the others wait until it returns.
@@ -65,9 +66,11 @@ Security and limits
     known credential with ``unauthorized``. An ipc socket file is created with mode 0700 (the
     umask is narrowed around the bind, so there is no moment when it is open to others). Limits
     (bytes, message size, namespaces, memories per namespace, bytes in flight) are refused with
-    ``limit_exceeded`` replies naming the flag; connections past ``--max-connections`` are shut
-    down before their handshake (``connections.py``), and ZeroMQ's frame cap applies before it
-    too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
+    ``limit_exceeded`` replies naming the flag, a tenant's quota (``--tenant-max-bytes``, or
+    ``max_bytes=`` on its token line; booked by the store per tenant prefix) with
+    ``quota_exceeded``; connections past ``--max-connections``, or past
+    ``--max-connections-per-host`` from one host, are shut down before their handshake
+    (``connections.py``), and ZeroMQ's frame cap applies before it too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
     (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle namespaces and a later
     request for one is told it expired.
 
@@ -189,6 +192,10 @@ class ServerConfig:
     """Connections open at once; one past it is shut down at once, before its handshake
     (``connections.py``). None: ``connections.DEFAULT_MAX_CONNECTIONS``, or fewer when the
     open-file limit does not allow that many."""
+    max_connections_per_host: int | None = None
+    """Connections one host (an IPv4 address, an IPv6 /64, on ipc a user id) may have open at
+    once; one past it is shut down like one past ``max_connections``, so one host cannot take
+    them all (None: no cap per host)."""
     max_inflight_bytes: int = 1 << 30
     """Bytes of requests accepted but not yet answered and of replies not yet transmitted, all
     clients together; at this many the server stops reading, as at ``max_pending``."""
@@ -202,6 +209,10 @@ class ServerConfig:
     refused."""
     restore: tuple[str, ...] = ()
     """``NAMESPACE:TAG`` snapshots loaded from ``data_dir`` before the first request is served."""
+    snapshot_key_file: str | None = None
+    """A secret (mode 0600, at least 16 bytes) that keys the snapshots' checksums, making them
+    MACs: a snapshot changed without the key, written under another or without one is refused
+    at restore (``snapshot.py``). None: plain checksums, which catch corruption only."""
     insecure: bool = False
     """Allow binding a non-loopback address without CURVE: anyone who can reach the port can read
     and change every memory."""
@@ -220,6 +231,10 @@ class ServerConfig:
     it every request needs one, and each client sees only its own namespaces."""
     admin_token_file: str | None = None
     """Without CURVE, the admins' tokens (same format)."""
+    tenant_max_bytes: int | None = None
+    """Each tenant's quota (admins have none): the bytes all its namespaces may hold together, so
+    that one tenant cannot fill ``max_bytes`` for all; a ``max_bytes=SIZE`` on a tenant's line of
+    ``token_file`` overrides it (None: only those lines have quotas)."""
     max_namespaces: int | None = None
     """Cap on namespaces open at once; an ``open`` past it is refused (None: no cap)."""
     max_memories_per_namespace: int | None = None
@@ -238,6 +253,9 @@ class ServerConfig:
                              f"ipc:///tmp/memory.sock, got {self.bind!r}")
         if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        if self.snapshot_key_file is not None and self.data_dir is None:
+            raise ValueError("--snapshot-key-file needs --data-dir: the directory of the "
+                             "snapshots it keys")
         if self.restore and self.data_dir is None:
             raise ValueError("--restore needs --data-dir: the directory holding the snapshots")
         for item in self.restore:
@@ -250,8 +268,8 @@ class ServerConfig:
                 raise ValueError(f"--restore {item!r}: {exc.message}") from None
         required = ("threads", "max_message_bytes", "max_pending", "max_inflight_bytes",
                     "max_client_inflight_bytes")
-        for name in (*required, "max_bytes", "max_namespaces", "max_memories_per_namespace",
-                     "max_connections", "metrics_port"):
+        for name in (*required, "max_bytes", "tenant_max_bytes", "max_namespaces", "max_memories_per_namespace",
+                     "max_connections", "max_connections_per_host", "metrics_port"):
             value = getattr(self, name)
             if value is None and name not in required:
                 continue
@@ -271,6 +289,9 @@ class ServerConfig:
         if self.curve and (self.token_file or self.admin_token_file):
             raise ValueError("with CURVE the client keys are the tenants: pass --curve-allow and "
                              "--curve-admin instead of --token-file and --admin-token-file")
+        if self.tenant_max_bytes is not None and not (self.curve or self.token_file):
+            raise ValueError("--tenant-max-bytes needs tenants: --token-file, or CURVE "
+                             "(--curve-allow)")
         if self.curve_admin is not None and not self.curve:
             raise ValueError("--curve-admin needs CURVE (--curve-secret-key and --curve-allow); "
                              "without CURVE, admins are named in --admin-token-file")
@@ -339,12 +360,22 @@ class Server:
         allowed = auth.load_allowed(config.curve_allow) if config.curve else {}
         admins = auth.load_allowed(config.curve_admin, "--curve-admin") \
             if config.curve_admin else {}
+        lines = tenants.read_token_lines(config.token_file) if config.token_file else []
+        admin_lines = tenants.read_token_lines(config.admin_token_file, "--admin-token-file") \
+            if config.admin_token_file else []
+        if any(line.max_bytes is not None for line in admin_lines):
+            raise ValueError(f"--admin-token-file {config.admin_token_file}: an admin has no "
+                             f"quota (it may act on every namespace); remove max_bytes= from "
+                             f"its lines")
         self._tenants = tenants.Tenants(
-            tokens=tenants.read_token_file(config.token_file) if config.token_file else None,
-            admin_tokens=tenants.read_token_file(config.admin_token_file, "--admin-token-file")
-            if config.admin_token_file else None,
+            tokens={line.name: line.token for line in lines} or None,
+            admin_tokens={line.name: line.token for line in admin_lines} or None,
             curve_keys=allowed, curve_admins=admins)
+        quotas = _quotas(lines, [name for key, name in allowed.items() if key not in admins],
+                         config.tenant_max_bytes)
         self._allowed_keys = len(allowed.keys() | admins.keys())
+        self._snapshot_key = snapshot.read_key_file(config.snapshot_key_file) \
+            if config.snapshot_key_file else None
         max_connections = connections.reserve_descriptors(config.max_connections)
         self._context = zmq.Context()
         self._auth = auth.start_authenticator(self._context, allowed.keys() | admins.keys()) \
@@ -371,11 +402,12 @@ class Server:
         self._rejections = RateLimitedLog(log)
         """Lines about what clients did wrong: theirs to make, so at most 10 a second."""
         self._connections = connections.ConnectionGuard(self._router, max_connections,
-                                                        self._rejections)
+                                                        self._rejections,
+                                                        config.max_connections_per_host)
         self.store = MemoryStore(threads=config.threads, max_bytes=config.max_bytes,
                                  max_namespaces=config.max_namespaces,
                                  max_memories_per_namespace=config.max_memories_per_namespace,
-                                 max_search_bytes=config.max_message_bytes)
+                                 max_search_bytes=config.max_message_bytes, quotas=quotas)
         self._sequencer = _Sequencer(
             ThreadPoolExecutor(config.threads, thread_name_prefix="memory-server-request"))
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -434,6 +466,12 @@ class Server:
         else:
             log.info("tenants on: %d tenants, %d of them admins; each sees only its own "
                      "namespaces", len(self._tenants.names), self._tenants.admins)
+        quotas = self.store.quotas
+        if quotas:
+            overcommitted = cfg.max_bytes is not None and sum(quotas.values()) > cfg.max_bytes
+            log.info("quotas for %d tenants: %d bytes in all%s", len(quotas), sum(quotas.values()),
+                     " (more than --max-bytes: a tenant may find the server full before its "
+                     "quota is)" if overcommitted else "")
         poller = zmq.Poller()
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
         reading = False
@@ -802,12 +840,12 @@ class Server:
         namespace, tag = tenant.qualify(args["namespace"]), args["tag"]
         data_dir = self._data_dir("snapshot")
         snapshot.snapshot_path(data_dir, namespace, tag)  # a bad name fails before the copy
-        state = self.store.export_namespace(namespace)
-        info = snapshot.write_snapshot(data_dir, namespace, tag, state)
+        config, count, memories = self.store.export_stream(namespace)
+        info = snapshot.write_snapshot(data_dir, namespace, tag, config, count, memories,
+                                       self._snapshot_key)
         log.info("snapshot of namespace %r written to %s (%d bytes)", namespace, info.path,
                  info.bytes)
-        return {"path": str(info.path), "bytes": info.bytes,
-                "memories": len(state["memories"])}, {}
+        return {"path": str(info.path), "bytes": info.bytes, "memories": count}, {}
 
     def _op_restore(self, tenant: Tenant, args: dict, arrays: dict):
         namespace, tag = tenant.qualify(args["namespace"]), args["tag"]
@@ -828,7 +866,7 @@ class Server:
 
     def _restore(self, namespace: str, tag: str) -> dict:
         """Load a snapshot into the store, replacing the namespace; all or nothing."""
-        state = snapshot.read_snapshot(self.config.data_dir, namespace, tag)
+        state = snapshot.read_snapshot(self.config.data_dir, namespace, tag, self._snapshot_key)
         self._check_restore(namespace, tag, state)
         try:
             self.store.import_namespace(namespace, state)
@@ -882,7 +920,8 @@ class Server:
             name = tenant.unqualify(qualified)
             if name is not None:
                 per_namespace[name] = ns
-        return {**_totals(per_namespace), "per_namespace": per_namespace, "version": VERSION,
+        return {**_totals(per_namespace), "per_namespace": per_namespace,
+                "quota": self.store.quota(tenant.name), "version": VERSION,
                 "protocol": PROTOCOL_VERSION, "instance": self.instance, "tenant": tenant.name,
                 "admin": False, "config": self._config_stats()}, {}
 
@@ -896,6 +935,7 @@ class Server:
             "version": VERSION,
             "protocol": PROTOCOL_VERSION,
             "instance": self.instance,
+            "quotas": {name: self.store.quota(name) for name in self.store.quotas},
             "sessions": self._sessions.stats(),
             "connections": self._connections.stats(),
             "log_lines_suppressed": self._rejections.suppressed_total,
@@ -906,11 +946,13 @@ class Server:
         cfg = self.config
         return {"threads": cfg.threads, "max_bytes": cfg.max_bytes,
                 "drain_timeout": cfg.drain_timeout, "max_message_bytes": cfg.max_message_bytes,
-                "max_namespaces": cfg.max_namespaces,
+                "max_namespaces": cfg.max_namespaces, "tenant_max_bytes": cfg.tenant_max_bytes,
                 "max_memories_per_namespace": cfg.max_memories_per_namespace,
                 "max_connections": self._connections.max_connections,
+                "max_connections_per_host": cfg.max_connections_per_host,
                 "namespace_ttl": cfg.namespace_ttl, "curve": cfg.curve,
-                "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None}
+                "tenants": not self._tenants.open, "persistent": cfg.data_dir is not None,
+                "snapshot_key": None if self._snapshot_key is None else self._snapshot_key.id}
 
 
 _HANDLERS = {
@@ -924,6 +966,15 @@ _HANDLERS = {
     "restore": Server._op_restore,
     "snapshots": Server._op_snapshots,
 }
+
+
+def _quotas(lines: list[tenants.TokenLine], curve_tenants: list[str],
+            default: int | None) -> dict[str, int]:
+    """Tenant name -> its quota: its token line's, else ``default`` (CURVE tenants have no line);
+    tenants without either have none."""
+    quotas = {name: default for name in curve_tenants}
+    quotas.update({line.name: line.max_bytes or default for line in lines})
+    return {name: quota for name, quota in quotas.items() if quota is not None}
 
 
 def _totals(per_namespace: dict) -> dict:

@@ -3,9 +3,22 @@
 A snapshot is written to a temporary name in the same directory, fsynced, renamed over its final
 name and the directory fsynced: a crash at any point leaves the previous snapshot of that name
 whole (and at worst a stray ``.*.tmp-*`` file, which nothing reads). A snapshot is read and
-verified completely (size, magic, version, checksum, header schema, array sizes) before anything
+verified completely (size, magic, version, header schema, array sizes, checksum) before anything
 is handed to the store, so a corrupt, truncated or foreign file is refused with a
 ``SnapshotError`` naming the file and is never loaded half.
+
+Streamed: a snapshot is written one memory at a time (each copied under its lock, written, let
+go) and read straight into the arrays the restored memories keep, so neither holds a second copy
+of the namespace: a snapshot costs the server one memory on top of its store, a restore the
+namespace it loads (``bench/snapshot.py``). Before an array is allocated, the bytes it needs must
+still be in the file, so a forged header cannot make a restore allocate more than the file holds.
+
+Keyed: with a snapshot key (``--snapshot-key-file``) the checksum is a MAC, BLAKE2b keyed with it
+(BLAKE2's keyed mode, which needs no HMAC construction around it), so a file changed by anyone
+without the key, or written under another key, is refused at restore; without one it is plain
+BLAKE2b, which catches corruption but not a deliberate change. A server with a key refuses
+snapshots written without one (format 1 and 2 files included), and says so; one without a key
+refuses keyed snapshots, naming the key they need by its id.
 
 File ``<data-dir>/<namespace>@<tag>.snapshot``, all integers little-endian::
 
@@ -13,31 +26,34 @@ File ``<data-dir>/<namespace>@<tag>.snapshot``, all integers little-endian::
     version      u32       FORMAT_VERSION
     header size  u32       h
     header       h bytes   msgpack map {"namespace": str, "tag": str, "created": float (unix s),
-                           "config": NamespaceConfig map, "memories": [[layer, row, total, slots,
-                           trained_at, centroids], ...]}
+                           "config": NamespaceConfig map, "memories": count, "mac": MAC_PLAIN or
+                           MAC_KEYED, "key_id": hex id of the key or None}
     padding      zeros up to a multiple of ALIGN from the start of the file
-    keys         float32 (slots, dim) of each memory in header order, back to back
-    values       value_dtype (slots, dim) of each memory in header order, back to back
-    centroids    float32 (centroids, dim) of each memory in header order, back to back: a trained
-                 ``ivf`` index's centroids, fitted when the memory held ``trained_at`` entries
-                 (0 rows and 0 for other memories)
-    checksum     32 bytes  BLAKE2b-256 of every byte before it
+    memories     count records, each: layer, row, total, slots, trained_at, centroids as i64
+                 (RECORD), then its keys float32 (slots, dim), values value_dtype (slots, dim)
+                 and centroids float32 (centroids, dim): a trained ``ivf`` index's, fitted when
+                 the memory held ``trained_at`` entries (0 rows and 0 for other memories)
+    checksum     32 bytes  BLAKE2b-256 of every byte before it, keyed with the snapshot key if any
 
 ``slots`` is the allocated ring of the memory (``store.Memory.export``), so a restore is the same
 ring, slot for slot, and the index is rebuilt from it (an ivf index under the same centroids, so
-it gives the same results). Version 1 files (no centroids: ``[layer, row, total, slots]``) are
-read. No pickle: the header is plain msgpack and the arrays are raw bytes whose dtypes and shapes
+it gives the same results). Versions 1 and 2 (every memory's keys, then every memory's values,
+then the centroids, described in the header; version 1 without centroids) are read, unkeyed.
+No pickle: the header is plain msgpack and the arrays are raw bytes whose dtypes and shapes
 follow from the config.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
+import stat
 import struct
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +64,17 @@ from .errors import InvalidRequest, SnapshotError
 from .store import VALUE_DTYPES, NamespaceConfig
 
 MAGIC = b"MTSNAP\r\n"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ALIGN = 64
 SUFFIX = ".snapshot"
+MAC_PLAIN = "blake2b-256"
+MAC_KEYED = "blake2b-256-keyed"
+RECORD = struct.Struct("<6q")
+"""A memory's layer, row, total, slots, trained_at and centroid rows, before its arrays."""
+KEY_ENV = "MEMORY_SERVER_SNAPSHOT_KEY_FILE"
+"""The default of the server's ``--snapshot-key-file``."""
+MIN_KEY_BYTES = 16
 _PREAMBLE = struct.Struct("<8sII")
 _DIGEST_BYTES = 32
 _MAX_HEADER_BYTES = 64 << 20
@@ -73,6 +96,44 @@ class SnapshotInfo:
                 "bytes": self.bytes, "mtime": self.mtime}
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotKey:
+    """The key of snapshot MACs, derived from a key file's bytes, and its public id."""
+
+    secret: bytes
+    id: str
+
+    @classmethod
+    def from_bytes(cls, material: bytes) -> SnapshotKey:
+        secret = hashlib.blake2b(material, digest_size=32, person=b"memtrans-snapkey").digest()
+        return cls(secret, hashlib.blake2b(secret, digest_size=8,
+                                           person=b"memtrans-keyid").hexdigest())
+
+
+def read_key_file(path: str | os.PathLike) -> SnapshotKey:
+    """The snapshot key in ``path`` (any bytes, at least ``MIN_KEY_BYTES``); refuses a file other
+    users can read, as a token file."""
+    path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        material = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"--snapshot-key-file {path}: cannot read it: "
+                         f"{exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise ValueError(f"--snapshot-key-file {path} can be read by other users (mode "
+                         f"{mode:04o}): run chmod 600 {path}")
+    if len(material) < MIN_KEY_BYTES:
+        raise ValueError(f"--snapshot-key-file {path} holds {len(material)} bytes; a key needs "
+                         f"at least {MIN_KEY_BYTES}: make one with `head -c 32 /dev/urandom | "
+                         f"base64 > {path}`")
+    return SnapshotKey.from_bytes(material)
+
+
+def _hasher(key: SnapshotKey | None):
+    return hashlib.blake2b(digest_size=_DIGEST_BYTES, key=key.secret if key else b"")
+
+
 def check_name(kind: str, name) -> str:
     """``name`` if it can be part of a file name as is; raises ``InvalidRequest`` otherwise."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
@@ -85,34 +146,41 @@ def snapshot_path(data_dir: str | os.PathLike, namespace: str, tag: str) -> Path
     return Path(data_dir) / f"{check_name('namespace', namespace)}@{check_name('tag', tag)}{SUFFIX}"
 
 
-def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
-                   state: dict) -> SnapshotInfo:
-    """Write ``state`` (``MemoryStore.export_namespace``) atomically; replaces a same-named one."""
+def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str, config: dict,
+                   count: int, memories: Iterable[dict],
+                   key: SnapshotKey | None = None) -> SnapshotInfo:
+    """Write a namespace's ``config`` and its ``count`` ``memories`` (``MemoryStore.
+    export_stream``: each exported only when reached) atomically, MACed with ``key`` if given;
+    replaces a same-named one."""
     path = snapshot_path(data_dir, namespace, tag)
-    config = NamespaceConfig.from_dict(state["config"])
-    value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
-    keys = [np.ascontiguousarray(m["keys"], dtype=np.dtype("<f4")) for m in state["memories"]]
-    values = [np.ascontiguousarray(m["values"], dtype=value_dtype) for m in state["memories"]]
-    centroids = [np.ascontiguousarray(m["centroids"] if m.get("centroids") is not None
-                                      else np.empty((0, config.dim)), dtype=np.dtype("<f4"))
-                 for m in state["memories"]]
+    config = NamespaceConfig.from_dict(config)
     header = msgpack.packb({
         "namespace": namespace, "tag": tag, "created": time.time(), "config": config.to_dict(),
-        "memories": [[int(m["layer"]), int(m["row"]), int(m["total"]), k.shape[0],
-                      int(m.get("trained_at", 0)), c.shape[0]]
-                     for m, k, c in zip(state["memories"], keys, centroids)],
+        "memories": count, "mac": MAC_KEYED if key else MAC_PLAIN,
+        "key_id": key.id if key else None,
     }, use_bin_type=True)
     head = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)) + header
     head += bytes(-len(head) % ALIGN)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    digest = _hasher(key)
+
     try:
         with open(tmp, "wb") as f:
-            for chunk in (head, *keys, *values, *(c for c in centroids if c.size)):
+            def write(chunk) -> None:
                 data = memoryview(chunk).cast("B")
                 digest.update(data)
                 f.write(data)
+
+            write(head)
+            written = 0
+            for memory in memories:
+                _write_memory(write, memory, config)
+                written += 1
+                del memory  # its copy goes before the next memory is exported
+            if written != count:
+                raise SnapshotError(f"cannot write snapshot {path}: {written} memories were "
+                                    f"exported, not the {count} announced")
             f.write(digest.digest())
             f.flush()
             os.fsync(f.fileno())
@@ -121,26 +189,42 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise SnapshotError(f"cannot write snapshot {path}: {exc}") from None
-    stat = path.stat()
-    return SnapshotInfo(namespace, tag, path, stat.st_size, stat.st_mtime)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    info = path.stat()
+    return SnapshotInfo(namespace, tag, path, info.st_size, info.st_mtime)
 
 
-def read_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str) -> dict:
-    """The verified ``state`` of a snapshot, ready for ``MemoryStore.import_namespace``."""
+def _write_memory(write, memory: dict, config: NamespaceConfig) -> None:
+    """One memory's record and arrays."""
+    key_dtype = np.dtype("<f4")
+    value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
+    keys = np.ascontiguousarray(memory["keys"], dtype=key_dtype)
+    values = np.ascontiguousarray(memory["values"], dtype=value_dtype)
+    centroids = memory.get("centroids")
+    centroids = np.ascontiguousarray(
+        centroids if centroids is not None else np.empty((0, config.dim)), dtype=key_dtype)
+    write(RECORD.pack(int(memory["layer"]), int(memory["row"]), int(memory["total"]),
+                      keys.shape[0], int(memory.get("trained_at", 0)), centroids.shape[0]))
+    for array in (keys, values, centroids):
+        if array.size:
+            write(array)
+
+
+def read_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
+                  key: SnapshotKey | None = None) -> dict:
+    """The verified ``state`` of a snapshot, ready for ``MemoryStore.import_namespace``; with
+    ``key``, only a snapshot MACed with it is accepted."""
     path = snapshot_path(data_dir, namespace, tag)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            buffer = bytearray(size)
-            got = f.readinto(buffer)
+            return _Reader(path, f, namespace, tag, key).read()
     except FileNotFoundError:
         raise SnapshotError(f"no snapshot {path}: namespace {namespace!r} was never snapshotted "
                             f"with tag {tag!r} in this data directory") from None
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc}") from None
-    if got != size:
-        raise SnapshotError(f"snapshot {path}: read {got} of {size} bytes (changed while read)")
-    return _parse(path, memoryview(buffer), namespace, tag)
 
 
 def list_snapshots(data_dir: str | os.PathLike) -> list[SnapshotInfo]:
@@ -158,17 +242,151 @@ def list_snapshots(data_dir: str | os.PathLike) -> list[SnapshotInfo]:
     return found
 
 
-def _parse(path: Path, data: memoryview, namespace: str, tag: str) -> dict:
+class _Reader:
+    """Reads and verifies one open snapshot file: its preamble and header, then (format 3) each
+    memory straight into the arrays it will keep, hashing as it goes, and the checksum last."""
+
+    def __init__(self, path: Path, f, namespace: str, tag: str, key: SnapshotKey | None):
+        self.path, self.f, self.namespace, self.tag, self.key = path, f, namespace, tag, key
+        self.size = os.fstat(f.fileno()).st_size
+        self.offset = 0
+        self.digest = _hasher(key)
+
+    def refuse(self, what: str) -> SnapshotError:
+        return SnapshotError(f"snapshot {self.path} is refused: {what}; nothing was loaded")
+
+    def read(self) -> dict:
+        if self.size < _PREAMBLE.size + _DIGEST_BYTES:
+            raise self.refuse(f"it is {self.size} bytes, shorter than any snapshot (truncated?)")
+        preamble = self._take(_PREAMBLE.size)
+        magic, version, header_size = _PREAMBLE.unpack(preamble)
+        if magic != MAGIC:
+            raise self.refuse(f"it does not start with the snapshot magic {MAGIC!r} (not a "
+                              f"snapshot)")
+        if version not in READABLE_VERSIONS:
+            raise self.refuse(f"format version {version}; this server reads versions "
+                              f"{READABLE_VERSIONS}")
+        if version < 3:
+            return self._legacy(preamble, version)
+        if header_size > min(_MAX_HEADER_BYTES, self._left()):
+            raise self.refuse(f"header size {header_size} does not fit in the file")
+        try:
+            header = msgpack.unpackb(self._take(header_size), raw=False, strict_map_key=True,
+                                     max_ext_len=0)
+            config = NamespaceConfig.from_dict(header["config"])
+            count, mac, key_id = header["memories"], header["mac"], header["key_id"]
+            if not isinstance(count, int) or count < 0 or mac not in (MAC_PLAIN, MAC_KEYED):
+                raise ValueError(f"memories {count!r:.40}, mac {mac!r:.40}")
+        except Exception as exc:  # msgpack errors, a missing key, a bad count, a bad config
+            raise self.refuse(f"malformed header: {type(exc).__name__}: {exc}") from None
+        self._check_names(header)
+        self._check_key(mac, key_id)
+        self._take(-self.offset % ALIGN)
+        memories = [self._memory(config, i) for i in range(count)]
+        if self._left():
+            raise self.refuse(f"{self._left()} bytes follow the last of its {count} memories")
+        if not hmac.compare_digest(self.digest.digest(), self._exactly(_DIGEST_BYTES)):
+            raise self.refuse(
+                "its MAC does not match its contents under this server's snapshot key: it was "
+                "changed after it was written (tampered with, corrupt or truncated)" if self.key
+                else "its checksum does not match its contents (corrupt or truncated)")
+        return {"config": config.to_dict(), "memories": memories}
+
+    def _check_names(self, header: dict) -> None:
+        if (header.get("namespace"), header.get("tag")) != (self.namespace, self.tag):
+            raise self.refuse(f"it holds namespace {header.get('namespace')!r} tag "
+                              f"{header.get('tag')!r}, not {self.namespace!r} {self.tag!r} as "
+                              f"its name says (renamed?)")
+
+    def _check_key(self, mac: str, key_id) -> None:
+        """Refuse at once what the header says was written under another key, or none."""
+        if self.key is not None and mac != MAC_KEYED:
+            raise self.refuse(
+                "its header says it was written without a snapshot key, and this server "
+                "(--snapshot-key-file) accepts only snapshots MACed with its key: anyone who can "
+                "write to the data directory could have written one without")
+        if self.key is None and mac == MAC_KEYED:
+            raise self.refuse(f"it was written with snapshot key {key_id!r:.40}: start this "
+                              f"server with that key (--snapshot-key-file) to restore it")
+        if self.key is not None and key_id != self.key.id:
+            raise self.refuse(f"it was written with snapshot key {key_id!r:.40}, not with this "
+                              f"server's ({self.key.id!r}; --snapshot-key-file)")
+
+    def _memory(self, config: NamespaceConfig, i: int) -> dict:
+        if self._left() < RECORD.size:
+            raise self.refuse(f"it ends before memory {i} (truncated?)")
+        layer, row, total, slots, trained_at, rows = RECORD.unpack(self._take(RECORD.size))
+        key_dtype = np.dtype("<f4")
+        value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
+        need = config.dim * (slots * (key_dtype.itemsize + value_dtype.itemsize)
+                             + rows * key_dtype.itemsize)
+        if slots < 0 or rows < 0 or need > self._left():
+            raise self.refuse(f"memory {i} claims {slots} slots and {rows} centroids, "
+                              f"{need} bytes, and {self._left()} are left in the file "
+                              f"(truncated?)")
+        memory = {"layer": layer, "row": row, "total": total,
+                  "keys": self._array((slots, config.dim), key_dtype),
+                  "values": self._array((slots, config.dim), value_dtype)}
+        if rows:  # the store checks their shape and trained_at against its config
+            memory["centroids"] = self._array((rows, config.dim), key_dtype)
+            memory["trained_at"] = trained_at
+        return memory
+
+    def _array(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        array = np.empty(shape, dtype)
+        view = memoryview(array).cast("B")
+        got = 0
+        while got < view.nbytes:
+            n = self.f.readinto(view[got:])
+            if not n:
+                raise self.refuse(f"read {self.offset + got} of {self.size} bytes (changed "
+                                  f"while read)")
+            got += n
+        self.digest.update(view)
+        self.offset += got
+        return array
+
+    def _left(self) -> int:
+        """Bytes from here to the checksum."""
+        return self.size - _DIGEST_BYTES - self.offset
+
+    def _exactly(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise self.refuse(f"read {self.offset + len(data)} of {self.size} bytes (changed "
+                              f"while read)")
+        self.offset += n
+        return data
+
+    def _take(self, n: int) -> bytes:
+        data = self._exactly(n)
+        self.digest.update(data)
+        return data
+
+    def _legacy(self, preamble: bytes, version: int) -> dict:
+        """A format 1 or 2 file, read whole and checked as those versions were."""
+        if self.key is not None:
+            raise self.refuse(
+                f"format version {version} carries no MAC, and this server "
+                f"(--snapshot-key-file) accepts only snapshots MACed with its key; restore it "
+                f"on a server without a key and snapshot it again on this one")
+        buffer = bytearray(self.size)
+        buffer[:len(preamble)] = preamble
+        view = memoryview(buffer)
+        got = len(preamble)
+        while got < self.size:
+            n = self.f.readinto(view[got:])
+            if not n:
+                raise self.refuse(f"read {got} of {self.size} bytes (changed while read)")
+            got += n
+        return _parse_legacy(self.path, view, self.namespace, self.tag, version)
+
+
+def _parse_legacy(path: Path, data: memoryview, namespace: str, tag: str, version: int) -> dict:
     def refuse(what: str) -> SnapshotError:
         return SnapshotError(f"snapshot {path} is refused: {what}; nothing was loaded")
 
-    if data.nbytes < _PREAMBLE.size + _DIGEST_BYTES:
-        raise refuse(f"it is {data.nbytes} bytes, shorter than any snapshot (truncated?)")
-    magic, version, header_size = _PREAMBLE.unpack_from(data)
-    if magic != MAGIC:
-        raise refuse(f"it does not start with the snapshot magic {MAGIC!r} (not a snapshot)")
-    if version not in READABLE_VERSIONS:
-        raise refuse(f"format version {version}; this server reads versions {READABLE_VERSIONS}")
+    header_size = _PREAMBLE.unpack_from(data)[2]
     body, stored = data[:-_DIGEST_BYTES], bytes(data[-_DIGEST_BYTES:])
     if hashlib.blake2b(body, digest_size=_DIGEST_BYTES).digest() != stored:
         raise refuse("its checksum does not match its contents (corrupt or truncated)")

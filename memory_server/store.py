@@ -13,6 +13,10 @@ counts its slots (keys, values and what its index keeps per entry) and a fixed o
 (``memory_overhead``: its objects, and HNSW's graphs), so an add naming many new rows is refused
 before it allocates them.
 
+Quotas (``quotas``, the server's tenants): the namespaces named ``PREFIX.*`` may hold at most
+``quotas[PREFIX]`` bytes together, booked like ``max_bytes`` and refused with ``QuotaExceeded``,
+so one group of namespaces cannot take all of ``max_bytes`` from the others.
+
 A memory is ``(namespace, layer, row)``. It keeps the newest ``max_memories`` entries it was given
 (true FIFO, however many times the ring wraps) and is created by the first ``add`` that names it.
 """
@@ -21,13 +25,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import faiss
 import numpy as np
 
-from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, UnknownNamespace
+from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, QuotaExceeded, UnknownNamespace
 from .index import (INDEX_KINDS, IVF_TRAIN_PER_LIST, FlatIndex, HNSWIndex, IVFIndex,
                     hnsw_segment_size, ivf_nlist, ivf_nprobe, ring_size)
 
@@ -325,6 +330,8 @@ class _Namespace:
     memories: dict[tuple[int, int], Memory]
     """Added to only under the store's lock."""
     last_used: float
+    group: str | None = None
+    """The prefix whose quota it counts against (None: no quota)."""
     bytes: int = 0
     """What the books hold for it: its memories' bytes plus what adds under way reserved."""
     retired: bool = False
@@ -346,7 +353,7 @@ class MemoryStore:
 
     def __init__(self, *, threads: int = 1, max_bytes: int | None = None,
                  max_namespaces: int | None = None, max_memories_per_namespace: int | None = None,
-                 max_search_bytes: int | None = None):
+                 max_search_bytes: int | None = None, quotas: dict[str, int] | None = None):
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.max_bytes = max_bytes
@@ -357,6 +364,8 @@ class MemoryStore:
         self._namespaces: dict[str, _Namespace] = {}
         self._lock = threading.Lock()
         self._reserved_bytes = 0
+        self.quotas = dict(quotas or {})
+        self._group_bytes: dict[str, int] = {}
         # The OpenMP thread count is per calling thread: set it in each row thread.
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="memstore",
                                         initializer=faiss.omp_set_num_threads,
@@ -394,7 +403,8 @@ class MemoryStore:
                     f"{len(self._namespaces)} namespaces, the limit max_namespaces="
                     f"{self.max_namespaces} (memory-server --max-namespaces); drop finished "
                     f"namespaces or raise the limit")
-            self._namespaces[namespace] = _Namespace(config, {}, time.monotonic())
+            self._namespaces[namespace] = _Namespace(config, {}, time.monotonic(),
+                                                     self._group(namespace))
 
     def drop(self, namespace: str) -> None:
         """Forget a namespace and free its memories."""
@@ -555,14 +565,26 @@ class MemoryStore:
 
     def export_namespace(self, namespace: str) -> dict:
         """A namespace's config and every memory's ring, as plain data and numpy arrays."""
+        config, _, memories = self.export_stream(namespace)
+        return {"config": config, "memories": list(memories)}
+
+    def export_stream(self, namespace: str) -> tuple[dict, int, Iterator[dict]]:
+        """A namespace's config, its memory count, and its memories, each copied under its lock
+        only when the iterator reaches it, so a snapshot writer holds one copy at a time.
+        The memories are those that existed at this call, each as it is when reached."""
         ns = self._namespace(namespace)
         with self._lock:
             items = sorted(ns.memories.items())
-        memories = []
-        for (layer, row), memory in items:
+
+        def exported(memory: Memory) -> dict:
             with memory.lock:
-                memories.append({"layer": layer, "row": row, **memory.export()})
-        return {"config": ns.config.to_dict(), "memories": memories}
+                return memory.export()
+
+        def memories() -> Iterator[dict]:  # holds no memory's copy while the next is made
+            for (layer, row), memory in items:
+                yield {"layer": layer, "row": row, **exported(memory)}
+
+        return ns.config.to_dict(), len(items), memories()
 
     def import_namespace(self, namespace: str, state: dict) -> None:
         """Replace ``namespace`` with an exported one (the same ring, slot for slot)."""
@@ -587,7 +609,7 @@ class MemoryStore:
                                      f"{values.shape} for {total} entries")
             memory.load(keys, values, total, *_index_state(item, config, memory, namespace))
             loaded[(layer, row)] = memory
-        new = _Namespace(config, loaded, time.monotonic())
+        new = _Namespace(config, loaded, time.monotonic(), self._group(namespace))
         with self._lock:  # the swap is one step: concurrent adds and restores see old or new
             old = self._namespaces.get(namespace)
             self._reserve(new, sum(m.nbytes() for m in loaded.values()),
@@ -618,12 +640,33 @@ class MemoryStore:
             "per_namespace": per_namespace,
         }
 
+    def quota(self, prefix: str) -> dict | None:
+        """The quota of the namespaces ``PREFIX.*`` and the bytes they hold; None without one."""
+        if prefix not in self.quotas:
+            return None
+        with self._lock:
+            return {"max_bytes": self.quotas[prefix], "bytes": self._group_bytes.get(prefix, 0)}
+
     # internals
+
+    def _group(self, namespace: str) -> str | None:
+        prefix, dot, _ = namespace.partition(".")
+        return prefix if dot and prefix in self.quotas else None
 
     # The books: callers hold self._lock, except for _adjust.
 
     def _reserve(self, ns: _Namespace, nbytes: int, what: str, freeing: int = 0) -> None:
-        """Book ``nbytes`` for ``ns``, or refuse; ``freeing``: bytes the caller frees with it."""
+        """Book ``nbytes`` for ``ns``, or refuse; ``freeing``: bytes the caller frees with it (of
+        a namespace of the same name, so of the same group)."""
+        group = ns.group
+        if group is not None and nbytes > freeing:
+            held, quota = self._group_bytes.get(group, 0), self.quotas[group]
+            if held - freeing + nbytes > quota:
+                raise QuotaExceeded(
+                    f"{what} needs {nbytes} more bytes but tenant {group!r} holds {held} of its "
+                    f"quota max_bytes={quota} (its line of the server's --token-file, or "
+                    f"--tenant-max-bytes); drop its unused namespaces, lower "
+                    f"max_memories, or ask for a larger quota")
         if self.max_bytes is not None and nbytes > freeing \
                 and self._reserved_bytes - freeing + nbytes > self.max_bytes:
             raise LimitExceeded(
@@ -632,6 +675,7 @@ class MemoryStore:
                 f"unused namespaces")
         ns.bytes += nbytes
         self._reserved_bytes += nbytes
+        self._book_group(ns, nbytes)
 
     def _adjust(self, ns: _Namespace, nbytes: int) -> None:
         if nbytes:
@@ -639,10 +683,16 @@ class MemoryStore:
                 ns.bytes += nbytes
                 if not ns.retired:
                     self._reserved_bytes += nbytes
+                    self._book_group(ns, nbytes)
 
     def _retire(self, ns: _Namespace) -> None:
         ns.retired = True
         self._reserved_bytes -= ns.bytes
+        self._book_group(ns, -ns.bytes)
+
+    def _book_group(self, ns: _Namespace, nbytes: int) -> None:
+        if ns.group is not None:
+            self._group_bytes[ns.group] = self._group_bytes.get(ns.group, 0) + nbytes
 
     @staticmethod
     def _check_live(ns: _Namespace, namespace: str) -> None:

@@ -19,6 +19,13 @@ alone may shut the server down or read the server-wide stats.
 Without any credential configured the server is open: every client is the anonymous admin, as
 before tenants existed (fine for a private host; the server warns at start).
 
+Quotas: a tenant may hold at most its quota of bytes of memories, all its namespaces together,
+so that one tenant cannot fill the server's ``--max-bytes`` and starve the others. A line of the
+server's token file may end in ``max_bytes=SIZE`` (``alice TOKEN max_bytes=2G``); tenants without
+one get ``--tenant-max-bytes`` (with CURVE, which has no such file, that is the only quota).
+The store books every namespace under its tenant's prefix (``store.py``), so an admin's restore
+into ``alice.run`` counts against alice. Admins have no quota.
+
 A token file holds one ``NAME TOKEN`` line per tenant (``#`` starts a comment); a client's file
 holds its own line. Both must not be readable by other users (mode 0600), like an ssh key.
 ``memory-server token`` writes one.
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Unauthorized
+from .units import parse_bytes
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 """What a tenant name may be: also a prefix of snapshot file names, so no '.' or '/'."""
@@ -46,6 +54,16 @@ servers)."""
 SERVER_TOKEN_ENV = "MEMORY_SERVER_TOKEN_FILE"
 SERVER_ADMIN_TOKEN_ENV = "MEMORY_SERVER_ADMIN_TOKEN_FILE"
 """Defaults of the server's ``--token-file`` and ``--admin-token-file``."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLine:
+    """One line of a token file."""
+
+    name: str
+    token: str
+    max_bytes: int | None = None
+    """The tenant's quota (``max_bytes=SIZE`` on its line); None: the server's default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +181,11 @@ def write_token_file(path: str | os.PathLike, name: str, token: str | None = Non
 
 def read_token_file(path: str | os.PathLike, what: str = "--token-file") -> dict[str, str]:
     """name -> token of every ``NAME TOKEN`` line; refuses a file other users can read."""
+    return {line.name: line.token for line in read_token_lines(path, what)}
+
+
+def read_token_lines(path: str | os.PathLike, what: str = "--token-file") -> list[TokenLine]:
+    """Every ``NAME TOKEN [max_bytes=SIZE]`` line; refuses a file other users can read."""
     path = Path(path)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -172,26 +195,37 @@ def read_token_file(path: str | os.PathLike, what: str = "--token-file") -> dict
     if mode & 0o077:
         raise ValueError(f"{what} {path} can be read by other users (mode {mode:04o}): run "
                          f"chmod 600 {path}")
-    tokens: dict[str, str] = {}
+    lines: dict[str, TokenLine] = {}
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
-        if len(fields) != 2:
-            raise ValueError(f"{what} {path} line {number}: expected 'NAME TOKEN', got "
-                             f"{len(fields)} fields")
-        name, token = fields
-        _check_name(name, f"{what} {path} line {number}: tenant name")
+        where = f"{what} {path} line {number}"
+        if len(fields) not in (2, 3):
+            raise ValueError(f"{where}: expected 'NAME TOKEN' or 'NAME TOKEN max_bytes=SIZE', "
+                             f"got {len(fields)} fields")
+        name, token = fields[:2]
+        _check_name(name, f"{where}: tenant name")
         if not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS:
-            raise ValueError(f"{what} {path} line {number}: a token must have "
-                             f"{MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} characters; make one with "
+            raise ValueError(f"{where}: a token must have {MIN_TOKEN_CHARS} to "
+                             f"{MAX_TOKEN_CHARS} characters; make one with "
                              f"`memory-server token`")
-        if name in tokens:
+        max_bytes = None
+        if len(fields) == 3:
+            option, _, size = fields[2].partition("=")
+            if option != "max_bytes":
+                raise ValueError(f"{where}: the third field must be max_bytes=SIZE (the "
+                                 f"tenant's quota, e.g. max_bytes=2G), got {fields[2]!r:.40}")
+            try:
+                max_bytes = parse_bytes(size)
+            except ValueError as exc:
+                raise ValueError(f"{where}: max_bytes: {exc}") from None
+        if name in lines:
             raise ValueError(f"{what} {path}: tenant {name!r} is listed twice")
-        tokens[name] = token
-    if not tokens:
+        lines[name] = TokenLine(name, token, max_bytes)
+    if not lines:
         raise ValueError(f"{what} {path} holds no 'NAME TOKEN' line")
-    return tokens
+    return list(lines.values())
 
 
 def read_client_token(path: str | os.PathLike) -> str:

@@ -3,6 +3,7 @@ frames to a CURVE server before their handshake, floods of rejected requests in 
 messages that cost the I/O thread (a header of empty lists, a million frames) while another
 client pings."""
 
+import signal
 import socket
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import zmq
 
 from memory_server import MemoryClient, NamespaceConfig
 from memory_server.cli import main
-from memory_server.connections import FD_RESERVE
+from memory_server.connections import FD_RESERVE, host_of
 from memory_server.local import launch as local_launch
 from memory_server.protocol import PROTOCOL_VERSION, encode_request
 from servers import free_port, launch
@@ -61,6 +62,95 @@ def test_connections_past_the_cap_are_closed_before_their_handshake(memory_serve
         with MemoryClient(server.endpoint, timeout=20) as other:
             assert other.ping()
     assert "refused a connection: 4 are open" in server.output()
+
+
+def _connect_from(host: str, port: int) -> socket.socket:
+    """A raw TCP connection to the server on 127.0.0.1 from ``host``, another loopback address
+    (all of 127/8 is this machine): another client host, as the server sees it."""
+    return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(host, 0))
+
+
+def test_one_host_cannot_take_every_connection(memory_server):
+    """Under --max-connections 12 and --max-connections-per-host 3, a host opening 10
+    connections keeps 3; the others are closed before their handshake, and clients of other
+    hosts still get in. Without the per-host cap the one host took 10 of the 12."""
+    (server,) = memory_server(1, "--max-connections", "12", "--max-connections-per-host", "3")
+    with MemoryClient(server.endpoint, timeout=10) as client:  # from 127.0.0.1
+        assert client.ping()
+        hostile = [_connect_from("127.0.0.2", server.port) for _ in range(10)]
+        others = [_connect_from("127.0.0.3", server.port) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 30
+            while client.stats()[0]["connections"]["refused_per_host"] < 7:
+                assert time.monotonic() < deadline, client.stats()[0]["connections"]
+                time.sleep(0.05)
+            assert all(_closed_by_server(s) for s in hostile[3:])
+            assert not any(_closed_by_server(s, wait=0.5) for s in (*hostile[:3], *others))
+            stats = client.stats()[0]["connections"]
+            assert stats["refused_per_host"] == 7 and stats["refused"] == 0, stats
+            assert stats["open"] == 7 and stats["hosts"] == 3, stats  # 1 + 3 + 3
+            assert client.ping()
+        finally:
+            for s in (*hostile, *others):
+                s.close()
+        with MemoryClient(server.endpoint, timeout=20) as other:
+            assert other.ping()
+    assert ("refused a connection from 127.0.0.2: it has 3 open, the most one host may have "
+            "(--max-connections-per-host)") in server.output()
+
+
+def test_a_host_gets_its_connections_back_when_it_closes_them(memory_server):
+    (server,) = memory_server(1, "--max-connections-per-host", "2")
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        assert client.ping()
+        first = _connect_from("127.0.0.2", server.port)
+        second = _connect_from("127.0.0.2", server.port)
+        first.close()
+        deadline = time.monotonic() + 30
+        while client.stats()[0]["connections"]["open"] != 2:  # the client's and the second
+            assert time.monotonic() < deadline, client.stats()[0]["connections"]
+            time.sleep(0.05)
+        third = _connect_from("127.0.0.2", server.port)
+        try:
+            assert not _closed_by_server(third, wait=0.5)
+            assert client.stats()[0]["connections"]["refused_per_host"] == 0
+        finally:
+            second.close()
+            third.close()
+
+
+def test_on_ipc_the_per_host_cap_counts_connections_per_user(tmp_path):
+    """On an ipc socket every peer is on this machine: the cap counts the peer's user id."""
+    path = tmp_path / "memory.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "memory_server", "--bind", f"ipc://{path}",
+                             "--threads", "1", "--max-connections-per-host", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    socks = []
+    try:
+        with MemoryClient(f"ipc://{path}", timeout=30) as client:
+            assert client.ping()  # one of this user's two
+            for _ in range(3):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(str(path))
+                socks.append(sock)
+            assert all(_closed_by_server(s) for s in socks[1:])
+            stats = client.stats()[0]["connections"]
+            assert stats["refused_per_host"] == 2 and stats["hosts"] == 1, stats
+    finally:
+        for s in socks:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("address, host", [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_the_per_host_cap_counts_ipv6_by_its_64(address, host):
+    assert host_of(address) == host
 
 
 def _launch_with_fd_limit(limit: int, *flags: str):

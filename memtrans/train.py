@@ -108,6 +108,30 @@ def check_servers(servers: list[str], timeout: float) -> None:
                          f"servers to have local ones started")
 
 
+def memory_servers(config: TrainConfig, out: Path, place: Place, stack: contextlib.ExitStack
+                   ) -> tuple[list[str] | None, LocalServers | None]:
+    """The endpoints of the run's memory servers (None: memory in this process), and on rank 0
+    the servers this run starts itself when none are named (``stack`` stops them)."""
+    if config.memory != "remote":
+        return None, None
+    servers = list(config.memory_servers) or servers_from_env()
+    if servers is not None:
+        check_servers(servers, config.memory_timeout)
+        return servers, None
+    local = None
+
+    def start_local():
+        nonlocal local
+        local = stack.enter_context(LocalServers(config.num_servers, out,
+                                                 supervise=config.on_memory_failure != "stop"))
+        return local.endpoints, str(local.token_file)
+
+    servers, token_file = _broadcast(start_local, place.ddp, place.master)
+    # Every rank's clients present the token of the servers (same host).
+    stack.enter_context(_environment(TOKEN_ENV, token_file))
+    return servers, local
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -516,30 +540,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def memory_servers(config: TrainConfig, out: Path, place: Place, stack: contextlib.ExitStack
-                   ) -> tuple[list[str] | None, LocalServers | None]:
-    """The endpoints of the run's memory servers (None: memory in this process), and on rank 0
-    the servers this run starts itself when none are named (``stack`` stops them)."""
-    if config.memory != "remote":
-        return None, None
-    servers = list(config.memory_servers) or servers_from_env()
-    if servers is not None:
-        check_servers(servers, config.memory_timeout)
-        return servers, None
-    local = None
-
-    def start_local():
-        nonlocal local
-        local = stack.enter_context(LocalServers(config.num_servers, out,
-                                                 supervise=config.on_memory_failure != "stop"))
-        return local.endpoints, str(local.token_file)
-
-    servers, token_file = _broadcast(start_local, place.ddp, place.master)
-    # Every rank's clients present the token of the servers (same host).
-    stack.enter_context(_environment(TOKEN_ENV, token_file))
-    return servers, local
 
 
 def collective_timeout(config: TrainConfig) -> timedelta:

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bench.common import machine_line, table
+from memtrans.build import build_model, make_memories
 from memtrans.config import TrainConfig, _int_tuple
 from memtrans.copy_task import CHANCE, copy_batch
-from memtrans.train import _optimizer, build_model, learning_rate, make_memories
+from memtrans.train import _optimizer, learning_rate
 
 ARMS = {"plain": {}, "smeared": {"smear_keys": True}, "knn-smeared": {"smear_keys": True},
         "conv": {"qk_conv": 3}}

@@ -117,8 +117,8 @@ def stdlib_tokens(total: int) -> np.ndarray:
 @torch.no_grad()
 def model_keys(checkpoint: Path, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Keys ``(BATCH, tokens, DIM)`` and the queries of the next QUERIES tokens, from a model."""
+    from memtrans.build import build_model
     from memtrans.checkpoint import resolve_config
-    from memtrans.train import build_model
 
     from .step import ZeroMemory
 

@@ -32,11 +32,11 @@ import torch
 
 from bench.common import machine_line, table
 from bench.experiment import read_log, report, run_arms
+from memtrans.build import build_model, make_memories, open_corpus
 from memtrans.checkpoint import CHECKPOINT, resolve_config
 from memtrans.config import TrainConfig, build_parser
 from memtrans.evaluation import EvalSettings, evaluate, other_rows
 from memtrans.recall import CHANCE_ACCURACY, CHANCE_BITS, LINE, RecallCorpus, RecallTask
-from memtrans.train import build_model, make_memories, open_corpus
 
 ARMS = ("none", "memory", "gate")
 LABELS = {"none": "no memorizing layer", "memory": "kNN memory (joint softmax)",

@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from .bootstrap import RESAMPLES, SEED, Interval, bpb_difference
+from .build import build_model, make_memories, open_corpus
 from .checkpoint import load_checkpoint, resolve_config
 from .config import INDEX_KINDS, RECALL, TrainConfig, TrainError
 from .data import PAD_ID, CorpusError, Document
 from .memory import KNNMemoryList
 from .model import MemorizingTransformer
-from .train import build_model, make_memories, open_corpus
 
 EDGES = (2048, 8192, 32768)
 """History bucket bounds in tokens: bucket ``i`` holds histories in ``[EDGES[i-1], EDGES[i])``."""

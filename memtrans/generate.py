@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .build import build_model, make_memories
+from .checkpoint import load_checkpoint, resolve_config
+from .config import TrainError
 from .data import SOS_ID, decode, encode
-from .train import TrainError, build_model, load_checkpoint, make_memories, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:

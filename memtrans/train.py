@@ -4,10 +4,16 @@ Every batch row reads one long document in consecutive segments (``memtrans.data
 starts a new document has its kNN memories cleared, and its Transformer-XL memories are masked out
 of that segment's attention and kept out of its kNN memory, so a row's memories only ever hold
 the document it is reading (the paper's setup). One optimizer step takes ``grad_accum``
-consecutive segments of the same documents, in order, because memory order matters. Losses are in bits per byte: the cross entropy over the
-non-pad next tokens (the bytes of a document and its EOS) divided by ln 2. Each training log
-record also says how much of the corpus the run has read (``coverage``: documents started,
-epochs covered, tokens).
+consecutive segments of the same documents, in order, because memory order matters. Losses are
+in bits per byte: the cross entropy over the non-pad next tokens (the bytes of a document and its
+EOS) divided by ln 2. Each training log record also says how much of the corpus the run has read
+(``coverage``: documents started, epochs covered, tokens).
+
+The shape of a run: ``main`` parses the flags, places the process (``Place``), starts or finds
+the memory servers, and runs a ``Trainer``. The ``Trainer`` builds the model, corpus stream and
+memories (``build.py``), its ``CheckpointManager`` (``checkpoint.py``) starts it fresh, from
+``--init-from`` weights or from a checkpoint, and ``Trainer.train`` runs ``train_step`` after
+``train_step``, each followed by what is due: ``log_train``, ``validate``, a checkpoint.
 
 Memory (``--memory``):
 
@@ -24,7 +30,7 @@ bits-per-byte figures to ``<out>/log.jsonl`` (``evaluation.py``), with the learn
 (and gates) of the kNN layers. On ``--data recall`` (``recall.py``) it adds the answer accuracy and
 bits per answer token of in-context and memory-only queries, and the retrieval hit rate.
 
-Checkpoints and ``--resume``: ``checkpoint.py``.
+Checkpoints, ``--resume`` and ``--init-from``: ``checkpoint.py``.
 
 A memory server that fails mid-run is handled by ``--on-memory-failure`` (``recovery.py``):
 ``stop`` (default) ends the run naming the endpoint, ``skip`` goes on without memory for the
@@ -39,7 +45,7 @@ evaluates into the log, checkpoints and starts local servers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import json
 import logging
 import math
@@ -47,6 +53,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -59,18 +66,17 @@ from memory_server import MemoryServerError
 from memory_server.client import MemoryClient
 from memory_server.tenants import TOKEN_ENV
 
-from .checkpoint import (CHECKPOINT, SNAPSHOT_SLOTS, export_memories, import_memories,
-                         load_checkpoint, load_weights, resolve_config, restore_remote,
-                         save_checkpoint, servers_persist, snapshot_remote)
-from .config import RECALL, TrainConfig, TrainError, build_parser
+from .build import build_model, make_memories, open_corpus
+from .checkpoint import (CHECKPOINT, CheckpointManager, load_checkpoint, memory_namespace,
+                         resolve_config)
+from .config import TrainConfig, TrainError, build_parser
 from .copy_task import copy_batch, warmup_rng
-from .data import (NUM_TOKENS, PAD_ID, Corpus, CorpusError, DocumentStream, Segment,
-                   load_corpus)
+from .data import PAD_ID, CorpusError, DocumentStream, DocumentStreams, Segment
 from .evaluation import (EvalSettings, evaluate, knn_layer_parameters, recall_line,
                          sum_over_ranks, xl_valid)
 from .memory import KNNMemoryList, servers_from_env
-from .model import MemorizingTransformer
-from .recall import RecallCorpus, RecallTask
+from .place import Place
+from .recall import RecallCorpus
 from .recovery import FAILURES, MemoryFailure, MemoryRecovery
 from .servers import LocalServers, ServerStartError
 
@@ -100,6 +106,30 @@ def check_servers(servers: list[str], timeout: float) -> None:
                          f"{timeout:g} s (--memory-timeout): start it (memory-server --bind "
                          f"ENDPOINT), fix --memory-servers / MEMTRANS_SERVERS, or name no "
                          f"servers to have local ones started")
+
+
+def memory_servers(config: TrainConfig, out: Path, place: Place, stack: contextlib.ExitStack
+                   ) -> tuple[list[str] | None, LocalServers | None]:
+    """The endpoints of the run's memory servers (None: memory in this process), and on rank 0
+    the servers this run starts itself when none are named (``stack`` stops them)."""
+    if config.memory != "remote":
+        return None, None
+    servers = list(config.memory_servers) or servers_from_env()
+    if servers is not None:
+        check_servers(servers, config.memory_timeout)
+        return servers, None
+    local = None
+
+    def start_local():
+        nonlocal local
+        local = stack.enter_context(LocalServers(config.num_servers, out,
+                                                 supervise=config.on_memory_failure != "stop"))
+        return local.endpoints, str(local.token_file)
+
+    servers, token_file = _broadcast(start_local, place.ddp, place.master)
+    # Every rank's clients present the token of the servers (same host).
+    stack.enter_context(_environment(TOKEN_ENV, token_file))
+    return servers, local
 
 
 # -----------------------------------------------------------------------------
@@ -165,41 +195,6 @@ def eval_settings(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Ev
                         segments=config.eval_batches, rank=rank, world_size=world_size)
 
 
-def build_model(config: TrainConfig) -> MemorizingTransformer:
-    return MemorizingTransformer(
-        num_tokens=NUM_TOKENS, dim=config.dim, depth=config.depth, heads=config.heads,
-        dim_head=config.dim_head, memorizing_layers=config.memorizing_layers,
-        max_knn_memories=config.max_memories, num_retrieved_memories=config.num_retrieved,
-        xl_max_memories=config.xl_max_memories, pad_id=PAD_ID, knn_combine=config.knn_combine,
-        smear_keys=config.smear_keys, qk_conv=config.qk_conv,
-        qk_conv_layers=config.qk_conv_layers)
-
-
-def open_corpus(config: TrainConfig):
-    """The run's corpus: the recall task for ``--data recall``, else files (``load_corpus``)."""
-    if config.data == RECALL:
-        task = RecallTask(bindings=config.recall_bindings, distance=config.recall_distance,
-                          in_context_fraction=config.recall_in_context_fraction)
-        task.check_window(config.seq_len, config.xl_max_memories)
-        return RecallCorpus.create(task)
-    return load_corpus(config.data, val_fraction=config.val_fraction, documents=config.documents,
-                       max_document_bytes=config.max_document_bytes)
-
-
-def make_memories(model: MemorizingTransformer, config: TrainConfig, servers: list[str] | None,
-                  namespace: str | None = None):
-    """The run's kNN memories: on ``servers``, or in this process when that is None."""
-    if servers is not None:
-        return model.create_knn_memories(batch_size=config.batch_size, servers=servers,
-                                         namespace=namespace, index=config.index,
-                                         timeout=config.memory_timeout)
-    # In-process even when MEMTRANS_SERVERS is set (create_knn_memories would follow it).
-    return KNNMemoryList.create_memories(batch_size=config.batch_size,
-                                         num_memory_layers=model.num_memory_layers)(
-        dim=config.dim_head, max_memories=config.max_memories, multiprocessing=False,
-        index=config.index)
-
-
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the weights of linear layers (the matmuls) only. Embeddings,
     relative-position biases, biases, norm gains, kNN temperatures and gates get none: decay
@@ -256,214 +251,191 @@ def plot_validation(out: Path) -> str:
     return f"plot: {out / 'validation.png'}"
 
 
-def train(config: TrainConfig, corpus: Corpus, checkpoint: dict | None, *, ddp: bool, rank: int,
-          world_size: int, device: torch.device, servers: list[str] | None,
-          out: Path | None, local: LocalServers | None = None,
-          init_weights: dict | None = None) -> None:
-    """The training loop; ``out`` is None on every rank but 0, and so is ``local`` (the
-    auto-started servers, told of each snapshot so they restart from it)."""
-    master = rank == 0
-    stream = corpus.train_stream(batch_size=config.batch_size, seq_len=config.seq_len, rank=rank,
-                                 world_size=world_size, seed=config.seed)
+@dataclass(slots=True)
+class LogWindow:
+    """What this rank's steps since the last training log record did."""
 
-    torch.manual_seed(config.seed)
-    raw_model = build_model(config)
-    log = RunLog(out)
-    if init_weights is not None:  # --init-from
-        new = load_weights(raw_model, init_weights, config.init_from)
-        log.write({"kind": "init", "init_from": config.init_from, "new_parameters": new})
-        if master:
-            tqdm.write(f"memtrans-train: weights from {config.init_from}; initialised here: "
-                       f"{', '.join(new) or 'nothing'}")
-    raw_model = raw_model.to(device)
-    optimizer = _optimizer(raw_model, config)
-    step, xl = 0, None
-    trained_s = 0.0  # wall seconds spent in training steps, validation and checkpoints excluded
+    nats: float = 0.0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    """Wall seconds spent in those steps."""
+    steps: int = 0
 
-    with contextlib.ExitStack() as stack:
-        remote = (checkpoint or {}).get("remote_memory")
-        memories = make_memories(raw_model, config, servers,
-                                  namespace=remote["namespace"] if remote else None)
-        stack.callback(_quietly, memories.cleanup)
-        val_memories = make_memories(raw_model, config, servers)
-        stack.callback(_quietly, val_memories.cleanup)
-        blank = make_memories(raw_model, config, None)  # "without memory": stays empty
-        stack.callback(blank.cleanup)
-        recovery = MemoryRecovery(config.on_memory_failure, config.memory_wait_timeout,
-                                  [memories, val_memories] if servers is not None else [],
-                                  rank=rank, on_failure=log.write)
 
-        if checkpoint is not None:
-            ranks = checkpoint["ranks"]
-            if len(ranks) != world_size:
-                raise TrainError(f"the checkpoint was written by {len(ranks)} ranks, this run has "
-                                 f"{world_size}: resume with the same number of ranks")
-            mine = ranks[rank]
-            raw_model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            stream.load_state_dict(mine["stream"])
-            torch.set_rng_state(mine["rng"])
-            xl = [m.to(device) for m in mine["xl"]] if mine["xl"] is not None else None
-            if mine["knn"] is not None:
-                import_memories(memories, mine["knn"])
-            if servers is not None and remote is not None and remote["tag"] is None:
-                if master:
-                    tqdm.write("memtrans-train: warning: the checkpoint holds no kNN memories "
-                               "(its servers ran without --data-dir); they start empty")
-            elif servers is not None:
-                restore_remote(memories, remote, checkpoint["step"], master, ddp)
-                recovery.snapshot_taken(remote["namespace"], remote["tag"])
-                if local is not None:
-                    local.snapshot_taken(remote["namespace"], remote["tag"])
-            step = checkpoint["step"]
-            trained_s = checkpoint.get("train_seconds", 0.0)
+class Trainer:
+    """One rank's run: the model, optimizer, data stream, kNN memories, failure recovery and
+    checkpoints built from the config and started from a checkpoint or fresh; ``train`` then
+    runs ``train_step`` up to ``config.steps``, each step followed by what is due of a log
+    record, a validation and a checkpoint. ``stack`` closes the memories when the run ends."""
 
-        model = raw_model
-        if ddp:
-            model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=len(config.memorizing_layers) == config.depth)
-        wait = MemoryWait()
-        wait.watch(memories)
-        retrieval = config.memory != "off"
+    def __init__(self, config: TrainConfig, corpus: DocumentStreams, place: Place,
+                 stack: contextlib.ExitStack, *, servers: list[str] | None, out: Path | None,
+                 local: LocalServers | None = None, checkpoint: dict | None = None,
+                 init_weights: dict | None = None):
+        """``out`` is None on every rank but 0, and so is ``local`` (the auto-started
+        servers); ``checkpoint`` resumes, ``init_weights`` (a checkpoint's model) is
+        ``--init-from``."""
+        self.config, self.corpus, self.place = config, corpus, place
+        self.stream = corpus.train_stream(batch_size=config.batch_size, seq_len=config.seq_len,
+                                          rank=place.rank, world_size=place.world_size,
+                                          seed=config.seed)
+        torch.manual_seed(config.seed)
+        self.raw_model = build_model(config).to(place.device)
+        self.optimizer = _optimizer(self.raw_model, config)
+        self.log = RunLog(out)
 
-        recall = isinstance(corpus, RecallCorpus)
+        self.memories = make_memories(self.raw_model, config, servers,
+                                      namespace=memory_namespace(checkpoint))
+        stack.callback(_quietly, self.memories.cleanup)
+        self.val_memories = make_memories(self.raw_model, config, servers)
+        stack.callback(_quietly, self.val_memories.cleanup)
+        self.blank = make_memories(self.raw_model, config, None)  # "without memory": stays empty
+        stack.callback(self.blank.cleanup)
+        self.recovery = MemoryRecovery(
+            config.on_memory_failure, config.memory_wait_timeout,
+            [self.memories, self.val_memories] if servers is not None else [],
+            rank=place.rank, on_failure=self.log.write)
+        self.checkpoints = CheckpointManager(
+            out, config, place, model=self.raw_model, optimizer=self.optimizer,
+            stream=self.stream, memories=self.memories, recovery=self.recovery, local=local,
+            log=self.log.write)
+        self.state = self.checkpoints.start(checkpoint, init_weights)
 
-        def validate() -> None:
-            settings = eval_settings(config, rank, world_size)
+        self.model = self.raw_model  # after start: DDP broadcasts rank 0's weights
+        if place.ddp:
+            self.model = DDP(self.raw_model,
+                             device_ids=[place.device.index] if place.device.type == "cuda"
+                             else None,
+                             find_unused_parameters=len(config.memorizing_layers) == config.depth)
+        self.wait = MemoryWait()
+        self.wait.watch(self.memories)
+        self.retrieval = config.memory != "off"
+        self.recall = isinstance(corpus, RecallCorpus)
+        self.window = LogWindow()
 
-            def run(knn: KNNMemoryList, with_retrieval: bool) -> dict:
-                return evaluate(raw_model, corpus, settings, knn, retrieval=with_retrieval,
-                                ddp=ddp, device=device, recall=recall)
+    def train(self) -> None:
+        config = self.config
+        with tqdm(total=config.steps, initial=self.state.step, disable=not self.place.master,
+                  unit="step", dynamic_ncols=True) as bar:
+            while self.state.step < config.steps:
+                self.train_step()
+                bar.update()
+                step, last = self.state.step, self.state.step == config.steps
+                if step % config.log_every == 0 or last:
+                    self.log_train(bar)
+                if (config.eval_every and step % config.eval_every == 0) or last:
+                    self.validate()
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+                    self.checkpoints.save(self.state)
 
-            def with_memory_attempt(use_memory: bool):
-                if not use_memory:  # skipped: reported as no figure rather than a wrong one
-                    run(blank, False)
-                    return None
-                return run(val_memories, True)
+    def train_step(self) -> None:
+        """One optimizer step over ``grad_accum`` consecutive segments of the rows' documents,
+        in order (memory order matters); then this step's adds are collected."""
+        config, state, window = self.config, self.state, self.window
+        started = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(state.step, config)
+        for micro in range(config.grad_accum):
+            if self.place.ddp:
+                self.model.require_backward_grad_sync = micro == config.grad_accum - 1
+            segment, loss = self._micro_batch(micro)
+            (loss / config.grad_accum).backward()
+            n = int((segment.labels != PAD_ID).sum())
+            window.nats, window.tokens = window.nats + loss.item() * n, window.tokens + n
+        if config.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.wait.measure():
+            try:
+                self.memories.collect_adds()
+            except FAILURES as exc:  # adds of this step lost; nothing to redo
+                self.recovery.handle(exc, state.step, "collecting adds")
+        elapsed = time.perf_counter() - started
+        state.step, state.train_seconds = state.step + 1, state.train_seconds + elapsed
+        window.steps, window.seconds = window.steps + 1, window.seconds + elapsed
 
-            with_memory = recovery.run(step, "validation", with_memory_attempt) \
-                if retrieval else None
-            if retrieval and ddp and sum_over_ranks([float(with_memory is None)], ddp, device)[0]:
-                with_memory = None  # a rank skipped: its share of the figure had no memory
-            without = recovery.run(step, "validation", lambda use_memory: run(
-                val_memories if use_memory else blank, False))
-            record = {"kind": "eval", "step": step, "train_seconds": trained_s,
-                      "val_bpb_memory": with_memory["bpb"] if with_memory else None,
-                      "val_bpb_no_memory": without["bpb"]}
-            if recall:
-                record["recall_memory"] = with_memory
-                record["recall_no_memory"] = without
-            if raw_model.num_memory_layers:
-                record["knn_layers"] = knn_layer_parameters(raw_model)
-            log.write(record)
-            if master:
-                shown = f"{with_memory['bpb']:.4f}" if with_memory is not None else "-"
-                tqdm.write(f"step {step}: validation bits/byte with memory {shown}, "
-                           f"without {without['bpb']:.4f}")
-                if recall:
-                    tqdm.write(f"step {step}: recall {recall_line(with_memory, without)}")
+    def _micro_batch(self, micro: int) -> tuple[Segment, torch.Tensor]:
+        """The next segment and its loss: of the copy warm-up (no memory, and XL stays empty
+        for the corpus), else of the corpus, with memory as the failure policy allows."""
+        step = self.state.step
+        if step < self.config.copy_warmup_steps:
+            segment = _copy_segment(self.config, self.place.rank, step, micro)
+            loss, _ = _forward(self.model, segment, self.blank, None, add_knn_memory=False,
+                               device=self.place.device)
+            return segment, loss
+        segment = next(self.stream)
+        self.recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
+        loss, self.state.xl = self.recovery.run(step, "training segment",
+                                                functools.partial(self._forward_corpus, segment))
+        return segment, loss
 
-        persistent = servers is None or servers_persist(memories, master)
+    def _forward_corpus(self, segment: Segment, use_memory: bool):
+        """One attempt for ``MemoryRecovery.run``: with the run's memories, or from the empty
+        ones, adding nothing."""
+        knn = self.memories if use_memory else self.blank
+        _reset_rows(segment, knn, self.wait)
+        return _forward(self.model, segment, knn, self.state.xl,
+                        add_knn_memory=self.retrieval and use_memory, device=self.place.device)
 
-        def checkpoint_now() -> None:
-            remote_memory = None
-            if servers is not None and not persistent:
-                remote_memory = {"namespace": memories.backend.namespace, "tag": None,
-                                 "servers": len(memories.backend.client.servers)}
-            elif servers is not None:
-                previous = recovery.snapshot[1] if recovery.snapshot else SNAPSHOT_SLOTS[1]
-                tag = SNAPSHOT_SLOTS[1 - SNAPSHOT_SLOTS.index(previous)]
-                if not recovery.run(step, "snapshot", lambda use_memory: use_memory and (
-                        snapshot_remote(memories, tag, master, ddp) or True)):
-                    if master:
-                        tqdm.write(f"step {step}: checkpoint skipped: the memory servers could "
-                                   f"not snapshot; the previous checkpoint is kept")
-                    return
-                namespace = memories.backend.namespace
-                remote_memory = {"namespace": namespace, "tag": tag,
-                                 "servers": len(memories.backend.client.servers)}
-                recovery.snapshot_taken(namespace, tag)
-                if local is not None:
-                    local.snapshot_taken(namespace, tag)
-            mine = {"stream": stream.state_dict(), "rng": torch.get_rng_state(),
-                    "xl": [m.cpu() for m in xl] if xl is not None else None,
-                    "knn": export_memories(memories, config)}
-            ranks = [None] * world_size if master else None
-            if ddp:
-                dist.gather_object(mine, ranks, dst=0)
-            else:
-                ranks = [mine]
-            if master:
-                save_checkpoint(out / CHECKPOINT, {
-                    "config": dataclasses.asdict(config), "step": step, "world_size": world_size,
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "ranks": ranks, "remote_memory": remote_memory, "train_seconds": trained_s})
+    def log_train(self, bar: tqdm) -> None:
+        """The training record of the steps since the last one, summed over ranks."""
+        config, place, window, step = self.config, self.place, self.window, self.state.step
+        nats, tokens, waited, skipped = sum_over_ranks(
+            [window.nats, window.tokens, self.wait.take(), self.recovery.skipped], place.ddp,
+            place.device)
+        bpb = nats / max(tokens, 1) / math.log(2)
+        record = {"kind": "train", "step": step, "train_seconds": self.state.train_seconds,
+                  "data": "copy" if step <= config.copy_warmup_steps else "corpus",
+                  "train_bpb": bpb, "tokens_per_s": tokens / window.seconds,
+                  "memory_wait_s_per_step": waited / place.world_size / window.steps,
+                  "lr": learning_rate(step - 1, config), "memory_skipped": int(skipped),
+                  "coverage": coverage(self.stream, place.ddp, place.device)}
+        self.log.write(record)
+        bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        mem_wait=f"{1000 * record['memory_wait_s_per_step']:.0f}ms/step",
+                        **({"mem_skipped": int(skipped)} if skipped else {}))
+        self.window = LogWindow()
 
-        bar = tqdm(total=config.steps, initial=step, disable=not master, unit="step",
-                   dynamic_ncols=True)
-        stack.callback(bar.close)
-        nats = tokens = busy = 0.0
-        window = 0  # steps since the last log line
-        while step < config.steps:
-            started = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config)
-            for micro in range(config.grad_accum):
-                if ddp:
-                    model.require_backward_grad_sync = micro == config.grad_accum - 1
-                if step < config.copy_warmup_steps:  # no memory: XL stays empty for the corpus
-                    segment = _copy_segment(config, rank, step, micro)
-                    loss, _ = _forward(model, segment, blank, None, add_knn_memory=False,
-                                       device=device)
-                else:
-                    segment = next(stream)
-                    recovery.note_resets(segment.reset.nonzero(as_tuple=True)[0].tolist())
+    def validate(self) -> None:
+        """Validation with retrieval and without, into the log (every rank evaluates its share)."""
+        step, place = self.state.step, self.place
+        with_memory = self.recovery.run(step, "validation", self._validate_with_memory) \
+            if self.retrieval else None
+        if self.retrieval and place.ddp \
+                and sum_over_ranks([float(with_memory is None)], place.ddp, place.device)[0]:
+            with_memory = None  # a rank skipped: its share of the figure had no memory
+        without = self.recovery.run(step, "validation", lambda use_memory: self._evaluate(
+            self.val_memories if use_memory else self.blank, False))
+        record = {"kind": "eval", "step": step, "train_seconds": self.state.train_seconds,
+                  "val_bpb_memory": with_memory["bpb"] if with_memory else None,
+                  "val_bpb_no_memory": without["bpb"]}
+        if self.recall:
+            record["recall_memory"] = with_memory
+            record["recall_no_memory"] = without
+        if self.raw_model.num_memory_layers:
+            record["knn_layers"] = knn_layer_parameters(self.raw_model)
+        self.log.write(record)
+        if place.master:
+            shown = f"{with_memory['bpb']:.4f}" if with_memory is not None else "-"
+            tqdm.write(f"step {step}: validation bits/byte with memory {shown}, "
+                       f"without {without['bpb']:.4f}")
+            if self.recall:
+                tqdm.write(f"step {step}: recall {recall_line(with_memory, without)}")
 
-                    def attempt(use_memory: bool, segment=segment, xl=xl):
-                        knn = memories if use_memory else blank
-                        _reset_rows(segment, knn, wait)
-                        return _forward(model, segment, knn, xl,
-                                        add_knn_memory=retrieval and use_memory, device=device)
+    def _validate_with_memory(self, use_memory: bool) -> dict | None:
+        """One attempt for ``MemoryRecovery.run``; skipped, it still runs the evaluation (the
+        ranks' collectives stay in step) and reports no figure rather than a wrong one."""
+        if not use_memory:
+            self._evaluate(self.blank, False)
+            return None
+        return self._evaluate(self.val_memories, True)
 
-                    loss, xl = recovery.run(step, "training segment", attempt)
-                (loss / config.grad_accum).backward()
-                n = int((segment.labels != PAD_ID).sum())
-                nats, tokens = nats + loss.item() * n, tokens + n
-            if config.clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with wait.measure():
-                try:
-                    memories.collect_adds()
-                except FAILURES as exc:  # adds of this step lost; nothing to redo
-                    recovery.handle(exc, step, "collecting adds")
-            step, window = step + 1, window + 1
-            elapsed = time.perf_counter() - started
-            busy, trained_s = busy + elapsed, trained_s + elapsed
-            bar.update()
-
-            if step % config.log_every == 0 or step == config.steps:
-                nats, tokens, waited, skipped = sum_over_ranks(
-                    [nats, tokens, wait.take(), recovery.skipped], ddp, device)
-                bpb = nats / max(tokens, 1) / math.log(2)
-                record = {"kind": "train", "step": step, "train_seconds": trained_s,
-                          "data": "copy" if step <= config.copy_warmup_steps else "corpus",
-                          "train_bpb": bpb, "tokens_per_s": tokens / busy,
-                          "memory_wait_s_per_step": waited / world_size / window,
-                          "lr": learning_rate(step - 1, config), "memory_skipped": int(skipped),
-                          "coverage": coverage(stream, ddp, device)}
-                log.write(record)
-                bar.set_postfix(bpb=f"{bpb:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                mem_wait=f"{1000 * record['memory_wait_s_per_step']:.0f}ms/step",
-                                **({"mem_skipped": int(skipped)} if skipped else {}))
-                nats = tokens = busy = 0.0
-                window = 0
-            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                validate()
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) \
-                    or step == config.steps:
-                checkpoint_now()
+    def _evaluate(self, knn: KNNMemoryList, retrieval: bool) -> dict:
+        return evaluate(self.raw_model, self.corpus,
+                        eval_settings(self.config, self.place.rank, self.place.world_size), knn,
+                        retrieval=retrieval, ddp=self.place.ddp, device=self.place.device,
+                        recall=self.recall)
 
 
 def coverage(stream: DocumentStream, ddp: bool, device) -> dict:
@@ -534,31 +506,17 @@ def main(argv: list[str] | None = None) -> int:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     timeout=collective_timeout(config))
 
+        place = Place(ddp=ddp, rank=rank, world_size=world_size, device=device)
         with contextlib.ExitStack() as stack:
-            servers = local = None
-            if config.memory == "remote":
-                servers = list(config.memory_servers) or servers_from_env()
-                if servers is None:
-                    def start_local():
-                        nonlocal local
-                        local = stack.enter_context(LocalServers(
-                            config.num_servers, out,
-                            supervise=config.on_memory_failure != "stop"))
-                        return local.endpoints, str(local.token_file)
-
-                    servers, token_file = _broadcast(start_local, ddp, master)
-                    # Every rank's clients present the token of the servers (same host).
-                    stack.enter_context(_environment(TOKEN_ENV, token_file))
-                else:
-                    check_servers(servers, config.memory_timeout)
+            servers, local = memory_servers(config, out, place, stack)
             if master:
                 print(f"memtrans-train: run directory {out}; memory {config.memory}"
                       + (f" on {', '.join(servers)}" if servers else ""), flush=True)
-            if master:
                 print(f"memtrans-train: corpus: {corpus.description}", flush=True)
-            train(config, corpus, checkpoint, ddp=ddp, rank=rank, world_size=world_size,
-                  device=device, servers=servers, out=out if master else None, local=local,
-                  init_weights=init_weights)
+            with contextlib.ExitStack() as run:  # the trainer's memories, closed first
+                Trainer(config, corpus, place, run, servers=servers,
+                        out=out if master else None, local=local, checkpoint=checkpoint,
+                        init_weights=init_weights).train()
             if master:
                 print(f"memtrans-train: done; checkpoint {out / CHECKPOINT}; "
                       f"{plot_validation(out)}", flush=True)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from memtrans.bootstrap import bpb_difference
+from memtrans.build import build_model, make_memories, open_corpus
 from memtrans.checkpoint import load_checkpoint, resolve_config
 from memtrans.config import TrainError
 from memtrans.evaluate import (EvaluationSettings, bucket_names, choose_documents, difference,
                                evaluate_run, main, read)
-from memtrans.train import build_model, make_memories, open_corpus
 
 pytestmark = pytest.mark.timeout(240)
 

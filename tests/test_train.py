@@ -549,8 +549,9 @@ def test_collectives_outwait_a_memory_server_wait():
 def test_weight_decay_applies_to_linear_weights_only():
     """The kNN temperature (shape heads x 1 x 1), gates, embeddings and position biases are not
     decayed: decay shrank the temperature from 20 towards 13 over a cosine run."""
+    from memtrans.build import build_model
     from memtrans.config import TrainConfig
-    from memtrans.train import _optimizer, build_model
+    from memtrans.train import _optimizer
 
     config = TrainConfig(knn_combine="gate")
     model = build_model(config)
@@ -617,8 +618,8 @@ def test_recall_distance_inside_the_window_is_refused(tmp_path):
 
 
 def test_recall_in_context_fraction_reaches_the_task_and_is_range_checked(tmp_path):
+    from memtrans.build import open_corpus
     from memtrans.config import TrainConfig
-    from memtrans.train import open_corpus
 
     corpus = open_corpus(TrainConfig(data="recall", recall_in_context_fraction=1.0,
                                      recall_bindings=40, recall_distance=512))
@@ -633,9 +634,9 @@ def test_recall_in_context_fraction_reaches_the_task_and_is_range_checked(tmp_pa
 def test_key_mixing_flags_reach_the_model_and_old_checkpoints_resume_without():
     from dataclasses import asdict
 
+    from memtrans.build import build_model
     from memtrans.checkpoint import resolve_config
     from memtrans.config import TrainConfig, build_parser
-    from memtrans.train import build_model
 
     def count(config, part):
         return sum(part in n for n, _ in build_model(config).named_parameters())
@@ -705,9 +706,9 @@ def test_init_from_starts_a_memory_model_from_a_model_without_memory(corpus, tmp
     """Fine-tuning with memory: a model trained with --memory off (its kNN layer attends
     locally only) starts a memory run with the paper's gate; the weights both have come from
     the checkpoint, the gate (new) is initialised; optimizer and step start fresh."""
+    from memtrans.build import build_model
     from memtrans.checkpoint import load_checkpoint, load_weights
     from memtrans.config import TrainConfig
-    from memtrans.train import build_model
 
     base = tmp_path / "base"
     result = run("--data", str(corpus), "--steps", "2", "--out", str(base), "--memory", "off",

@@ -3,10 +3,12 @@ unless told otherwise, and a stop that fails the test when SIGTERM is ignored.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from memory_server import local
 from memory_server.local import ServerProcess, free_port
 
-__all__ = ["ServerProcess", "free_port", "launch", "start_servers", "wait_ready"]
+__all__ = ["ServerProcess", "free_port", "launch", "launch_tenants", "start_servers", "wait_ready"]
 
 TEST_FLAGS = ("--threads", "2")
 
@@ -18,6 +20,19 @@ def _flags(flags: tuple[str, ...]) -> tuple[str, ...]:
 def launch(*flags: str, port: int | None = None, host: str = "127.0.0.1") -> ServerProcess:
     """Start a server without waiting for it (see ``wait_ready``)."""
     return local.launch(*_flags(flags), port=port, host=host)
+
+
+def launch_tenants(token_dir: Path, root_token: str, *flags: str) -> ServerProcess:
+    """Start a server with the tenants file and admin token in ``token_dir`` and wait until it
+    answers the admin; stop it if it does not."""
+    server = launch("--token-file", str(token_dir / "tenants"), "--admin-token-file",
+                    str(token_dir / "root.token"), *flags)
+    try:
+        server.wait_ready(token=root_token)
+    except BaseException:
+        server.kill()
+        raise
+    return server
 
 
 def wait_ready(server: ServerProcess, timeout: float = local.READY_TIMEOUT) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from memory_server import LimitExceeded, MemoryClient, MemoryStore, NamespaceConfig, QuotaExceeded
 from memory_server.tenants import TOKEN_ENV, write_token_file
-from servers import launch
+from servers import launch_tenants
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -37,14 +37,7 @@ def tokens(tmp_path):
 
 
 def _start(tokens, *flags):
-    server = launch("--token-file", str(tokens["dir"] / "tenants"), "--admin-token-file",
-                    str(tokens["dir"] / "root.token"), "--max-bytes", "8M", *flags)
-    try:
-        server.wait_ready(token=tokens["root"])
-    except BaseException:
-        server.kill()
-        raise
-    return server
+    return launch_tenants(tokens["dir"], tokens["root"], "--max-bytes", "8M", *flags)
 
 
 def _fill(client, namespace: str, most: int = 16) -> int:

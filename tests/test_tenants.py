@@ -15,7 +15,7 @@ import pytest
 from memory_server import (MemoryClient, NamespaceConfig, SnapshotError, Unauthorized,
                            UnknownNamespace)
 from memory_server.tenants import TOKEN_ENV, read_client_token, write_token_file
-from servers import launch
+from servers import launch_tenants
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -43,14 +43,7 @@ def tokens(tmp_path_factory):
 
 
 def _start(tokens, *flags):
-    server = launch("--token-file", str(tokens["dir"] / "tenants"), "--admin-token-file",
-                    str(tokens["dir"] / "root.token"), *flags)
-    try:
-        server.wait_ready(token=tokens["root"])
-    except BaseException:
-        server.kill()
-        raise
-    return server
+    return launch_tenants(tokens["dir"], tokens["root"], *flags)
 
 
 @pytest.fixture(scope="module")

@@ -23,24 +23,29 @@ from bench.common import table
 from memtrans.bootstrap import bpb_difference
 
 
-def pooled_sums(out: Path, arm: str, seeds: list[int], side: str, history: int):
-    """Per document, the nats and tokens of ``arm``'s seeds together, on tokens with at least
-    ``history`` tokens before them (a bucket edge of the experiment's reads)."""
-    nats = tokens = documents = None
+def pooled_reading(out: Path, arm: str, seeds: list[int], side: str):
+    """``arm``'s seeds read together: per document and history bucket, the nats and tokens of
+    all of them, with the documents and the bucket edges of the experiment's reads."""
+    nats = tokens = documents = edges = None
     for seed in seeds:
         saved = json.loads((out / f"{arm}-s{seed}" / "final_evaluation.json").read_text())
         edges, reading = saved["key"]["edges"], saved["readings"][side]
-        if history and history not in edges:
-            raise ValueError(f"{out} read its history buckets at {edges}, not at {history}: "
-                             f"choose --from among them (or 0)")
-        first = edges.index(history) + 1 if history else 0
-        n = np.array(reading["nats"])[:, 0, first:].sum(-1)
-        t = np.array(reading["tokens"])[:, 0, first:].sum(-1)
         if documents is not None and reading["documents"] != documents:
             raise ValueError(f"{out}: the seeds' reads are of different documents")
         documents = reading["documents"]
+        n, t = np.array(reading["nats"])[:, 0], np.array(reading["tokens"])[:, 0]
         nats, tokens = (n, t) if nats is None else (nats + n, tokens + t)
-    return nats, tokens, documents
+    return nats, tokens, documents, edges
+
+
+def from_history(out: Path, nats, tokens, edges, history: int):
+    """Per document, the nats and tokens on tokens with at least ``history`` tokens before them
+    (0, or a bucket edge of the experiment's reads)."""
+    if history and history not in edges:
+        raise ValueError(f"{out} read its history buckets at {edges}, not at {history}: "
+                         f"choose --from among them (or 0)")
+    first = edges.index(history) + 1 if history else 0
+    return nats[:, first:].sum(-1), tokens[:, first:].sum(-1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for arm in arms:
             side = "off" if arm == "off" else "on"
+            read = {Path(d): pooled_reading(Path(d), arm, seeds, side)
+                    for d in (args.first, args.second)}
             for history in (0, args.history):
-                (na, ta, da), (nb, tb, db) = (pooled_sums(Path(d), arm, seeds, side, history)
-                                              for d in (args.first, args.second))
+                ((na, ta), da), ((nb, tb), db) = (
+                    (from_history(out, nats, tokens, edges, history), documents)
+                    for out, (nats, tokens, documents, edges) in read.items())
                 if da != db or not np.array_equal(ta, tb):
                     raise ValueError("the two experiments read different validation documents")
                 bpb = [n.sum() / ta.sum() / math.log(2) for n in (na, nb)]

@@ -232,12 +232,16 @@ def _require(name: str, value, ok, expected: str) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
+def comma_separated_ints(text: str, expected: str) -> tuple[int, ...]:
+    """``"2,3"`` as ``(2, 3)`` for an argparse type; ``expected`` says what the flag takes."""
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3 or 2,3, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return comma_separated_ints(text, "comma-separated integers like 3 or 2,3")
 
 
 def _str_tuple(text: str) -> tuple[str, ...]:

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from .bootstrap import RESAMPLES, SEED, Interval, bpb_difference
 from .build import build_model, make_memories, open_corpus
 from .checkpoint import load_checkpoint, resolve_config
-from .config import INDEX_KINDS, RECALL, TrainConfig, TrainError
+from .config import (INDEX_KINDS, RECALL, TrainConfig, TrainError,
+                     comma_separated_ints)
 from .data import PAD_ID, CorpusError, Document
 from .memory import KNNMemoryList
 from .model import MemorizingTransformer
@@ -358,11 +359,7 @@ def tables(results: list[dict], edges: Sequence[int] = EDGES) -> list[str]:
 
 
 def token_counts(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts like "
-                                         f"2048,8192, got {text!r}") from None
+    return comma_separated_ints(text, "comma-separated token counts like 2048,8192")
 
 
 def build_parser() -> argparse.ArgumentParser:

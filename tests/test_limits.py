@@ -178,6 +178,12 @@ def test_a_message_of_too_many_frames_is_refused_and_the_server_lives(memory_ser
         assert client.ping()
 
 
+def _big_search(request_id: int, queries: np.ndarray) -> list[bytes]:
+    """A search of namespace ``big``'s row 0 for k=2048: a reply of about 2 MB per 16 queries."""
+    return encode_request(request_id, "search", {"namespace": "big", "layer": 0, "k": 2048},
+                          {"rows": np.zeros(1, np.int64), "queries": queries})
+
+
 def test_a_client_that_does_not_read_its_replies_is_cut_off(memory_server):
     """Its replies pile up in the server until they pass --max-client-inflight-bytes; from then
     on its requests (of 4 KiB each) are refused, while another client is served as usual."""
@@ -193,10 +199,7 @@ def test_a_client_that_does_not_read_its_replies_is_cut_off(memory_server):
         sock = raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
         try:
             for i in range(sends):  # one at a time: only unread replies are in flight
-                sock.send_multipart(encode_request(i + 1, "search", {"namespace": "big",
-                                                                     "layer": 0, "k": 2048},
-                                                   {"rows": np.zeros(1, np.int64),
-                                                    "queries": queries}))
+                sock.send_multipart(_big_search(i + 1, queries))
                 deadline = time.monotonic() + 60
                 while client.stats()[0]["requests"].get("search", {}).get("count", 0) <= i:
                     assert client.ping()  # the others are served meanwhile
@@ -228,10 +231,7 @@ def test_pipelined_reads_whose_replies_are_not_read_are_withheld(memory_server):
         sock = raw_socket(server.endpoint, RCVHWM=1, RCVBUF=4096)
         try:
             for i in range(sends):
-                sock.send_multipart(encode_request(i + 1, "search", {"namespace": "big",
-                                                                     "layer": 0, "k": 2048},
-                                                   {"rows": np.zeros(1, np.int64),
-                                                    "queries": queries}))
+                sock.send_multipart(_big_search(i + 1, queries))
             deadline = time.monotonic() + 60
             while client.stats()[0]["requests"].get("search", {}).get("count", 0) < sends:
                 assert time.monotonic() < deadline, "the server did not get to the searches"

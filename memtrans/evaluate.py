@@ -24,7 +24,10 @@ nats and tokens per history bucket, and so can resample documents:
   cannot copy does not. With retrieval off the second pass *is* a fresh read (neither memory
   holds the first pass), so the off read stands for it. The last ``xl_max_memories`` tokens of
   the first pass are still in XL when it ends and never enter the kNN memory (as at any
-  document's end), so the second pass can retrieve all of the first but its tail.
+  document's end), so the second pass can retrieve all of the first but its tail. Under the probe
+  a table says where the chain breaks (``memtrans.repeat_trace``): per kNN layer and query head,
+  how often the second pass retrieves the first pass's entry aligned with it, and how much
+  attention goes to it and to memory.
 
 Memory is in this process (as ``memtrans-generate``), with the checkpoint's kNN settings
 unless ``--max-memories`` or ``--index`` say otherwise; ``--compare-index ivf`` reads the same
@@ -56,6 +59,7 @@ from .config import (INDEX_KINDS, RECALL, TrainConfig, TrainError,
 from .data import PAD_ID, CorpusError, Document
 from .memory import KNNMemoryList
 from .model import MemorizingTransformer
+from .repeat_trace import RepeatTrace
 
 EDGES = (2048, 8192, 32768)
 """History bucket bounds in tokens: bucket ``i`` holds histories in ``[EDGES[i-1], EDGES[i])``."""
@@ -165,10 +169,12 @@ def _segments(documents: Sequence[np.ndarray], batch_size: int, seq_len: int,
 @torch.no_grad()
 def read(model: MemorizingTransformer, documents: Sequence[tuple[str, np.ndarray]],
          memories: KNNMemoryList, *, retrieval: bool, batch_size: int, seq_len: int,
-         passes: int = 1, edges: Sequence[int] = EDGES) -> Reading:
+         passes: int = 1, edges: Sequence[int] = EDGES,
+         trace: RepeatTrace | None = None) -> Reading:
     """Read ``documents`` (``choose_documents``) ``passes`` times each, with ``memories`` (and
     adding to them) when ``retrieval``, else with ``memories`` as an empty memory that stays so;
-    per document, pass and history bucket, the sums of nats and tokens."""
+    per document, pass and history bucket, the sums of nats and tokens. ``trace`` (entered by
+    the caller) sees each segment."""
     was_training = model.training
     model.eval()
     shape = (len(documents), passes, len(edges) + 1)
@@ -186,6 +192,8 @@ def read(model: MemorizingTransformer, documents: Sequence[tuple[str, np.ndarray
             logits, xl = out if isinstance(out, tuple) else (out, None)
             loss = F.cross_entropy(logits.transpose(1, 2).float(), torch.from_numpy(labels),
                                    ignore_index=PAD_ID, reduction="none").numpy()
+            if trace is not None:
+                trace.segment(rows, labels != PAD_ID)
             history = offsets.numpy()[:, None] + np.arange(seq_len)
             bucket = np.searchsorted(edges, history, side="right")
             for r, row in enumerate(rows):
@@ -261,12 +269,16 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
     batch_size = min(settings.batch_size or config.batch_size, len(documents))
     kwargs = dict(batch_size=batch_size, seq_len=config.seq_len, edges=settings.edges)
     retrieval = has_retrieval(config)
-    readings = {}
+    readings, trace = {}, None
     memories = make_memories(model, dataclasses.replace(config, batch_size=batch_size), None)
     try:
         readings["off"] = read(model, documents, memories, retrieval=False, **kwargs)
         if retrieval and settings.repeat:
-            repeat = read(model, documents, memories, retrieval=True, passes=2, **kwargs)
+            with RepeatTrace(model, [len(ids) for _, ids in documents], 2,
+                             settings.edges) as tracing:
+                repeat = read(model, documents, memories, retrieval=True, passes=2,
+                              trace=tracing, **kwargs)
+            trace = tracing.result()
             readings["repeat"] = repeat
             readings["on"] = Reading(repeat.documents, repeat.nats[:, :1], repeat.tokens[:, :1])
         elif retrieval:
@@ -284,7 +296,7 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
     label = f"{run} ({config.max_memories:,} kNN memories, {config.index})" if retrieval else \
         f"{run} (no kNN memory)"
     return {"run": run, "label": label, "config": dataclasses.asdict(config),
-            "readings": readings}
+            "readings": readings, "trace": trace}
 
 
 def difference(a: Reading, b: Reading, bucket: int | None = None, *, pass_a: int = 0,
@@ -355,7 +367,25 @@ def tables(results: list[dict], edges: Sequence[int] = EDGES) -> list[str]:
         out += ["", _table(["repeat probe (retrieval on)", "first pass", "second pass",
                             "second - first", "change", "retrieval off (a fresh read)",
                             "second pass - retrieval off"], rows)]
+        out += [line for result in probes if result.get("trace") is not None
+                for line in ("", chain_table(result, columns))]
     return out
+
+
+def chain_table(result: dict, columns: list[tuple[str, int | None]]) -> str:
+    """The repeat probe's chain per kNN layer (``memtrans.repeat_trace``): how often the second
+    pass retrieves the first pass's aligned entry, and how much attention it gives it."""
+    trace = result["trace"]
+    figures = [("first pass: attention on memory", 0, "on_memory"),
+               ("second pass: aligned entry retrieved", 1, "retrieved"),
+               ("second pass: attention on the aligned entry", 1, "on_aligned"),
+               ("second pass: attention on memory", 1, "on_memory")]
+    rows = [[f"layer {layer}{'' if head is None else f' head {head}'}: {name}"]
+            + [f"{100 * trace.rate(figure, pass_, layer, b, head):.1f}%" for _, b in columns]
+            for layer in trace.layers for head in (None, *range(trace.heads))
+            for name, pass_, figure in figures]
+    return _table([f"{result['label']}: where the chain breaks (all heads, then each)"]
+                  + [n for n, _ in columns], rows)
 
 
 def token_counts(text: str) -> tuple[int, ...]:
@@ -410,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps([
-            {**r, "readings": {k: v.to_json() for k, v in r["readings"].items()}}
+            {**r, "readings": {k: v.to_json() for k, v in r["readings"].items()},
+             "trace": r["trace"] and r["trace"].to_json()}
             for r in results], indent=1))
     return 0
 

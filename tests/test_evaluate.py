@@ -187,6 +187,10 @@ def test_command_prints_the_tables_and_writes_the_sums(run, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert len(saved) == 2 and set(saved[0]["readings"]) == {"on", "off", "repeat"}
     assert np.array(saved[0]["readings"]["repeat"]["tokens"]).shape[1] == 2
+    assert "where the chain breaks" in printed and "second pass: aligned entry retrieved" in printed
+    counted = np.array(saved[0]["trace"]["counted"])  # documents, passes, layers, heads, buckets
+    assert saved[0]["trace"]["layers"] == [2] and counted.shape[1:4] == (2, 1, 2)
+    assert (counted.sum(-1)[:, 0] > counted.sum(-1)[:, 1]).all()  # XL's tail left out
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):

@@ -222,11 +222,11 @@ def train_runs(out: Path, runs: list[Run], *, eval_every: int, eval_batches: int
                              f"again to resume them")
 
 
-def _curve(run: Path, memory: bool) -> list[dict]:
-    """Evaluations of one run: step, training seconds, bpb with the run's memory, and (memory
-    runs) the same model with retrieval switched off."""
+def _curve(log: list[dict], memory: bool) -> list[dict]:
+    """Evaluations in one run's log: step, training seconds, bpb with the run's memory, and
+    (memory runs) the same model with retrieval switched off."""
     key = "val_bpb_memory" if memory else "val_bpb_no_memory"
-    by_step = {r["step"]: r for r in read_log(run) if r["kind"] == "eval"}  # resumed: last wins
+    by_step = {r["step"]: r for r in log if r["kind"] == "eval"}  # resumed: last wins
     return [{"step": r["step"], "train_seconds": r["train_seconds"], "val_bpb": r[key],
              "val_bpb_retrieval_off": r["val_bpb_no_memory"] if memory else None}
             for _, r in sorted(by_step.items())]
@@ -255,33 +255,34 @@ def _has_memory(name: str) -> bool:
 def summarize(config: ExperimentConfig) -> dict:
     out = Path(config.out)
     names = [run.name for run in experiment_runs(config)]
-    curves = {name: _curve(out / name, _has_memory(name)) for name in names}
+    logs = {name: read_log(out / name) for name in names}
+    curves = {name: _curve(logs[name], _has_memory(name)) for name in names}
     missing = [name for name, curve in curves.items() if not curve]
     if missing:
         raise RuntimeError(f"no evaluations logged for run(s) {', '.join(missing)} in {out}")
     tokens_per_s = {}
     for name in names:
-        train = [r for r in read_log(out / name) if r["kind"] == "train"]
+        train = [r for r in logs[name] if r["kind"] == "train"]
         tokens_per_s[name] = sum(r["tokens_per_s"] for r in train) / len(train)
     main_runs = [n for n in names if not n.startswith(FINETUNE)]
     common_time = min(curves[n][-1]["train_seconds"] for n in main_runs)
     return {"config": asdict(config), "machine": machine_line(), "curves": curves,
             "tokens_per_s": tokens_per_s, "common_seconds": common_time,
             "at_common_seconds": {n: _at_time(curves[n], common_time) for n in main_runs},
-            "by_history": {n: final_readings(out / n, config) for n in names}}
+            "by_history": {n: final_readings(out / n, config, last_eval_step(logs[n]))
+                           for n in names}}
 
 
-def _evaluation_key(run: Path, config: ExperimentConfig) -> dict:
-    return {"step": max(r["step"] for r in read_log(run) if r["kind"] == "eval"),
-            "eval_tokens": config.eval_tokens, "edges": sorted(config.sizes)}
+def last_eval_step(log: list[dict]) -> int:
+    return max(r["step"] for r in log if r["kind"] == "eval")
 
 
-def final_readings(run: Path, config: ExperimentConfig) -> dict:
+def final_readings(run: Path, config: ExperimentConfig, step: int) -> dict:
     """The final model's per-document sums on whole validation documents, as JSON: read by a
     ``memtrans-evaluate`` process and kept in ``<run>/final_evaluation.json`` (reading all of
     the validation set takes long, and running the experiment again must not repeat it for a
     run that has not changed)."""
-    key = _evaluation_key(run, config)
+    key = {"step": step, "eval_tokens": config.eval_tokens, "edges": sorted(config.sizes)}
     saved = run / "final_evaluation.json"
     if saved.exists():
         kept = json.loads(saved.read_text())
@@ -458,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ExperimentConfig(**vars(args), train_args=tuple(train_args))
         train_runs(Path(config.out), experiment_runs(config), eval_every=config.eval_every,
                    eval_batches=config.eval_batches, jobs=config.jobs,
-                   after_training=lambda run: final_readings(run, config))
+                   after_training=lambda run: final_readings(
+                       run, config, last_eval_step(read_log(run))))
         results = summarize(config)
     except (ValueError, RuntimeError, TrainError) as exc:
         print(f"bench.experiment: error: {exc}", file=sys.stderr)

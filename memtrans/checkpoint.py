@@ -68,10 +68,12 @@ def resolve_config(given: dict, checkpoint: dict | None,
     """The run's config: the flags given, over the checkpoint's config when resuming."""
     if checkpoint is None:
         return TrainConfig(**given)
-    # Checkpoints from before smeared keys and kNN convolutions existed have neither; those from
-    # before package documents read uncut files; none of them was initialised from another run.
-    saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, "documents": "file",
-             "max_document_bytes": 0, "init_from": None, **checkpoint["config"]}
+    # Checkpoints from before smeared keys, kNN convolutions and the copy warm-up existed have
+    # none of them; those from before package documents read uncut files; none of them was
+    # initialised from another run.
+    saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, "copy_warmup_steps": 0,
+             "documents": "file", "max_document_bytes": 0, "init_from": None,
+             **checkpoint["config"]}
     saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
              "qk_conv_layers": None if saved["qk_conv_layers"] is None
              else tuple(saved["qk_conv_layers"]),

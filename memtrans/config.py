@@ -65,9 +65,10 @@ class TrainConfig:
     """Attention heads."""
     dim_head: int = 32
     """Width of each head, and of the keys and values in the kNN memory."""
-    memorizing_layers: tuple[int, ...] | None = None
-    """1-based layers with kNN attention; None: one three quarters of the way up (the paper's
-    layer 9 of 12; layer 3 of the default 4); empty: none (a plain Transformer-XL, memory off)."""
+    memorizing_layers: tuple[int, ...] = (1,)
+    """1-based layers with kNN attention; empty: none (a plain Transformer-XL, memory off). The
+    first layer by default: the only placement that learned to copy from its memory here (the
+    paper's, three quarters up, left the memory unused; README, the recall task)."""
     knn_combine: str = "joint"
     """How a kNN layer mixes memory and local attention: ``joint`` (one softmax over both, the
     seed's) or ``gate`` (separate softmaxes mixed by a learned per-head gate, the paper's)."""
@@ -75,16 +76,21 @@ class TrainConfig:
     """Smeared keys in every layer (``memtrans.model.KeySmear``): each key mixes in the previous
     token's. Off: a plain layer that can copy in one step learns to copy before the kNN layer
     does, and then the memory goes unused (README, the recall task)."""
-    qk_conv: int = 3
+    qk_conv: int = 8
     """Causal convolutions over the last this many queries and one more keys
     (``memtrans.model.ShortConv``) in the ``qk_conv_layers``, so one layer alone matches the last
-    tokens and copies what followed them, from context and, in a kNN layer, from memory; 0: none."""
+    tokens and copies what followed them, from context and, in a kNN layer, from memory; 0: none.
+    8 by default: keys over 9 tokens find this place in a document, where keys over 4 find any
+    earlier occurrence of a common 4-gram (README, the experiment's repeat probe)."""
     qk_conv_layers: tuple[int, ...] | None = None
     """1-based layers with ``qk_conv``; None: the memorizing layers."""
     copy_warmup_steps: int = 0
     """The first this many of ``steps`` train on the rotated-copy task (``memtrans.copy_task``),
     without kNN or XL memory, before the corpus: a dense copy signal from which the model learns
-    to copy from context in a few hundred steps; the corpus then starts at its beginning."""
+    to copy from context in a few hundred steps; the corpus then starts at its beginning. Off
+    by default, since it changes what a run of a given ``--steps`` reads; without it the memory
+    went unused here (README: the experiment), so give a few hundred steps to any run with
+    memory."""
     max_memories: int = 4096
     """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
     num_retrieved: int = 32
@@ -180,10 +186,7 @@ class TrainConfig:
                  f"one of {POLICIES}")
         _require("memory_wait_timeout", self.memory_wait_timeout, lambda v: v > 0,
                  "positive seconds")
-        if self.memorizing_layers is None:
-            self.memorizing_layers = (default_memorizing_layer(self.depth),)
-        _require_layers("memorizing_layers", self.memorizing_layers, self.depth,
-                        f"layer {default_memorizing_layer(self.depth)}")
+        _require_layers("memorizing_layers", self.memorizing_layers, self.depth, "layer 1")
         if self.qk_conv_layers is not None:
             _require_layers("qk_conv_layers", self.qk_conv_layers, self.depth,
                             "the memorizing layers")
@@ -206,11 +209,6 @@ def _require_layers(name: str, layers, depth: int, default: str) -> None:
     if not all(_is_int(l) and 1 <= l <= depth for l in layers):
         raise ValueError(f"{name} must be 1-based layer numbers in [1, depth={depth}], got "
                          f"{layers!r} (leave it out for {default})")
-
-
-def default_memorizing_layer(depth: int) -> int:
-    """Three quarters of the way up, rounded up: 9 of 12 as in the paper, 3 of 4, 2 of 2."""
-    return max(1, -(-3 * depth // 4))
 
 
 RUN_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint_every",
@@ -284,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"recall task: share of bindings queried in context, the rest from memory only "
              f"(default {d.recall_in_context_fraction})")
     add("--memorizing-layers", type=_int_tuple,
-        help=f"1-based kNN layers, comma-separated; '' for none (default: three quarters up, "
-             f"layer {d.memorizing_layers[0]} of depth {d.depth})")
+        help=f"1-based kNN layers, comma-separated; '' for none (default "
+             f"{','.join(map(str, d.memorizing_layers))})")
     add("--knn-combine", choices=KNN_COMBINES,
         help=f"mix memory and local attention in one softmax (joint) or by a learned per-head "
              f"gate (gate, the paper's) (default {d.knn_combine})")
@@ -299,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="1-based layers with --qk-conv, comma-separated (default: the memorizing layers)")
     add("--copy-warmup-steps", type=int,
         help=f"train the first N steps on a rotated-copy task (no memory), then the corpus: "
-             f"teaches copying from context fast (default {d.copy_warmup_steps})")
+             f"teaches copying from context fast; without it the memory went unused here, so "
+             f"give a few hundred (default {d.copy_warmup_steps})")
     add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
     add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
     add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")

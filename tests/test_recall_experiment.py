@@ -28,7 +28,7 @@ def test_recall_experiment_reports_every_arm_the_leak_control_and_memory_pressur
         assert [p["step"] for p in curve] == [1, 2], arm
         assert (curve[-1]["with_memory"] is None) == (arm == "none")
         assert curve[-1]["retrieval_off"]["memory_only_tokens"] > 0
-    assert "gate" in results["curves"]["gate"][-1]["knn_layers"]["2"]
+    assert "gate" in results["curves"]["gate"][-1]["knn_layers"]["1"]
     for arm in ("memory", "gate"):
         leak = results["leak_control"][arm]
         # The same validation answers, read against another row's memory.
@@ -41,7 +41,7 @@ def test_recall_experiment_reports_every_arm_the_leak_control_and_memory_pressur
     printed = capsys.readouterr().out
     assert "| kNN memory (joint softmax), leak control |" in printed
     assert "| 1,024 | 576 (3x XL) |" in printed
-    assert "Learned per head: memory layer 2: temperature" in printed
+    assert "Learned per head: memory layer 1: temperature" in printed
 
     assert main(args) == 0  # finished arms are kept
     assert capsys.readouterr().out.count("already finished") == 3

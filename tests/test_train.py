@@ -562,15 +562,15 @@ def test_weight_decay_applies_to_linear_weights_only():
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert decayed_names == linear
     plain_names = {names[id(p)] for p in plain["params"]}
-    assert {"layers.2.0.fn.scale", "layers.2.0.fn.combine_gate", "token_emb.weight",
+    assert {"layers.0.0.fn.scale", "layers.0.0.fn.combine_gate", "token_emb.weight",
             "rel_pos_bias.relative_attention_bias.weight"} <= plain_names
 
 
-@pytest.mark.parametrize("depth, layer", [(1, 1), (2, 2), (4, 3), (6, 5), (12, 9)])
-def test_the_default_memorizing_layer_follows_the_depth(depth, layer):
+@pytest.mark.parametrize("depth", [1, 2, 4, 12])
+def test_the_default_memorizing_layer_is_the_first_at_any_depth(depth):
     from memtrans.config import TrainConfig
 
-    assert TrainConfig(depth=depth).memorizing_layers == (layer,)
+    assert TrainConfig(depth=depth).memorizing_layers == (1,)
 
 
 def test_a_model_without_memorizing_layers_needs_memory_off():
@@ -591,7 +591,7 @@ RECALL = ["--data", "recall", "--recall-bindings", "40", "--recall-distance", "2
 @pytest.mark.parametrize("extra", [["--memory", "inproc", "--knn-combine", "gate"],
                                    ["--memory", "off", "--memorizing-layers", ""]])
 def test_recall_run_reports_answers_by_kind_hit_rate_and_gates(tmp_path, extra):
-    """--data recall at depth 2 with no --memorizing-layers (the default follows the depth)."""
+    """--data recall at depth 2 with no --memorizing-layers (the default: layer 1)."""
     out = tmp_path / "recall"
     result = run("--out", str(out), *RECALL, *extra)
     assert result.returncode == 0, result.stderr
@@ -603,12 +603,12 @@ def test_recall_run_reports_answers_by_kind_hit_rate_and_gates(tmp_path, extra):
     if "gate" in extra:
         on = record["recall_memory"]
         assert on["in_context_tokens"] == off["in_context_tokens"]
-        assert 0 <= on["hit_rate_layer2"] <= 1 and off["hit_rate_layer2"] == 0
+        assert 0 <= on["hit_rate_layer1"] <= 1 and off["hit_rate_layer1"] == 0
         (layer,) = record["knn_layers"].values()
         assert len(layer["temperature"]) == 2 and all(0 < g < 1 for g in layer["gate"])
     else:
         assert record["recall_memory"] is None and "knn_layers" not in record
-        assert "hit_rate_layer2" not in off
+        assert "hit_rate_layer1" not in off
 
 
 def test_recall_distance_inside_the_window_is_refused(tmp_path):
@@ -643,15 +643,17 @@ def test_key_mixing_flags_reach_the_model_and_old_checkpoints_resume_without():
 
     default = TrainConfig()
     assert not default.smear_keys and count(default, "key_smear") == 0
-    assert default.qk_conv == 3 and count(default, "_conv") == 2  # on the one kNN layer
+    assert default.qk_conv == 8 and count(default, "_conv") == 2  # on the one kNN layer
     flags = vars(build_parser().parse_args(["--smear-keys", "--qk-conv", "0"]))
     assert flags == {"smear_keys": True, "qk_conv": 0}
     assert count(TrainConfig(**flags), "key_smear") == default.depth
     assert count(TrainConfig(**flags), "_conv") == 0
     saved = asdict(TrainConfig(out="old"))
     del saved["smear_keys"], saved["qk_conv"], saved["qk_conv_layers"]  # from before the flags
+    del saved["copy_warmup_steps"]
     resumed = resolve_config({}, {"config": saved}, Path("old/checkpoint.pt"))
     assert resumed.smear_keys is False and resumed.qk_conv == 0
+    assert resumed.copy_warmup_steps == 0
     layered = vars(build_parser().parse_args(["--qk-conv-layers", "1,2"]))
     assert count(TrainConfig(**layered), "_conv") == 4
     saved = asdict(TrainConfig(out="old", **layered))

@@ -363,6 +363,14 @@ def server_bytes_per_entry(config: NamespaceConfig, ks: list[np.ndarray]) -> flo
     (server,) = start_servers(1)
     try:
         with MemoryClient(server.endpoint, timeout=600) as client:
+            # A trained, searched and dropped memory first: the server's one-time allocations
+            # (BLAS and OpenMP buffers, about 20 MB) are not counted per entry.
+            warm = NamespaceConfig(dim=DIM, max_memories=4096, num_layers=1, num_rows=1,
+                                   index="ivf", key_dtype=config.key_dtype)
+            client.open("warm", warm)
+            client.add("warm", 0, [0], ks[0][None, :4096], ks[0][None, :4096])
+            client.search("warm", 0, [0], ks[0][None, :512], K)
+            client.drop("warm")
             client.open("rss", config)
             before = rss_bytes(server.proc.pid)
             rows, stacked = np.arange(len(ks)), np.stack(ks)

@@ -363,17 +363,19 @@ def server_bytes_per_entry(config: NamespaceConfig, ks: list[np.ndarray]) -> flo
     (server,) = start_servers(1)
     try:
         with MemoryClient(server.endpoint, timeout=600) as client:
-            # A trained, searched and dropped memory first: the server's one-time allocations
-            # (BLAS and OpenMP buffers, about 20 MB) are not counted per entry.
-            warm = NamespaceConfig(dim=DIM, max_memories=4096, num_layers=1, num_rows=1,
+            # Trained, searched and dropped memories first, one per row thread: the server's
+            # one-time allocations (BLAS and OpenMP buffers, tens of MB) are not counted per entry.
+            rows = np.arange(len(ks))
+            warm = NamespaceConfig(dim=DIM, max_memories=4096, num_layers=1, num_rows=len(ks),
                                    index="ivf", key_dtype=config.key_dtype)
+            first = np.ascontiguousarray(np.stack([k[:4096] for k in ks]))
             client.open("warm", warm)
-            client.add("warm", 0, [0], ks[0][None, :4096], ks[0][None, :4096])
-            client.search("warm", 0, [0], ks[0][None, :512], K)
+            client.add("warm", 0, rows, first, first)
+            client.search("warm", 0, rows, first[:, :512], K)
             client.drop("warm")
             client.open("rss", config)
             before = rss_bytes(server.proc.pid)
-            rows, stacked = np.arange(len(ks)), np.stack(ks)
+            stacked = np.stack(ks)
             for _ in range(2):
                 for start in range(0, stacked.shape[1], ADD):
                     part = np.ascontiguousarray(stacked[:, start : start + ADD])

@@ -43,8 +43,9 @@ could never train is refused at open."""
 IVF_RESCORE = 4
 """A compressed-key ``ivf`` search takes ``IVF_RESCORE * k`` candidates from its 8-bit lists
 and keeps the ``k`` best by exact float32 scores of the ring's keys: the codes' rounding moves
-entries near the k-th score, and 4x the candidates catches them (recall equal to ``IndexIVFFlat``
-at the same nprobe, bench.memory)."""
+entries near the k-th score, and 4x the candidates catches most of them (recall@32 on model
+keys 0.981 and 0.965 at 16K and 64K, against 0.982 and 0.971 for ``IndexIVFFlat`` at the same
+nprobe; bench.memory)."""
 CONVERT_BYTES = 4 << 20
 """Float32 bytes of float16 keys a search converts at once (the rescoring: of the candidates of
 one group of queries): a bounded temporary whatever the memory size."""
@@ -61,9 +62,10 @@ _MALLOC_TRIM = _libc_trim()
 
 
 def release_freed_heap() -> None:
-    """Give the heap that freed inverted lists leave behind back to the OS. glibc keeps it: a
-    server's RSS held 946 bytes per entry for 483 in use (64K float16 ivf memory, 1.8x;
-    float32: 1,345 for 958), measured; trimmed after each (re)build of the lists."""
+    """Give the heap that freed inverted lists or an outgrown ring leave behind back to the OS.
+    glibc keeps it (past its first large free it serves large arrays from the heap): a 64K
+    float16 ivf memory held 946 bytes per entry of RSS for 483 in use (float32: 1,345 for 958),
+    measured. Called after each (re)build of the lists and each growth of a ring."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

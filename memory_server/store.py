@@ -34,7 +34,8 @@ import numpy as np
 
 from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, QuotaExceeded, UnknownNamespace
 from .index import (INDEX_KINDS, IVF_RESCORE, IVF_TRAIN_PER_LIST, FlatIndex, HNSWIndex,
-                    IVFIndex, hnsw_segment_size, ivf_nlist, ivf_nprobe, ring_size)
+                    IVFIndex, hnsw_segment_size, ivf_nlist, ivf_nprobe, release_freed_heap,
+                    ring_size)
 
 VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
 KEY_DTYPES = VALUE_DTYPES
@@ -250,8 +251,11 @@ class Memory:
         n = keys.shape[0]
         capacity = self._capacity_for(n, self.total)
         if capacity > self.keys.shape[0]:
+            outgrown = self.keys.nbytes + self.values.nbytes
             self.keys = _grown(self.keys, capacity)
             self.values = _grown(self.values, capacity)
+            if outgrown >= 1 << 20:  # glibc would keep it; small ones it reuses anyway
+                release_freed_heap()
         slots = (self.total + np.arange(n)) % self.ring
         self.keys[slots] = keys
         self.values[slots] = values

@@ -35,10 +35,19 @@ keys, on ``--recall-rows`` rows; for ``ivf`` after the fill (centroids from the 
 32 x nlist keys) and after a turn of the ring (retrained on the full ring), at the default nprobe
 and each of ``--nprobes`` (with the time of one row's search on one thread).
 
+``--compressed`` adds the compressed-keys table: ``flat`` and ``ivf`` with float32 keys and
+values against float16 keys and values (``key_dtype``/``value_dtype``), each memory (``--recall-rows``
+rows) filled 512 at a time and given one more turn of its ring, as above; recall@32 against an
+exact float32 search of the model's (unrounded) keys, one row's search on one faiss thread, the
+bytes per entry ``--max-bytes`` books (``Memory.bytes_per_slot``) and what a fresh memory
+server's resident memory grew by per entry when given the same memories (RSS, measured), and
+memories per GiB from it.
+
     python -m bench.memory                                  # everything (~6-10 minutes on 2 cores)
     python -m bench.memory --sizes 16384 --memories inproc remote1 --indexes flat
     python -m bench.memory --keys random --no-recall
     python -m bench.memory --sizes 16384 65536 262144 --indexes flat ivf --memories inproc remote1
+    python -m bench.memory --sizes 16384 65536 --memories --no-recall --compressed
 """
 
 from __future__ import annotations
@@ -343,6 +352,75 @@ def measure_recall(keys: np.ndarray, queries: np.ndarray, size: int, rows: int, 
                 default=default, ivf={p: np.mean(v, axis=0) for p, v in found.items()})
 
 
+COMPRESSED = [("flat", "float32"), ("ivf", "float32"), ("flat", "float16"), ("ivf", "float16")]
+"""(index, key and value dtype) of ``--compressed``."""
+
+
+def server_bytes_per_entry(config: NamespaceConfig, ks: list[np.ndarray]) -> float:
+    """What a fresh memory server's RSS grows by per entry, filled and turned as ``ks``."""
+    from memory_server import MemoryClient
+
+    (server,) = start_servers(1)
+    try:
+        with MemoryClient(server.endpoint, timeout=600) as client:
+            # Trained, searched and dropped memories first, one per row thread: the server's
+            # one-time allocations (BLAS and OpenMP buffers, tens of MB) are not counted per entry.
+            rows = np.arange(len(ks))
+            warm = NamespaceConfig(dim=DIM, max_memories=4096, num_layers=1, num_rows=len(ks),
+                                   index="ivf", key_dtype=config.key_dtype)
+            first = np.ascontiguousarray(np.stack([k[:4096] for k in ks]))
+            client.open("warm", warm)
+            client.add("warm", 0, rows, first, first)
+            client.search("warm", 0, rows, first[:, :512], K)
+            client.drop("warm")
+            client.open("rss", config)
+            before = rss_bytes(server.proc.pid)
+            stacked = np.stack(ks)
+            for _ in range(2):
+                for start in range(0, stacked.shape[1], ADD):
+                    part = np.ascontiguousarray(stacked[:, start : start + ADD])
+                    client.add("rss", 0, rows, part, part)
+            return (rss_bytes(server.proc.pid) - before) / (stacked.shape[0] * stacked.shape[1])
+    finally:
+        server.stop()
+
+
+def compressed_rows(keys: np.ndarray, queries: np.ndarray, size: int, rows: int) -> list[list]:
+    """For each of ``COMPRESSED``: recall@K against exact float32 search, one row's search on
+    one thread, and bytes per entry booked and measured (a server's RSS growth)."""
+    threads = faiss_threads(1)
+    out = []
+    try:
+        ks = [np.ascontiguousarray(keys[r, keys.shape[1] - size :]) for r in range(rows)]
+        qs = [np.ascontiguousarray(queries[r].reshape(-1, DIM)) for r in range(rows)]
+        exact = [exact_top(k, q, K) for k, q in zip(ks, qs)]
+        for index, dtype in COMPRESSED:
+            config = NamespaceConfig(dim=DIM, max_memories=size, num_layers=1, num_rows=rows,
+                                     index=index, key_dtype=dtype, value_dtype=dtype)
+            grown = server_bytes_per_entry(config, ks)
+            memories = [Memory(config) for _ in range(rows)]
+            for memory, k in zip(memories, ks):
+                for _ in range(2):  # the fill, then a turn of the ring (slot = position in k)
+                    for start in range(0, size, ADD):
+                        memory.add(k[start : start + ADD], k[start : start + ADD])
+            found, seconds = [], []
+            for memory, q, e in zip(memories, qs, exact):
+                began = time.perf_counter()
+                slots = memory.search(q, K)
+                seconds.append(time.perf_counter() - began)
+                found.append(recall(slots, e))
+            label = index if index == "flat" else \
+                f"ivf {memories[0].index.nlist} lists, nprobe {memories[0].index.nprobe}"
+            out.append([f"{size // 1024}K", label, dtype, f"{np.mean(found):.3f}",
+                        f"{np.median(seconds) * 1e3:.0f}", f"{memories[0].bytes_per_slot:,}",
+                        f"{grown:,.0f}", f"{2**30 / grown / 1e6:.2f}"])
+            print(f"[compressed] {' | '.join(map(str, out[-1]))}", file=sys.stderr, flush=True)
+            del memories
+    finally:
+        faiss_threads(threads)
+    return out
+
+
 HNSW_SWEEP = [(segments, m, ef) for segments in (1, 4) for m in (16, 32) for ef in (32, 64, 128)]
 """(hnsw_segments, hnsw_m, ef_search) of ``--hnsw-sweep``."""
 
@@ -409,6 +487,8 @@ def main(argv=None) -> None:
                         help="more ivf nprobe values for the recall table")
     parser.add_argument("--hnsw-sweep", action="store_true",
                         help="also time hnsw at several segments/M/efSearch against flat")
+    parser.add_argument("--compressed", action="store_true",
+                        help="also the compressed-keys table (float16 keys and values)")
     parser.add_argument("--recall-rows", type=int, default=4)
     parser.add_argument("--no-recall", action="store_true")
     args = parser.parse_args(argv)
@@ -475,6 +555,9 @@ def main(argv=None) -> None:
 
     sweep_rows = [row for size in args.sizes for row in hnsw_sweep(keys, queries, size)] \
         if args.hnsw_sweep else []
+    compressed = [row for size in args.sizes
+                  for row in compressed_rows(keys, queries, size, min(args.recall_rows, BATCH))] \
+        if args.compressed else []
     hnsw = NamespaceConfig(dim=DIM, max_memories=max(args.sizes), num_layers=1, num_rows=1,
                            index="hnsw")
     print(machine_line(f"server threads {args.server_threads or 'default'}, no pinning, "
@@ -505,6 +588,13 @@ def main(argv=None) -> None:
               f"thread; search ms after the ring turn):\n")
         print(table(["memories/row", "keys", "nlist", "nprobe", "recall after the fill",
                      "recall after a ring turn", "search ms (1 row)"], probe_rows))
+    if compressed:
+        print(f"\nCompressed keys: recall@{K} against exact float32 search, after a ring turn, "
+              f"mean over {min(args.recall_rows, BATCH)} rows x {HEADS * QUERIES} queries; one "
+              f"row's search on one faiss thread (median); bytes per entry (keys: {source}):\n")
+        print(table(["memories/row", "index", "key and value dtype", f"recall@{K}",
+                     "search ms (1 row)", "bytes/entry booked", "bytes/entry RSS",
+                     "M memories per GiB (RSS)"], compressed))
 
 
 def _f(value) -> str:

@@ -39,7 +39,7 @@ so an old server's refusal of a newer version reaches the user.
               of NamespaceConfig)
     add       namespace, layer         rows int (b,), keys and {}
                                        values float32 (b,n,d)
-    search    namespace, layer, k      rows int (b,), queries  arrays keys float32 (u+1,d),
+    search    namespace, layer, k      rows int (b,), queries  arrays keys key_dtype (u+1,d),
                                        float32 (b,q,d)         values (u+1,d), positions int32
                                                                (b,q,k): a store.Retrieval
     clear     namespace, [layers]      rows int (b,)           {}

@@ -182,7 +182,8 @@ class ServerConfig:
     """Requests larger than this (all frames together) are refused with ``limit_exceeded``."""
     wire_dtype: str | None = None
     """Dtype of the values in search replies (None: as stored, the namespace's ``value_dtype``);
-    ``float16`` halves their bytes on the wire. Keys always travel as float32."""
+    ``float16`` halves their bytes on the wire. Keys travel as stored, in the namespace's
+    ``key_dtype``."""
     drain_timeout: float = 10.0
     """Seconds a stopping server lets accepted requests finish before it abandons them."""
     max_pending: int = 1024

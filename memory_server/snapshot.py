@@ -30,9 +30,10 @@ File ``<data-dir>/<namespace>@<tag>.snapshot``, all integers little-endian::
                            MAC_KEYED, "key_id": hex id of the key or None}
     padding      zeros up to a multiple of ALIGN from the start of the file
     memories     count records, each: layer, row, total, slots, trained_at, centroids as i64
-                 (RECORD), then its keys float32 (slots, dim), values value_dtype (slots, dim)
+                 (RECORD), then its keys key_dtype (slots, dim), values value_dtype (slots, dim)
                  and centroids float32 (centroids, dim): a trained ``ivf`` index's, fitted when
-                 the memory held ``trained_at`` entries (0 rows and 0 for other memories)
+                 the memory held ``trained_at`` entries (0 rows and 0 for other memories; with
+                 float16 keys 2 rows more, its 8-bit ranges: ``IVFIndex.state``)
     checksum     32 bytes  BLAKE2b-256 of every byte before it, keyed with the snapshot key if any
 
 ``slots`` is the allocated ring of the memory (``store.Memory.export``), so a restore is the same
@@ -40,7 +41,8 @@ ring, slot for slot, and the index is rebuilt from it (an ivf index under the sa
 it gives the same results). Versions 1 and 2 (every memory's keys, then every memory's values,
 then the centroids, described in the header; version 1 without centroids) are read, unkeyed.
 No pickle: the header is plain msgpack and the arrays are raw bytes whose dtypes and shapes
-follow from the config.
+follow from the config (a config without ``key_dtype``, as every file before it, has float32
+keys).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ import msgpack
 import numpy as np
 
 from .errors import InvalidRequest, SnapshotError
-from .store import VALUE_DTYPES, NamespaceConfig
+from .store import KEY_DTYPES, VALUE_DTYPES, NamespaceConfig
 
 MAGIC = b"MTSNAP\r\n"
 FORMAT_VERSION = 3
@@ -198,13 +200,12 @@ def write_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str, config
 
 def _write_memory(write, memory: dict, config: NamespaceConfig) -> None:
     """One memory's record and arrays."""
-    key_dtype = np.dtype("<f4")
-    value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
+    key_dtype, value_dtype = _dtypes(config)
     keys = np.ascontiguousarray(memory["keys"], dtype=key_dtype)
     values = np.ascontiguousarray(memory["values"], dtype=value_dtype)
     centroids = memory.get("centroids")
     centroids = np.ascontiguousarray(
-        centroids if centroids is not None else np.empty((0, config.dim)), dtype=key_dtype)
+        centroids if centroids is not None else np.empty((0, config.dim)), dtype="<f4")
     write(RECORD.pack(int(memory["layer"]), int(memory["row"]), int(memory["total"]),
                       keys.shape[0], int(memory.get("trained_at", 0)), centroids.shape[0]))
     for array in (keys, values, centroids):
@@ -316,10 +317,8 @@ class _Reader:
         if self._left() < RECORD.size:
             raise self.refuse(f"it ends before memory {i} (truncated?)")
         layer, row, total, slots, trained_at, rows = RECORD.unpack(self._take(RECORD.size))
-        key_dtype = np.dtype("<f4")
-        value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
-        need = config.dim * (slots * (key_dtype.itemsize + value_dtype.itemsize)
-                             + rows * key_dtype.itemsize)
+        key_dtype, value_dtype = _dtypes(config)
+        need = config.dim * (slots * (key_dtype.itemsize + value_dtype.itemsize) + rows * 4)
         if slots < 0 or rows < 0 or need > self._left():
             raise self.refuse(f"memory {i} claims {slots} slots and {rows} centroids, "
                               f"{need} bytes, and {self._left()} are left in the file "
@@ -328,7 +327,7 @@ class _Reader:
                   "keys": self._array((slots, config.dim), key_dtype),
                   "values": self._array((slots, config.dim), value_dtype)}
         if rows:  # the store checks their shape and trained_at against its config
-            memory["centroids"] = self._array((rows, config.dim), key_dtype)
+            memory["centroids"] = self._array((rows, config.dim), np.dtype("<f4"))
             memory["trained_at"] = trained_at
         return memory
 
@@ -406,12 +405,11 @@ def _parse_legacy(path: Path, data: memoryview, namespace: str, tag: str, versio
     if (header.get("namespace"), header.get("tag")) != (namespace, tag):
         raise refuse(f"it holds namespace {header.get('namespace')!r} tag {header.get('tag')!r}, "
                      f"not {namespace!r} {tag!r} as its name says (renamed?)")
-    key_dtype = np.dtype("<f4")
-    value_dtype = np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<")
+    key_dtype, value_dtype = _dtypes(config)
     offset = _PREAMBLE.size + header_size
     offset += -offset % ALIGN
     need = offset + config.dim * sum(slots * (key_dtype.itemsize + value_dtype.itemsize)
-                                     + rows * key_dtype.itemsize
+                                     + rows * 4
                                      for _, _, _, slots, _, rows in entries)
     if any(slots < 0 or rows < 0 for _, _, _, slots, _, rows in entries) or need != body.nbytes:
         raise refuse(f"its header describes {need} bytes of header and arrays, but the file has "
@@ -427,11 +425,17 @@ def _parse_legacy(path: Path, data: memoryview, namespace: str, tag: str, versio
         offset += memory["values"].nbytes
     for memory, (_, _, _, _, trained_at, rows) in zip(memories, entries):
         if rows:  # the store checks their shape and trained_at against its config
-            memory["centroids"] = np.frombuffer(body, key_dtype, rows * config.dim,
+            memory["centroids"] = np.frombuffer(body, "<f4", rows * config.dim,
                                                 offset).reshape(rows, config.dim)
             memory["trained_at"] = trained_at
             offset += memory["centroids"].nbytes
     return {"config": config.to_dict(), "memories": memories}
+
+
+def _dtypes(config: NamespaceConfig) -> tuple[np.dtype, np.dtype]:
+    """The little-endian dtypes of a memory's keys and values in a file of ``config``."""
+    return (np.dtype(KEY_DTYPES[config.key_dtype]).newbyteorder("<"),
+            np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<"))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -33,10 +33,13 @@ import faiss
 import numpy as np
 
 from .errors import ConfigMismatch, InvalidRequest, LimitExceeded, QuotaExceeded, UnknownNamespace
-from .index import (INDEX_KINDS, IVF_TRAIN_PER_LIST, FlatIndex, HNSWIndex, IVFIndex,
-                    hnsw_segment_size, ivf_nlist, ivf_nprobe, ring_size)
+from .index import (INDEX_KINDS, IVF_RESCORE, IVF_TRAIN_PER_LIST, FlatIndex, HNSWIndex,
+                    IVFIndex, hnsw_segment_size, ivf_nlist, ivf_nprobe, release_freed_heap,
+                    ring_size)
 
 VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
+KEY_DTYPES = VALUE_DTYPES
+"""How a namespace's ring stores keys (``key_dtype``) and values (``value_dtype``)."""
 
 # Every integer field of a NamespaceConfig has a range, checked before any faiss call, so no
 # client (by open or by a snapshot it restores) can crash the server or make it loop for ever.
@@ -74,6 +77,10 @@ and the reply's int32 position."""
 HNSW_MERGE_SLOT_BYTES = 32
 """What an HNSW search holds per neighbour and segment graph of each row it searches at once:
 every graph's scores and slots (12), their concatenation (12) and its argsort (8)."""
+RESCORE_SLOT_BYTES = 32
+"""What a compressed-key ``ivf`` search holds per candidate (``IVF_RESCORE`` per neighbour) of
+each row it searches at once: faiss's score and id (12), the exact score, its negation and
+their argsort (16), with room to spare."""
 MEMORY_BYTES = 2048
 """What ``max_bytes`` counts for a memory besides its slots: the Python objects, numpy arrays,
 lock and index object of an empty memory and its entry in the namespace (0.8 KB flat, 1.1 KB
@@ -105,7 +112,12 @@ class NamespaceConfig:
     """``flat`` (exact inner product, the paper's choice), ``ivf`` (approximate, inverted file:
     the fast one at full memories, README) or ``hnsw`` (approximate, slower than ``flat`` here)."""
     value_dtype: str = "float32"
-    """How values are stored: ``float32`` or ``float16`` (keys are always float32)."""
+    """How values are stored: ``float32`` or ``float16``."""
+    key_dtype: str = "float32"
+    """How keys are stored: ``float32``, or ``float16`` (compressed keys: half the ring's key
+    bytes, searched in float32, exact for ``flat``; an ``ivf`` index keeps 8-bit codes in its
+    lists and rescores its candidates exactly; ``index.IVF_RESCORE``). Search replies carry
+    keys in this dtype."""
     hnsw_m: int = 32
     """HNSW graph degree."""
     hnsw_segments: int = 4
@@ -152,9 +164,10 @@ class NamespaceConfig:
             if self.nprobe > nlist:
                 raise InvalidRequest(f"namespace config: nprobe={self.nprobe} is more than the "
                                      f"{nlist} lists (nlist); lower nprobe or raise nlist")
-        if self.value_dtype not in VALUE_DTYPES:
-            raise InvalidRequest(f"namespace config: value_dtype must be one of "
-                                 f"{tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
+        for name, dtypes in (("value_dtype", VALUE_DTYPES), ("key_dtype", KEY_DTYPES)):
+            if getattr(self, name) not in dtypes:
+                raise InvalidRequest(f"namespace config: {name} must be one of "
+                                     f"{tuple(dtypes)}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> NamespaceConfig:
@@ -170,7 +183,12 @@ class NamespaceConfig:
             raise InvalidRequest(f"namespace config: {exc}") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a map; ``key_dtype`` only when not float32, so a float32-key config
+        reads as before on older servers and in older snapshot readers."""
+        data = asdict(self)
+        if data["key_dtype"] == "float32":
+            del data["key_dtype"]
+        return data
 
 
 class Memory:
@@ -179,7 +197,7 @@ class Memory:
     def __init__(self, config: NamespaceConfig):
         self.config = config
         self.ring = ring_size(config.index, config.max_memories, config.hnsw_segments)
-        self.keys = np.empty((0, config.dim), dtype=np.float32)
+        self.keys = np.empty((0, config.dim), dtype=KEY_DTYPES[config.key_dtype])
         self.values = np.empty((0, config.dim), dtype=VALUE_DTYPES[config.value_dtype])
         self.total = 0
         self.lock = threading.Lock()
@@ -188,7 +206,8 @@ class Memory:
             self.index = FlatIndex(self.ring)
         elif config.index == "ivf":
             nlist = ivf_nlist(config.max_memories, config.nlist)
-            self.index = IVFIndex(config.dim, self.ring, nlist, ivf_nprobe(nlist, config.nprobe))
+            self.index = IVFIndex(config.dim, self.ring, nlist, ivf_nprobe(nlist, config.nprobe),
+                                  compressed=config.key_dtype != "float32")
         else:
             self.index = HNSWIndex(config.dim, self.ring,
                                    hnsw_segment_size(config.max_memories, config.hnsw_segments),
@@ -228,11 +247,15 @@ class Memory:
             # Only the newest max_memories can be live: start afresh with exactly those.
             keys, values = keys[-self.config.max_memories :], values[-self.config.max_memories :]
             self.clear()
+        keys = keys.astype(self.keys.dtype, copy=False)  # the index sees the stored keys
         n = keys.shape[0]
         capacity = self._capacity_for(n, self.total)
         if capacity > self.keys.shape[0]:
+            outgrown = self.keys.nbytes + self.values.nbytes
             self.keys = _grown(self.keys, capacity)
             self.values = _grown(self.values, capacity)
+            if outgrown >= 1 << 20:  # glibc would keep it; small ones it reuses anyway
+                release_freed_heap()
         slots = (self.total + np.arange(n)) % self.ring
         self.keys[slots] = keys
         self.values[slots] = values
@@ -284,9 +307,10 @@ def _index_state(item: dict, config: NamespaceConfig, memory: Memory, namespace:
                              f"{config.index!r}")
     centroids = np.asarray(item["centroids"], dtype=np.float32)
     trained_at = item.get("trained_at")
-    if centroids.shape != (memory.index.nlist, config.dim) or not np.isfinite(centroids).all():
+    rows = memory.index.state_rows  # with compressed keys, the 8-bit ranges too
+    if centroids.shape != (rows, config.dim) or not np.isfinite(centroids).all():
         raise InvalidRequest(f"{where} has centroids of shape {centroids.shape}, expected "
-                             f"{(memory.index.nlist, config.dim)} finite values")
+                             f"{(rows, config.dim)} finite values")
     if not isinstance(trained_at, (int, np.integer)) or isinstance(trained_at, bool) \
             or not 0 < trained_at <= int(item["total"]):
         raise InvalidRequest(f"{where} claims its centroids were trained at entry "
@@ -307,7 +331,8 @@ class Retrieval:
     ``keys[0]`` and ``values[0]`` are zeros and stand for "no memory"; the other entries are the
     distinct key/values retrieved, and ``positions[b, q, j]`` indexes them for the j-th neighbour of
     query q of row b (0 where the memory had fewer than k live entries). Many queries retrieve the
-    same entries, so this is far smaller than the dense ``(b, q, k, 2, d)`` tensor.
+    same entries, so this is far smaller than the dense ``(b, q, k, 2, d)`` tensor. ``keys`` and
+    ``values`` are as stored: in the namespace's ``key_dtype`` and ``value_dtype``.
     """
 
     keys: np.ndarray
@@ -320,7 +345,8 @@ class Retrieval:
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """The seed's form: key/values ``(b, q, k, 2, d)`` float32 (zeros where masked) and mask."""
-        kv = np.stack((self.keys, self.values.astype(np.float32, copy=False)), axis=1)
+        kv = np.stack((self.keys.astype(np.float32, copy=False),
+                       self.values.astype(np.float32, copy=False)), axis=1)
         return kv[self.positions], self.mask
 
 
@@ -451,15 +477,8 @@ class MemoryStore:
         if keys.shape[1] == 0:
             return
         n = keys.shape[1]
-        value_dtype = VALUE_DTYPES[cfg.value_dtype]
-        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned of
-            values = values.astype(value_dtype, copy=False)
-        if value_dtype is not np.float32 and not np.isfinite(values).all():
-            raise InvalidRequest(
-                f"values overflow value_dtype {cfg.value_dtype} (finite up to "
-                f"+-{float(np.finfo(value_dtype).max):g}): "
-                f"{np.count_nonzero(~np.isfinite(values))} of them would be stored as inf; scale "
-                f"them down or open the namespace with value_dtype float32")
+        keys = _stored("keys", keys, cfg.key_dtype)
+        values = _stored("values", values, cfg.value_dtype)
         # All rows or none: reserve the growth of every row before writing any, and create the
         # missing memories only then, so a refused add allocates and leaves nothing. A new memory
         # is planned at its overhead and first slots (those of one probe: all are alike).
@@ -521,6 +540,11 @@ class MemoryStore:
                 * (cfg.hnsw_segments + 1) * HNSW_MERGE_SLOT_BYTES
             merged = f", and {HNSW_MERGE_SLOT_BYTES} a neighbour and segment graph of each row " \
                      f"searched at once"
+        elif cfg.index == "ivf" and cfg.key_dtype != "float32":  # and the candidates rescored
+            nbytes += min(len(rows), self._row_threads) * queries.shape[1] * k * IVF_RESCORE \
+                * RESCORE_SLOT_BYTES
+            merged = f", and {IVF_RESCORE * RESCORE_SLOT_BYTES} a neighbour of each row " \
+                     f"searched at once for the candidates rescored"
         if self.max_search_bytes is not None and nbytes > self.max_search_bytes:
             raise LimitExceeded(
                 f"search of {len(rows)} rows x {queries.shape[1]} queries x k={k} needs {nbytes} "
@@ -594,7 +618,7 @@ class MemoryStore:
             layer, row = int(item["layer"]), int(item["row"])
             _check_rows(np.array([row]), config, layer)
             memory = Memory(config)
-            keys = np.asarray(item["keys"], dtype=np.float32)
+            keys = np.asarray(item["keys"], dtype=KEY_DTYPES[config.key_dtype])
             values = np.asarray(item["values"], dtype=VALUE_DTYPES[config.value_dtype])
             total = int(item["total"])
             if not 0 <= total < MAX_TOTAL:
@@ -744,6 +768,20 @@ def _check_array(name: str, array, shape: tuple, *, finite: bool) -> None:
         raise InvalidRequest(f"{name} contains NaN or Inf")
 
 
+def _stored(name: str, array: np.ndarray, dtype_name: str) -> np.ndarray:
+    """``array`` (float32) in the namespace's dtype for it; refuses what would overflow."""
+    dtype = VALUE_DTYPES[dtype_name]
+    with np.errstate(over="ignore"):  # an overflow is refused just below, not warned of
+        stored = array.astype(dtype, copy=False)
+    if dtype is not np.float32 and not np.isfinite(stored).all():
+        raise InvalidRequest(
+            f"{name} overflow {name[:-1]}_dtype {dtype_name} (finite up to "
+            f"+-{float(np.finfo(dtype).max):g}): {np.count_nonzero(~np.isfinite(stored))} of "
+            f"them would be stored as inf; scale them down or open the namespace with "
+            f"{name[:-1]}_dtype float32")
+    return stored
+
+
 def _gather(memory: Memory, slots: np.ndarray):
     """Distinct live entries among ``slots`` and 1-based positions into them (0 = none)."""
     valid = slots >= 0
@@ -756,14 +794,14 @@ def _gather(memory: Memory, slots: np.ndarray):
 
 
 def _empty_gather(cfg: NamespaceConfig, q: int, k: int):
-    return (np.empty((0, cfg.dim), np.float32),
+    return (np.empty((0, cfg.dim), KEY_DTYPES[cfg.key_dtype]),
             np.empty((0, cfg.dim), VALUE_DTYPES[cfg.value_dtype]),
             np.zeros((q, k), np.int32))
 
 
 def _assemble(parts, cfg: NamespaceConfig, b: int, q: int, k: int) -> Retrieval:
     value_dtype = VALUE_DTYPES[cfg.value_dtype]
-    zeros_k = np.zeros((1, cfg.dim), np.float32)
+    zeros_k = np.zeros((1, cfg.dim), KEY_DTYPES[cfg.key_dtype])
     zeros_v = np.zeros((1, cfg.dim), value_dtype)
     keys = np.concatenate([zeros_k, *(p[0] for p in parts)])
     values = np.concatenate([zeros_v, *(p[1] for p in parts)])

@@ -168,16 +168,18 @@ class KNNMemory:
     ``(b, ..., dim)`` queries and returns key/values ``(b, ..., topk, 2, dim)`` and a mask
     ``(b, ..., topk)``. ``b`` is the number of scoped rows (all rows unless ``at_batch_indices``).
     ``index`` is ``flat`` (exact), ``ivf`` (``nlist``/``nprobe``, 0 for the defaults) or ``hnsw``
-    (``ef_search``); ``multiprocessing`` searches rows on all cores.
+    (``ef_search``); ``key_dtype``/``value_dtype`` ``float16`` store keys/values at half the
+    bytes; ``multiprocessing`` searches rows on all cores.
     """
 
     def __init__(self, dim: int, max_memories: int = 16000, num_indices: int = 1,
                  memmap_filename: str | None = None, multiprocessing: bool = True, *,
-                 index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
-                 nlist: int = 0, nprobe: int = 0):
+                 index: str = "flat", value_dtype: str = "float32", key_dtype: str = "float32",
+                 ef_search: int = 128, nlist: int = 0, nprobe: int = 0):
         config = NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=1,
                                  num_rows=num_indices, index=index, value_dtype=value_dtype,
-                                 ef_search=ef_search, nlist=nlist, nprobe=nprobe)
+                                 key_dtype=key_dtype, ef_search=ef_search, nlist=nlist,
+                                 nprobe=nprobe)
         backend = LocalBackend(config, threads=_threads(multiprocessing))
         self._attach(backend, 0, owns_backend=True)
 
@@ -263,7 +265,7 @@ class KNNMemory:
                              "made (index='ivf', nprobe=...); this memory's index is "
                              f"{self.backend.config.index!r}")
         retrieval = self.retrieved(self.search_async(queries, topk))
-        table = torch.stack((retrieval.keys, retrieval.values.float()), dim=1)
+        table = torch.stack((retrieval.keys.float(), retrieval.values.float()), dim=1)
         lead = tuple(queries.shape[:-1])
         kv = table[retrieval.positions.long()].reshape(*lead, topk, 2, self.dim)
         return kv, retrieval.mask.reshape(*lead, topk)
@@ -331,9 +333,9 @@ class RemoteKNNMemory(KNNMemory):
     @classmethod
     def create(cls, servers, *, dim: int, max_memories: int, batch_size: int, num_layers: int = 1,
                namespace: str | None = None, rank: int = 0, world_size: int = 1,
-               index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
-               nlist: int = 0, nprobe: int = 0, timeout: float = 60.0, server_public_key=None,
-               secret_key=None) -> KNNMemoryList:
+               index: str = "flat", value_dtype: str = "float32", key_dtype: str = "float32",
+               ef_search: int = 128, nlist: int = 0, nprobe: int = 0, timeout: float = 60.0,
+               server_public_key=None, secret_key=None) -> KNNMemoryList:
         """Memories of ``num_layers`` layers for this rank's ``batch_size`` rows on ``servers``.
 
         Rows are global across ranks (``rank * batch_size + local_row``); every rank must pass the
@@ -346,8 +348,8 @@ class RemoteKNNMemory(KNNMemory):
 
         config = NamespaceConfig(dim=dim, max_memories=max_memories, num_layers=num_layers,
                                  num_rows=batch_size * world_size, index=index,
-                                 value_dtype=value_dtype, ef_search=ef_search, nlist=nlist,
-                                 nprobe=nprobe)
+                                 value_dtype=value_dtype, key_dtype=key_dtype,
+                                 ef_search=ef_search, nlist=nlist, nprobe=nprobe)
         server_public_key = server_public_key or os.environ.get(SERVER_KEY_ENV) or None
         secret_key = secret_key or os.environ.get(CLIENT_KEY_ENV) or None
         client = MemoryClient(_as_servers(servers), timeout=timeout,
@@ -376,14 +378,15 @@ class KNNMemoryList(list):
         """Seed API: returns a function of ``KNNMemory`` arguments that builds the list."""
 
         def inner(dim: int, max_memories: int = 16000, multiprocessing: bool = True, *,
-                  index: str = "flat", value_dtype: str = "float32", ef_search: int = 128,
-                  nlist: int = 0, nprobe: int = 0):
+                  index: str = "flat", value_dtype: str = "float32",
+                  key_dtype: str = "float32", ef_search: int = 128, nlist: int = 0,
+                  nprobe: int = 0):
             if num_memory_layers == 0:
                 return cls([])
             config = NamespaceConfig(dim=dim, max_memories=max_memories,
                                      num_layers=num_memory_layers, num_rows=batch_size,
-                                     index=index, value_dtype=value_dtype, ef_search=ef_search,
-                                     nlist=nlist, nprobe=nprobe)
+                                     index=index, value_dtype=value_dtype, key_dtype=key_dtype,
+                                     ef_search=ef_search, nlist=nlist, nprobe=nprobe)
             backend = LocalBackend(config, threads=_threads(multiprocessing))
             return cls([KNNMemory._on(backend, layer) for layer in range(num_memory_layers)],
                        backend=backend)

@@ -488,7 +488,8 @@ class MemorizingTransformer(nn.Module):
 
     def create_knn_memories(self, *, batch_size: int, servers=None, namespace: str | None = None,
                             index: str = "flat", value_dtype: str = "float32",
-                            ef_search: int = 128, nlist: int = 0, nprobe: int = 0,
+                            key_dtype: str = "float32", ef_search: int = 128, nlist: int = 0,
+                            nprobe: int = 0,
                             timeout: float = 60.0,
                             server_public_key=None, secret_key=None) -> KNNMemoryList:
         """kNN memories for ``batch_size`` rows of every memorizing layer.
@@ -499,8 +500,8 @@ class MemorizingTransformer(nn.Module):
         ``server_public_key`` / ``secret_key`` turn on CURVE (see ``RemoteKNNMemory.create``).
         """
         servers = servers if servers is not None else servers_from_env()
-        options = dict(index=index, value_dtype=value_dtype, ef_search=ef_search, nlist=nlist,
-                       nprobe=nprobe)
+        options = dict(index=index, value_dtype=value_dtype, key_dtype=key_dtype,
+                       ef_search=ef_search, nlist=nlist, nprobe=nprobe)
         if servers is None:
             return KNNMemoryList.create_memories(
                 batch_size=batch_size, num_memory_layers=self.num_memory_layers,

@@ -212,6 +212,39 @@ def test_start_is_logged_and_stats_report_requests(server, client):
     assert stats["per_namespace"][NS]["entries"] == 4 * 5 + 2 * 5
 
 
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_a_float16_key_namespace_on_a_server(memory_server, index):
+    """Keys stored and sent back as float16 (the reply's keys are in key_dtype), searched as
+    in-process, and keys float16 cannot hold refused."""
+    from memory_server import MemoryStore
+
+    config = NamespaceConfig(dim=8, max_memories=1024, num_layers=1, num_rows=2, index=index,
+                             key_dtype="float16", value_dtype="float16")
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((2, 1200, 8), dtype=np.float32)  # wraps; ivf trains (nlist 32)
+    queries = rng.standard_normal((2, 30, 8), dtype=np.float32)
+    local = MemoryStore()
+    local.open("half", config)
+    (proc,) = memory_server(1)
+    with MemoryClient(proc.endpoint, timeout=30) as client:
+        client.open("half", config)
+        for start in range(0, 1200, 300):
+            for target in (client, local):
+                target.add("half", 0, [0, 1], keys[:, start : start + 300],
+                           keys[:, start : start + 300])
+        got = client.search("half", 0, [0, 1], queries, 16)
+        want = local.search("half", 0, np.arange(2), queries, 16)
+        assert got.keys.dtype == got.values.dtype == np.float16
+        np.testing.assert_array_equal(got.keys, want.keys)
+        np.testing.assert_array_equal(got.positions, want.positions)
+        stats = client.stats()[0]["per_namespace"]["half"]
+        with pytest.raises(InvalidRequest, match="keys overflow key_dtype float16"):
+            client.add("half", 0, [0], np.full((1, 1, 8), 1e6, np.float32),
+                       np.zeros((1, 1, 8), np.float32))
+        assert client.stats()[0]["per_namespace"]["half"] == stats
+        assert stats["config"]["key_dtype"] == "float16"
+
+
 def test_max_bytes_refuses_an_add_and_changes_nothing(memory_server):
     (server,) = memory_server(1, "--max-bytes", "256K")
     with MemoryClient(server.endpoint, timeout=10) as client:

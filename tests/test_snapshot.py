@@ -64,6 +64,29 @@ def test_ivf_round_trip_keeps_the_centroids(memory_server, tmp_path):
         [(260, (4, 16))] * 2  # server 0 holds row 0 of both layers
 
 
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_float16_keys_round_trip_exactly(memory_server, tmp_path, index):
+    """Compressed keys are written and read as float16, slot for slot, with an ivf memory's
+    8-bit ranges after its centroids: identical searches after the restore."""
+    config = NamespaceConfig(dim=16, max_memories=256, num_layers=2, num_rows=4, index=index,
+                             key_dtype="float16", **(dict(nlist=4, nprobe=1) if index == "ivf"
+                                                     else {}))
+    (server,) = memory_server(1, "--data-dir", str(tmp_path))
+    with MemoryClient(server.endpoint, timeout=10) as client:
+        fill(client, "half", config, adds=25)  # 325 entries: wrapped (ivf: trained at 260)
+        before = searches(client, "half", config)
+        client.snapshot("half", "t1")
+        fill(client, "half", config, adds=25, seed=2)
+        client.restore("half", "t1")
+        assert_same(searches(client, "half", config), before)
+    state = read_snapshot(tmp_path, "half", shard_tag("t1", 0, 1))
+    assert state["config"]["key_dtype"] == "float16"
+    memory = state["memories"][0]
+    assert memory["keys"].dtype == np.float16 and memory["keys"].shape == (256, 16)
+    assert memory.get("centroids", np.empty((0, 16))).shape == ((4 + 2, 16) if index == "ivf"
+                                                                else (0, 16))
+
+
 def test_round_trip_gives_identical_searches(memory_server, tmp_path):
     servers = [s.endpoint for s in memory_server(2, "--data-dir", str(tmp_path))]
     with MemoryClient(servers, timeout=10) as client:

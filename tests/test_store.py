@@ -667,3 +667,126 @@ def test_import_refuses_centroids_that_do_not_fit():
         state["memories"] = [{**good, **change}]
         with pytest.raises(InvalidRequest, match=re.escape(words)):
             MemoryStore().import_namespace("ns", state)
+
+
+# compressed keys (key_dtype float16)
+
+
+def test_float16_keys_flat_is_exact_for_the_stored_keys(monkeypatch):
+    """Flat search over float16 keys, converted a few keys at a time (a tiny CONVERT_BYTES: many
+    blocks, and blocks smaller than k), finds the top-k of a float32 search of the rounded keys."""
+    from memory_server import index as index_module
+
+    monkeypatch.setattr(index_module, "CONVERT_BYTES", 4 * 16 * 50)  # 50 keys a block
+    rng = np.random.default_rng(30)
+    store = MemoryStore()
+    store.open("ns", NamespaceConfig(dim=16, max_memories=700, num_layers=1, num_rows=2,
+                                     key_dtype="float16"))
+    keys = unit(rng, 2, 1000, 16)  # the ring wraps
+    store.add("ns", 0, np.arange(2), keys[:, :600], keys[:, :600])
+    store.add("ns", 0, np.arange(2), keys[:, 600:], keys[:, 600:])
+    queries = unit(rng, 2, 80, 16)
+    found = store.search("ns", 0, np.arange(2), queries, 64)
+    assert found.keys.dtype == np.float16
+    kv, mask = found.dense()
+    assert mask.all()
+    for row in range(2):
+        stored = keys[row, -700:].astype(np.float16).astype(np.float64)
+        exact = np.sort(queries[row] @ stored.T, axis=1)[:, ::-1][:, :64]
+        got = np.einsum("qd,qkd->qk", queries[row], kv[row, :, :, 0].astype(np.float64))
+        np.testing.assert_allclose(got, exact, atol=1e-5)  # the same entries, best first
+        np.testing.assert_array_equal(kv[row, :, :, 0], kv[row, :, :, 1].astype(np.float16))
+
+
+def test_float16_keys_ivf_recall_with_rescoring_on_clustered_keys():
+    """8-bit lists and exact rescoring: recall@32 against exact search of the stored keys, and
+    the neighbours best first by their exact scores."""
+    rng = np.random.default_rng(31)
+    centres = unit(rng, 256, 32).astype(np.float64)
+    keys, queries = clustered(rng, 8192, 32, centres), clustered(rng, 256, 32, centres)
+    store = MemoryStore()
+    store.open("ns", NamespaceConfig(dim=32, max_memories=8192, num_layers=1, num_rows=1,
+                                     index="ivf", key_dtype="float16"))
+    for start in range(0, 8192, 512):
+        store.add("ns", 0, np.array([0]), keys[None, start : start + 512],
+                  tagged_values(0, np.arange(start, start + 512), 32)[None])
+    index = ivf_of(store)
+    assert index.trained and index.compressed and index.state()[0].shape == (256 + 2, 32)
+    kv, mask = store.search("ns", 0, np.array([0]), queries[None], 32).dense()
+    assert mask.all()
+    stored = keys.astype(np.float16).astype(np.float64)
+    exact = np.argsort(-(queries @ stored.T), axis=1, kind="stable")[:, :32]
+    found = kv[0, :, :, 1, 1].astype(np.int64)
+    recall = sum(len(np.intersect1d(a, b)) for a, b in zip(found, exact)) / exact.size
+    assert recall >= 0.9, f"compressed ivf recall@32 {recall:.3f} below the 0.9 floor"
+    scores = np.einsum("qd,qkd->qk", queries, stored[found])
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # ordered by exact scores
+    np.testing.assert_allclose(kv[0, :, :, 0], stored[found], atol=0)  # keys as stored
+
+
+def test_float16_keys_ivf_never_returns_an_overwritten_entry_and_resumes_exactly():
+    rng = np.random.default_rng(32)
+    store = MemoryStore()
+    config = NamespaceConfig(dim=16, max_memories=512, num_layers=1, num_rows=1, index="ivf",
+                             key_dtype="float16", nlist=16, nprobe=4)
+    store.open("ns", config)
+    history = np.empty((0, 16), np.float32)
+    for step in range(14):  # about 3 turns of the ring, retrained after each
+        keys = unit(rng, 1, 100, 16)
+        store.add("ns", 0, np.array([0]), keys,
+                  tagged_values(0, np.arange(step * 100, (step + 1) * 100), 16)[None])
+        history = np.concatenate([history, keys[0]])
+        total = history.shape[0]
+        kv, mask = store.search("ns", 0, np.array([0]), history[None, -612:], 8).dense()
+        assert (kv[0, :, :, 1, 1][mask[0]] >= total - 512).all()
+    other = MemoryStore()
+    other.import_namespace("ns", store.export_namespace("ns"))
+    queries = unit(rng, 1, 60, 16)
+    for _ in range(4):
+        a = store.search("ns", 0, np.array([0]), queries, 8)
+        b = other.search("ns", 0, np.array([0]), queries, 8)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.positions, b.positions)
+        more = unit(rng, 1, 150, 16)
+        for s in (store, other):
+            s.add("ns", 0, np.array([0]), more, more)
+    assert ivf_of(store).trained_at == ivf_of(other).trained_at
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_float16_keys_refuse_keys_they_cannot_hold(index):
+    store = MemoryStore()
+    store.open("ns", NamespaceConfig(dim=4, max_memories=64, num_layers=1, num_rows=2,
+                                     index=index, key_dtype="float16"))
+    keys = np.ones((2, 3, 4), np.float32)
+    keys[1, 2, 3] = -7e4
+    before = store.stats()
+    with pytest.raises(InvalidRequest, match=re.escape("keys overflow key_dtype float16 "
+                                                       "(finite up to +-65504)")):
+        store.add("ns", 0, np.arange(2), keys, keys * 0)
+    assert store.stats() == before
+    keys[1, 2, 3] = -65504.0
+    store.add("ns", 0, np.arange(2), keys, keys * 0)
+    kv, _ = store.search("ns", 0, np.array([1]), keys[1:, 2:], 1).dense()
+    assert kv[0, 0, 0, 0, 3] == -65504.0
+
+
+def test_key_dtype_is_validated_and_a_float32_config_reads_as_before():
+    with pytest.raises(InvalidRequest, match=re.escape(
+            "key_dtype must be one of ('float32', 'float16'), got 'int8'")):
+        NamespaceConfig.from_dict({**BASE, "key_dtype": "int8"})
+    assert "key_dtype" not in NamespaceConfig(**BASE).to_dict()  # older servers take it
+    half = NamespaceConfig(**BASE, key_dtype="float16")
+    assert NamespaceConfig.from_dict(half.to_dict()) == half
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_float16_keys_take_fewer_bytes_on_the_books(index):
+    """What --max-bytes counts per slot: half the keys' bytes, and for ivf 8-bit list codes."""
+    sizes = {}
+    for key_dtype in ("float32", "float16"):
+        memory = store_module.Memory(NamespaceConfig(dim=64, max_memories=4096, num_layers=1,
+                                                     num_rows=1, index=index, key_dtype=key_dtype))
+        sizes[key_dtype] = memory.bytes_per_slot
+    lists = (4 * 64 + 8) * 5 // 4 - (64 + 8) * 5 // 4  # a list's code: 64 bytes, not 256
+    assert sizes["float32"] - sizes["float16"] == 2 * 64 + (lists if index == "ivf" else 0)

@@ -269,8 +269,8 @@ class _Reader:
                  admit: Admit | None = None):
         self.path, self.f, self.namespace, self.tag, self.key = path, f, namespace, tag, key
         self.admit = admit
+        # Each memory's slots and centroid rows as admitted: the reading pass must find them.
         self.admitted: list[tuple[int, int]] | None = None
-        """Each memory's slots and centroid rows as admitted; the reading pass must find them."""
         self.size = os.fstat(f.fileno()).st_size
         self.offset = 0
         self.digest = _hasher(key)

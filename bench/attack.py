@@ -3,17 +3,22 @@ pings it from another process; prints per attack the server's peak resident memo
 ``--max-bytes``, the pinger's latency, and whether the server lived.
 
     python -m bench.attack [--max-bytes 64M] [--max-message-bytes 16M] [--threads 2]
+                           [--max-connections-per-host 64] [--only TEXT ...]
 
 Before the attacks the memories are filled to about three quarters of ``--max-bytes``, so that an
 attack that made the server hold more than it may shows. "Idle" is the resident memory of the
 server before it held anything (the interpreter, numpy, faiss, ZeroMQ): the fixed overhead, which
 ``--max-bytes`` does not count. The pinger runs in its own process, so that the attackers' work
-(building a million frames, say) does not delay its pings here.
+(building a million frames, say) does not delay its pings here. Loopback addresses stand for
+hosts (each 127.x.y.z is its own host to ``--max-connections-per-host``): the pinger and the
+bench's client are 127.0.0.1, so connection attacks come from others. ``--only TEXT`` runs the
+attacks whose name contains TEXT.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import socket
@@ -23,15 +28,18 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import zmq
 
-from memory_server import MemoryClient, MemoryServerError, NamespaceConfig
+from memory_server import LimitExceeded, MemoryClient, MemoryServerError, NamespaceConfig
 from memory_server.cli import parse_bytes
+from memory_server.client import shard_tag
 from memory_server.local import start_servers
 from memory_server.protocol import PROTOCOL_VERSION, encode_request
+from memory_server.snapshot import write_snapshot
 
 _PING_GAP = 0.01  # seconds between the pinger's pings
 _SAMPLE_GAP = 0.005  # seconds between samples of the server's resident memory
@@ -200,16 +208,79 @@ def unread_replies(endpoint: str, client: MemoryClient) -> str:
     return "200 searches with 2 MB replies, none read"
 
 
-def idle_connections(endpoint: str, client: MemoryClient) -> str:
+def _connect_from(endpoint: str, hosts: list[str], count: int) -> list[socket.socket]:
+    """``count`` raw TCP connections to ``endpoint``, from the loopback ``hosts`` in turn (each
+    127.x.y.z address is its own host to the server's per-host cap)."""
     port = int(endpoint.rsplit(":", 1)[1])
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(1100)]
+    return [socket.create_connection(("127.0.0.1", port),
+                                     source_address=(hosts[i % len(hosts)], 0))
+            for i in range(count)]
+
+
+def idle_connections(endpoint: str, client: MemoryClient) -> str:
+    hosts = [f"127.0.1.{i}" for i in range(1, 21)]  # under --max-connections-per-host each
+    socks = _connect_from(endpoint, hosts, 1100)
     try:
         time.sleep(1.0)
         written = client.snapshot("fill", "attack")[0]["bytes"]
     finally:
         for s in socks:
             s.close()
-    return f"1,100 idle TCP connections; a snapshot meanwhile wrote {written >> 20} MiB"
+    return (f"1,100 idle TCP connections from {len(hosts)} hosts; a snapshot meanwhile wrote "
+            f"{written >> 20} MiB")
+
+
+def one_host(endpoint: str, client: MemoryClient) -> str:
+    """One host opens 1,100 ZeroMQ connections, which keep what they get (heartbeats) and, when
+    refused, retry every 100 ms (ZeroMQ's default); a client of another host, arriving after
+    them, is still let in (without the per-host cap it would wait for a free connection)."""
+    before = client.stats()[0]["connections"]
+    context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, 2048)
+    socks = []
+    try:
+        for _ in range(1100):  # "tcp://SOURCE:0;ADDRESS" connects from SOURCE
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint.replace("tcp://", "tcp://127.0.0.2:0;"))
+            socks.append(sock)
+        time.sleep(2.0)
+        held = client.stats()[0]["connections"]["open"] - before["open"]
+        start = time.monotonic()
+        with MemoryClient(endpoint, timeout=30) as newcomer:
+            newcomer.ping()
+        joined = time.monotonic() - start
+        after = client.stats()[0]["connections"]
+    finally:
+        context.destroy(linger=0)
+    refused = after["refused_per_host"] - before["refused_per_host"]
+    return (f"1,100 ZeroMQ connections from one host, retrying: {held} held "
+            f"(--max-connections-per-host {after['max_per_host']}), {refused:,} attempts refused; "
+            f"a new client of another host meanwhile connected and pinged in "
+            f"{joined * 1000:.0f} ms")
+
+
+def oversized_restore(endpoint: str, client: MemoryClient) -> str:
+    """A snapshot written for a larger server (here, by hand into this one's data directory)
+    restored where it does not fit: refused before its arrays are read."""
+    data_dir = Path(client.snapshot("fill", "attack")[0]["path"]).parent
+    config = NamespaceConfig(dim=64, max_memories=8192, num_layers=1, num_rows=32)
+    keys = np.zeros((config.max_memories, config.dim), np.float32)
+    memories = ({"layer": 0, "row": row, "total": config.max_memories, "keys": keys,
+                 "values": keys} for row in range(config.num_rows))
+    info = write_snapshot(data_dir, "huge", shard_tag("t", 0, 1), config.to_dict(),
+                          config.num_rows, memories)
+    try:
+        client.restore("huge", "t")
+        outcome = "restored"
+    except LimitExceeded as exc:
+        outcome = f"refused ({exc.code})"
+    finally:
+        info.path.unlink()
+    free = client.stats()[0]
+    free = (free["config"]["max_bytes"] - free["bytes"]) >> 20
+    return (f"restore of a {info.bytes >> 20} MiB snapshot with {free} MiB of --max-bytes free: "
+            f"{outcome}")
 
 
 def big_headers(endpoint: str, client: MemoryClient) -> str:
@@ -228,7 +299,9 @@ ATTACKS = {
     "10^6 frames": many_frames,
     "unread replies": unread_replies,
     "1,100 idle connections": idle_connections,
+    "one host's connections": one_host,
     "big header": big_headers,
+    "oversized restore": oversized_restore,
     "large frames": large_frames,  # last: what ZeroMQ buffers stays resident after it
 }
 
@@ -246,10 +319,12 @@ def fill(client: MemoryClient, max_bytes: int) -> int:
     return client.stats()[0]["bytes"]
 
 
-def run(max_bytes: int, max_message_bytes: int, threads: int) -> tuple[list[Outcome], dict]:
+def run(max_bytes: int, max_message_bytes: int, threads: int, per_host: int,
+        attacks: dict = ATTACKS) -> tuple[list[Outcome], dict]:
     data_dir = tempfile.mkdtemp(prefix="attack-")
     (server,) = start_servers(1, "--threads", str(threads), "--max-bytes", str(max_bytes),
-                              "--max-message-bytes", str(max_message_bytes), "--data-dir",
+                              "--max-message-bytes", str(max_message_bytes),
+                              "--max-connections-per-host", str(per_host), "--data-dir",
                               data_dir, "--log-level", "WARNING")
     pid = server.proc.pid
     facts = {"idle_rss": _rss(pid)}
@@ -264,8 +339,12 @@ def run(max_bytes: int, max_message_bytes: int, threads: int) -> tuple[list[Outc
             facts["filled_rss"] = _rss(pid)
             ping_proc = subprocess.Popen([sys.executable, "-m", "bench.attack", "--pinger",
                                           server.endpoint, pings_file])
-            time.sleep(1.0)  # the pinger is up and pinging
-            for name, attack in ATTACKS.items():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (os.path.exists(pings_file)
+                                                       and os.path.getsize(pings_file)):
+                time.sleep(0.1)  # until the pinger is up and pinging
+            time.sleep(0.5)
+            for name, attack in attacks.items():
                 start = time.monotonic()
                 try:
                     sent = attack(server.endpoint, client)
@@ -305,7 +384,7 @@ def _pings_ok(endpoint: str) -> bool:
 
 
 def report(outcomes: list[Outcome], facts: dict, max_bytes: int, max_message_bytes: int,
-           threads: int) -> str:
+           threads: int, per_host: int) -> str:
     from bench.common import machine_line, table
 
     mib = 1 << 20
@@ -319,7 +398,8 @@ def report(outcomes: list[Outcome], facts: dict, max_bytes: int, max_message_byt
                      f"{max(o.pings, default=np.nan) * 1000:.0f}",
                      "yes" if o.survived else "NO"])
     lines = [machine_line(f"1 server x {threads} threads, --max-bytes {max_bytes // mib}M, "
-                          f"--max-message-bytes {max_message_bytes // mib}M"), "",
+                          f"--max-message-bytes {max_message_bytes // mib}M, "
+                          f"--max-connections-per-host {per_host}"), "",
              f"Server resident memory: {facts['idle_rss'] / mib:.0f} MiB idle (the fixed "
              f"overhead), {facts['filled_rss'] / mib:.0f} MiB with its memories holding "
              f"{facts['held'] / mib:.0f} MiB of the {max_bytes // mib} MiB allowed.", "",
@@ -336,14 +416,25 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=parse_bytes, default=parse_bytes("64M"))
     parser.add_argument("--max-message-bytes", type=parse_bytes, default=parse_bytes("16M"))
     parser.add_argument("--threads", type=int, default=2, help="worker threads of the server")
+    parser.add_argument("--max-connections-per-host", type=int, default=64,
+                        help="the server's cap of connections per host (default: %(default)s)")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the attacks whose name contains TEXT (repeatable; "
+                             f"names: {'; '.join(ATTACKS)})")
     parser.add_argument("--pinger", nargs=2, metavar=("ENDPOINT", "FILE"),
                         help=argparse.SUPPRESS)  # the pinging child process
     args = parser.parse_args()
     if args.pinger:
         pinger(*args.pinger)
         return
-    outcomes, facts = run(args.max_bytes, args.max_message_bytes, args.threads)
-    print(report(outcomes, facts, args.max_bytes, args.max_message_bytes, args.threads))
+    attacks = {name: attack for name, attack in ATTACKS.items()
+               if not args.only or any(text.lower() in name.lower() for text in args.only)}
+    if not attacks:
+        parser.error(f"--only {args.only} names no attack; the attacks: {'; '.join(ATTACKS)}")
+    outcomes, facts = run(args.max_bytes, args.max_message_bytes, args.threads,
+                          args.max_connections_per_host, attacks)
+    print(report(outcomes, facts, args.max_bytes, args.max_message_bytes, args.threads,
+                 args.max_connections_per_host))
 
 
 if __name__ == "__main__":

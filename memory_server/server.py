@@ -866,32 +866,47 @@ class Server:
         return {"snapshots": found}, {}
 
     def _restore(self, namespace: str, tag: str) -> dict:
-        """Load a snapshot into the store, replacing the namespace; all or nothing."""
-        state = snapshot.read_snapshot(self.config.data_dir, namespace, tag, self._snapshot_key)
-        self._check_restore(namespace, tag, state)
+        """Load a snapshot into the store, replacing the namespace; all or nothing. What the
+        snapshot's header and records describe is checked and booked before its arrays are
+        read, so one too large for --max-bytes or the tenant's quota is refused at once."""
+        booked = None
+
+        def admit(config: NamespaceConfig, slots: list[int]) -> None:
+            nonlocal booked
+            self._check_restore(namespace, tag, config.dim)
+            booked = self.store.book_restore(namespace, config, slots)
+
+        loaded = False
         try:
-            self.store.import_namespace(namespace, state)
+            state = snapshot.read_snapshot(self.config.data_dir, namespace, tag,
+                                           self._snapshot_key, admit)
+            if booked is None:  # an old format's header admitted nothing: checked now
+                self._check_restore(namespace, tag, state["config"]["dim"])
+            self.store.import_namespace(namespace, state, booked)
+            loaded = True
         except InvalidRequest as exc:
             path = snapshot.snapshot_path(self.config.data_dir, namespace, tag)
             raise SnapshotError(f"snapshot {path} is refused: {exc.message}; nothing was "
                                 f"loaded") from None
+        finally:
+            if booked is not None and not loaded:
+                self.store.unbook(booked)
         log.info("namespace %r restored from snapshot %r (%d memories)", namespace, tag,
                  len(state["memories"]))
         return {"memories": len(state["memories"])}
 
-    def _check_restore(self, namespace: str, tag: str, state: dict) -> None:
+    def _check_restore(self, namespace: str, tag: str, dim: int) -> None:
         """What the store does not check of a restore: a new namespace counts against
         --max-namespaces as an ``open`` does, and an open namespace keeps its key width (its
         clients send keys of that width; a restore once changed it silently). Restores are
         serialized by ``_restore_lock``; an ``open`` racing one may still pass the cap by one."""
-        dim = state["config"].get("dim") if isinstance(state.get("config"), dict) else None
         open_now = self.store.namespaces()
         try:
             current = self.store.config(namespace).dim if namespace in open_now else None
         except UnknownNamespace:  # dropped meanwhile
             current = None
         if current is not None:
-            if isinstance(dim, int) and dim != current:  # a bad config is the store's to refuse
+            if dim != current:
                 raise ConfigMismatch(
                     f"restore of snapshot {tag!r} refused: namespace {namespace!r} is open with "
                     f"dim={current} and the snapshot's keys have dim={dim}; its clients would "

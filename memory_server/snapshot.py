@@ -12,6 +12,9 @@ go) and read straight into the arrays the restored memories keep, so neither hol
 of the namespace: a snapshot costs the server one memory on top of its store, a restore the
 namespace it loads (``bench/snapshot.py``). Before an array is allocated, the bytes it needs must
 still be in the file, so a forged header cannot make a restore allocate more than the file holds.
+Admitted: a restore first reads only the header and the memories' records (seeking past their
+arrays) and lets the server book what they describe against ``--max-bytes`` and the tenant's
+quota, so a snapshot too large for the server is refused before its arrays are allocated.
 
 Keyed: with a snapshot key (``--snapshot-key-file``) the checksum is a MAC, BLAKE2b keyed with it
 (BLAKE2's keyed mode, which needs no HMAC construction around it), so a file changed by anyone
@@ -55,7 +58,7 @@ import stat
 import struct
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,14 +216,28 @@ def _write_memory(write, memory: dict, config: NamespaceConfig) -> None:
             write(array)
 
 
+Admit = Callable[[NamespaceConfig, list[int]], None]
+"""Told a snapshot's config and every memory's slot count before any array is read; raises to
+refuse the restore (the server books the bytes against ``--max-bytes`` and quotas)."""
+
+
+def _arrays_bytes(config: NamespaceConfig, slots: int, rows: int) -> int:
+    """The bytes of a memory's arrays: keys and values of ``slots`` slots, ``rows`` centroids."""
+    key_dtype, value_dtype = _dtypes(config)
+    return config.dim * (slots * (key_dtype.itemsize + value_dtype.itemsize) + rows * 4)
+
+
 def read_snapshot(data_dir: str | os.PathLike, namespace: str, tag: str,
-                  key: SnapshotKey | None = None) -> dict:
+                  key: SnapshotKey | None = None, admit: Admit | None = None) -> dict:
     """The verified ``state`` of a snapshot, ready for ``MemoryStore.import_namespace``; with
-    ``key``, only a snapshot MACed with it is accepted."""
+    ``key``, only a snapshot MACed with it is accepted. ``admit`` sees the config and the slots
+    of each memory (from the header and the memories' records, seeking past their arrays)
+    before anything large is read or allocated, so a snapshot too large for the server is
+    refused at the cost of its records; the arrays read are then exactly those admitted."""
     path = snapshot_path(data_dir, namespace, tag)
     try:
         with open(path, "rb") as f:
-            return _Reader(path, f, namespace, tag, key).read()
+            return _Reader(path, f, namespace, tag, key, admit).read()
     except FileNotFoundError:
         raise SnapshotError(f"no snapshot {path}: namespace {namespace!r} was never snapshotted "
                             f"with tag {tag!r} in this data directory") from None
@@ -247,8 +264,12 @@ class _Reader:
     """Reads and verifies one open snapshot file: its preamble and header, then (format 3) each
     memory straight into the arrays it will keep, hashing as it goes, and the checksum last."""
 
-    def __init__(self, path: Path, f, namespace: str, tag: str, key: SnapshotKey | None):
+    def __init__(self, path: Path, f, namespace: str, tag: str, key: SnapshotKey | None,
+                 admit: Admit | None = None):
         self.path, self.f, self.namespace, self.tag, self.key = path, f, namespace, tag, key
+        self.admit = admit
+        # Each memory's slots and centroid rows as admitted: the reading pass must find them.
+        self.admitted: list[tuple[int, int]] | None = None
         self.size = os.fstat(f.fileno()).st_size
         self.offset = 0
         self.digest = _hasher(key)
@@ -283,6 +304,9 @@ class _Reader:
         self._check_names(header)
         self._check_key(mac, key_id)
         self._take(-self.offset % ALIGN)
+        if self.admit is not None:
+            self.admitted = self._records(config, count)
+            self.admit(config, [slots for slots, _ in self.admitted])
         memories = [self._memory(config, i) for i in range(count)]
         if self._left():
             raise self.refuse(f"{self._left()} bytes follow the last of its {count} memories")
@@ -318,11 +342,10 @@ class _Reader:
             raise self.refuse(f"it ends before memory {i} (truncated?)")
         layer, row, total, slots, trained_at, rows = RECORD.unpack(self._take(RECORD.size))
         key_dtype, value_dtype = _dtypes(config)
-        need = config.dim * (slots * (key_dtype.itemsize + value_dtype.itemsize) + rows * 4)
-        if slots < 0 or rows < 0 or need > self._left():
-            raise self.refuse(f"memory {i} claims {slots} slots and {rows} centroids, "
-                              f"{need} bytes, and {self._left()} are left in the file "
-                              f"(truncated?)")
+        self._check_record(config, i, slots, rows, self._left())
+        if self.admitted is not None and (slots, rows) != self.admitted[i]:
+            raise self.refuse(f"memory {i} claims {slots} slots and {rows} centroids, not the "
+                              f"{self.admitted[i]} admitted (changed while read)")
         memory = {"layer": layer, "row": row, "total": total,
                   "keys": self._array((slots, config.dim), key_dtype),
                   "values": self._array((slots, config.dim), value_dtype)}
@@ -330,6 +353,35 @@ class _Reader:
             memory["centroids"] = self._array((rows, config.dim), np.dtype("<f4"))
             memory["trained_at"] = trained_at
         return memory
+
+    def _check_record(self, config: NamespaceConfig, i: int, slots: int, rows: int,
+                      left: int) -> int:
+        """The bytes of memory ``i``'s arrays; refuses a record claiming more than are ``left``."""
+        need = _arrays_bytes(config, slots, rows)
+        if slots < 0 or rows < 0 or need > left:
+            raise self.refuse(f"memory {i} claims {slots} slots and {rows} centroids, "
+                              f"{need} bytes, and {left} are left in the file (truncated?)")
+        return need
+
+    def _records(self, config: NamespaceConfig, count: int) -> list[tuple[int, int]]:
+        """Every memory's slots and centroid rows, read by seeking from record to record (not
+        hashed: the reading pass hashes them, and checks they are the same)."""
+        start = end = self.offset
+        found = []
+        for i in range(count):
+            left = self._left() - (end - start)
+            if left < RECORD.size:
+                raise self.refuse(f"it ends before memory {i} (truncated?)")
+            self.f.seek(end)
+            record = self.f.read(RECORD.size)
+            if len(record) != RECORD.size:
+                raise self.refuse(f"read {end + len(record)} of {self.size} bytes (changed "
+                                  f"while read)")
+            slots, rows = RECORD.unpack(record)[3::2]
+            end += RECORD.size + self._check_record(config, i, slots, rows, left - RECORD.size)
+            found.append((slots, rows))
+        self.f.seek(start)
+        return found
 
     def _array(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
         array = np.empty(shape, dtype)
@@ -369,6 +421,8 @@ class _Reader:
                 f"format version {version} carries no MAC, and this server "
                 f"(--snapshot-key-file) accepts only snapshots MACed with its key; restore it "
                 f"on a server without a key and snapshot it again on this one")
+        if self.admit is not None:
+            admitted = self._admit_legacy(preamble, version)
         buffer = bytearray(self.size)
         buffer[:len(preamble)] = preamble
         view = memoryview(buffer)
@@ -378,7 +432,29 @@ class _Reader:
             if not n:
                 raise self.refuse(f"read {got} of {self.size} bytes (changed while read)")
             got += n
-        return _parse_legacy(self.path, view, self.namespace, self.tag, version)
+        state = _parse_legacy(self.path, view, self.namespace, self.tag, version)
+        if self.admit is not None and admitted != [m["keys"].shape[0] for m in state["memories"]]:
+            raise self.refuse("its memories are not those its header said (changed while read)")
+        return state
+
+    def _admit_legacy(self, preamble: bytes, version: int) -> list[int] | None:
+        """Admit what a format 1 or 2 header describes before the file is read whole; a header
+        that does not parse is left to ``_parse_legacy`` to refuse (None)."""
+        header_size = _PREAMBLE.unpack(preamble)[2]
+        if header_size > min(_MAX_HEADER_BYTES, self.size - len(preamble)):
+            return None
+        try:
+            config, entries = _legacy_header(msgpack.unpackb(
+                self.f.read(header_size), raw=False, strict_map_key=True, max_ext_len=0), version)
+        except Exception:  # refused by _parse_legacy, which says why
+            return None
+        finally:
+            self.f.seek(len(preamble))
+        slots = [entry[3] for entry in entries]
+        if min(slots, default=0) < 0:
+            return None
+        self.admit(config, slots)
+        return slots
 
 
 def _parse_legacy(path: Path, data: memoryview, namespace: str, tag: str, version: int) -> dict:
@@ -394,12 +470,7 @@ def _parse_legacy(path: Path, data: memoryview, namespace: str, tag: str, versio
     try:
         header = msgpack.unpackb(data[_PREAMBLE.size:_PREAMBLE.size + header_size], raw=False,
                                  strict_map_key=True, max_ext_len=0)
-        config = NamespaceConfig.from_dict(header["config"])
-        fields = 4 if version == 1 else 6
-        if any(len(entry) != fields for entry in header["memories"]):
-            raise ValueError(f"every memory entry of a version {version} file has {fields} fields")
-        entries = [tuple(int(x) for x in entry) + ((0, 0) if version == 1 else ())
-                   for entry in header["memories"]]
+        config, entries = _legacy_header(header, version)
     except Exception as exc:  # msgpack errors, a missing key, a malformed entry, a bad config
         raise refuse(f"malformed header: {type(exc).__name__}: {exc}") from None
     if (header.get("namespace"), header.get("tag")) != (namespace, tag):
@@ -408,9 +479,7 @@ def _parse_legacy(path: Path, data: memoryview, namespace: str, tag: str, versio
     key_dtype, value_dtype = _dtypes(config)
     offset = _PREAMBLE.size + header_size
     offset += -offset % ALIGN
-    need = offset + config.dim * sum(slots * (key_dtype.itemsize + value_dtype.itemsize)
-                                     + rows * 4
-                                     for _, _, _, slots, _, rows in entries)
+    need = offset + sum(_arrays_bytes(config, slots, rows) for _, _, _, slots, _, rows in entries)
     if any(slots < 0 or rows < 0 for _, _, _, slots, _, rows in entries) or need != body.nbytes:
         raise refuse(f"its header describes {need} bytes of header and arrays, but the file has "
                      f"{body.nbytes}")
@@ -436,6 +505,18 @@ def _dtypes(config: NamespaceConfig) -> tuple[np.dtype, np.dtype]:
     """The little-endian dtypes of a memory's keys and values in a file of ``config``."""
     return (np.dtype(KEY_DTYPES[config.key_dtype]).newbyteorder("<"),
             np.dtype(VALUE_DTYPES[config.value_dtype]).newbyteorder("<"))
+
+
+def _legacy_header(header: dict, version: int) -> tuple[NamespaceConfig, list[tuple]]:
+    """The config and memory entries (layer, row, total, slots, trained_at, centroid rows) of a
+    decoded format 1 or 2 header; raises on anything malformed."""
+    config = NamespaceConfig.from_dict(header["config"])
+    fields = 4 if version == 1 else 6
+    if any(len(entry) != fields for entry in header["memories"]):
+        raise ValueError(f"every memory entry of a version {version} file has {fields} fields")
+    entries = [tuple(int(x) for x in entry) + ((0, 0) if version == 1 else ())
+               for entry in header["memories"]]
+    return config, entries
 
 
 def _fsync_dir(directory: Path) -> None:

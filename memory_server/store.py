@@ -8,7 +8,8 @@ by its lock, and the rows of one call are spread over ``threads`` worker threads
 The ``max_bytes`` books are kept per namespace under the store's lock: an add reserves its growth
 before it writes, or creates any memory, and settles the difference after, and dropping, restoring
 over or expiring a namespace takes its bytes off the books at once and marks it retired, so an add
-still running in it neither counts against the budget afterwards nor is acknowledged. A memory
+still running in it neither counts against the budget afterwards nor is acknowledged. A restore
+books what the snapshot describes before its arrays are read (``book_restore``). A memory
 counts its slots (keys, values and what its index keeps per entry) and a fixed overhead
 (``memory_overhead``: its objects, and HNSW's graphs), so an add naming many new rows is refused
 before it allocates them.
@@ -610,9 +611,35 @@ class MemoryStore:
 
         return ns.config.to_dict(), len(items), memories()
 
-    def import_namespace(self, namespace: str, state: dict) -> None:
-        """Replace ``namespace`` with an exported one (the same ring, slot for slot)."""
+    def book_restore(self, namespace: str, config: NamespaceConfig, slots: list[int]) -> _Namespace:
+        """Book what a restore of ``namespace`` with memories of ``slots`` slots each will hold,
+        before any of them is read, or refuse it as an add is refused (``LimitExceeded``,
+        ``QuotaExceeded``): a snapshot too large for the server costs it nothing. The booking is
+        for ``import_namespace``, or for ``unbook`` when the restore fails."""
+        _check_namespace_name(namespace)
+        probe = Memory(config)
+        nbytes = sum(n * probe.bytes_per_slot + probe.overhead for n in slots)
+        booked = _Namespace(config, {}, time.monotonic(), self._group(namespace))
+        with self._lock:
+            old = self._namespaces.get(namespace)
+            self._reserve(booked, nbytes, f"restore of namespace {namespace!r}",
+                          freeing=0 if old is None else old.bytes)
+        return booked
+
+    def unbook(self, booked: _Namespace) -> None:
+        """Give back what ``book_restore`` booked for a restore that did not happen."""
+        with self._lock:
+            if not booked.retired:
+                self._retire(booked)
+
+    def import_namespace(self, namespace: str, state: dict,
+                         booked: _Namespace | None = None) -> None:
+        """Replace ``namespace`` with an exported one (the same ring, slot for slot); its bytes
+        are booked once loaded, or were by ``book_restore`` (``booked``)."""
         config = NamespaceConfig.from_dict(state["config"])
+        if booked is not None and booked.config != config:
+            raise InvalidRequest(f"namespace {namespace!r} was booked with config "
+                                 f"{booked.config.to_dict()}, and its state has {config.to_dict()}")
         loaded = {}
         for item in state["memories"]:
             layer, row = int(item["layer"]), int(item["row"])
@@ -633,12 +660,20 @@ class MemoryStore:
                                      f"{values.shape} for {total} entries")
             memory.load(keys, values, total, *_index_state(item, config, memory, namespace))
             loaded[(layer, row)] = memory
-        new = _Namespace(config, loaded, time.monotonic(), self._group(namespace))
+        new = booked if booked is not None else _Namespace(config, {}, time.monotonic(),
+                                                           self._group(namespace))
+        new.memories, new.last_used = loaded, time.monotonic()
+        nbytes = sum(m.nbytes() for m in loaded.values())
         with self._lock:  # the swap is one step: concurrent adds and restores see old or new
             old = self._namespaces.get(namespace)
-            self._reserve(new, sum(m.nbytes() for m in loaded.values()),
-                          f"restore of namespace {namespace!r}",
-                          freeing=0 if old is None else old.bytes)
+            if nbytes > new.bytes:  # all of it, unless booked (then exactly that)
+                self._reserve(new, nbytes - new.bytes, f"restore of namespace {namespace!r}",
+                              freeing=0 if old is None or booked else old.bytes)
+            elif nbytes < new.bytes:  # a memory the snapshot holds twice is kept once
+                extra = new.bytes - nbytes
+                new.bytes -= extra
+                self._reserved_bytes -= extra
+                self._book_group(new, -extra)
             if old is not None:
                 self._retire(old)
             self._namespaces[namespace] = new

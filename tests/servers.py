@@ -8,7 +8,8 @@ from pathlib import Path
 from memory_server import local
 from memory_server.local import ServerProcess, free_port
 
-__all__ = ["ServerProcess", "free_port", "launch", "launch_tenants", "start_servers", "wait_ready"]
+__all__ = ["ServerProcess", "free_port", "launch", "launch_tenants", "peak_over", "start_servers",
+           "wait_ready"]
 
 TEST_FLAGS = ("--threads", "2")
 
@@ -52,3 +53,18 @@ def start_servers(count: int = 1, *flags: str, port: int | None = None) -> list[
         server.kill()
         raise
     return [server]
+
+
+def _status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_over(pid: int, step) -> int:
+    """How far above its resident memory before ``step()`` process ``pid``'s peak went during
+    it (the kernel's high-water mark, reset first)."""
+    before = _status(pid, "VmRSS")
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return _status(pid, "VmHWM") - before

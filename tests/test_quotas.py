@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from memory_server import LimitExceeded, MemoryClient, MemoryStore, NamespaceConfig, QuotaExceeded
+from memory_server.client import shard_tag
 from memory_server.tenants import TOKEN_ENV, write_token_file
-from servers import launch_tenants
+from servers import free_port, launch_tenants, peak_over
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,6 +95,61 @@ def test_a_tenant_over_its_quota_is_refused_and_others_are_served(tokens, tmp_pa
     finally:
         assert server.stop() == 0, server.output()[-3000:]
     assert "quotas for 1 tenants: 1048576 bytes in all" in server.output()
+
+
+@pytest.mark.timeout(600)
+def test_a_snapshot_too_large_is_refused_before_it_is_read(tokens, tmp_path):
+    """A 32 MiB snapshot restored where --max-bytes or the tenant's quota is 16M is refused as
+    an add would be, from its header and records, and the server's peak grows by far less than
+    the snapshot (it used to read the whole snapshot, then refuse it); at start, --restore of it
+    exits 2 saying so; where it fits, it restores."""
+    data = str(tmp_path / "data")
+    config = NamespaceConfig(dim=64, max_memories=8192, num_layers=1, num_rows=8)
+    size = 8 * 8192 * 64 * 8  # keys and values, float32
+    rng = np.random.default_rng(0)
+    big = launch_tenants(tokens["dir"], tokens["root"], "--max-bytes", "1G", "--data-dir", data)
+    try:
+        with MemoryClient(big.endpoint, timeout=120, token=tokens["bob"]) as bob:
+            bob.open("big", config)
+            for _ in range(2):
+                keys = rng.standard_normal((8, 4096, 64), dtype=np.float32)
+                bob.add("big", 0, list(range(8)), keys, keys)
+            bob.snapshot("big", "t")
+            held = bob.stats()[0]["per_namespace"]["big"]
+            assert held["bytes"] >= size
+            for flags, error, match in (
+                    (("--max-bytes", "16M"), LimitExceeded, "needs [0-9]+ more bytes but the "
+                     "server holds 0 of max_bytes=16777216; raise --max-bytes"),
+                    (("--max-bytes", "1G", "--tenant-max-bytes", "16M"), QuotaExceeded,
+                     "needs [0-9]+ more bytes but tenant 'bob' holds 0 of its quota "
+                     "max_bytes=16777216")):
+                small = launch_tenants(tokens["dir"], tokens["root"], "--data-dir", data, *flags)
+                try:
+                    with MemoryClient(small.endpoint, timeout=120, token=tokens["bob"]) as client:
+                        client.ping()
+
+                        def refused():
+                            with pytest.raises(error, match=match):
+                                client.restore("big", "t")
+
+                        grown = peak_over(small.proc.pid, refused)
+                        stats = client.stats()[0]
+                    assert stats["namespaces"] == 0 and stats["bytes"] == 0
+                    assert grown < size // 8, grown >> 20
+                finally:
+                    assert small.stop() == 0, small.output()[-3000:]
+            bob.drop("big")
+            assert bob.restore("big", "t")[0]["restored"]
+            assert bob.stats()[0]["per_namespace"]["big"] == held
+    finally:
+        assert big.stop() == 0, big.output()[-3000:]
+    result = subprocess.run([sys.executable, "-m", "memory_server", "--bind",
+                             f"tcp://127.0.0.1:{free_port()}", "--max-bytes", "16M",
+                             "--data-dir", data, "--restore", f"bob.big:{shard_tag('t', 0, 1)}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "restore of namespace 'bob.big' needs" in result.stderr
+    assert "raise --max-bytes" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_default_quota_applies_to_every_tenant_without_its_own(tokens):

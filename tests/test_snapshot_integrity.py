@@ -13,7 +13,7 @@ import pytest
 from memory_server import MemoryClient, NamespaceConfig, SnapshotError
 from memory_server.client import shard_tag
 from memory_server.snapshot import SnapshotKey, read_key_file, read_snapshot, snapshot_path
-from servers import free_port
+from servers import free_port, peak_over
 from snapshots import forge_snapshot
 
 pytestmark = pytest.mark.timeout(120)
@@ -145,21 +145,6 @@ def test_a_bad_key_file_is_refused_at_start(tmp_path, problem, error):
     assert result.returncode == 2 and error in result.stderr, result.stderr
 
 
-def _status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _peak_over(pid: int, step) -> int:
-    """How far above its resident memory before ``step()`` the server's peak went during it
-    (the kernel's high-water mark, reset first)."""
-    before = _status(pid, "VmRSS")
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    return _status(pid, "VmHWM") - before
-
-
 @pytest.mark.timeout(600)
 def test_a_snapshot_does_not_copy_the_namespace_in_memory(memory_server, tmp_path):
     """64 MiB in 16 memories of 4 MiB: writing the snapshot used to copy all of them first
@@ -175,9 +160,35 @@ def test_a_snapshot_does_not_copy_the_namespace_in_memory(memory_server, tmp_pat
             keys = rng.standard_normal((16, 4096, 64), dtype=np.float32)
             client.add("big", 0, list(range(16)), keys, keys)
         assert client.stats()[0]["bytes"] >= namespace
-        written = _peak_over(server.proc.pid, lambda: client.snapshot("big", "t"))
+        written = peak_over(server.proc.pid, lambda: client.snapshot("big", "t"))
         assert written < namespace // 4, written >> 20
         client.drop("big")
-        restored = _peak_over(server.proc.pid, lambda: client.restore("big", "t"))
+        restored = peak_over(server.proc.pid, lambda: client.restore("big", "t"))
         assert restored < namespace * 5 // 4, restored >> 20
         assert client.stats()[0]["bytes"] >= namespace
+
+
+def test_a_restore_refused_after_it_was_booked_gives_its_bytes_back(memory_server, tmp_path):
+    """A restore books its bytes from the snapshot's records before reading the arrays; one then
+    refused (a corrupt array) gives them back: after three such restores of 400 KiB under
+    --max-bytes 1M an add of 700 KiB fits (one restore's bytes kept on the books would refuse it)."""
+    (server,) = memory_server(1, "--data-dir", str(tmp_path), "--max-bytes", "1M")
+    config = NamespaceConfig(dim=64, max_memories=800, num_layers=1, num_rows=1)
+    keys = np.random.default_rng(1).standard_normal((1, 800, 64), dtype=np.float32)
+    with MemoryClient(server.endpoint, timeout=30) as client:
+        client.open("run", config)
+        client.add("run", 0, [0], keys, keys)
+        client.snapshot("run", "t")
+        client.drop("run")
+        path = snapshot_path(tmp_path, "run", TAG)
+        raw = bytearray(path.read_bytes())
+        raw[-100] ^= 0x01  # in the values of the memory
+        path.write_bytes(bytes(raw))
+        for _ in range(3):
+            with pytest.raises(SnapshotError, match="checksum does not match"):
+                client.restore("run", "t")
+        client.open("other", NamespaceConfig(dim=64, max_memories=1400, num_layers=1,
+                                             num_rows=1))
+        more = np.ones((1, 1400, 64), np.float32)
+        client.add("other", 0, [0], more, more)
+        assert client.stats()[0]["namespaces"] == 1

@@ -100,8 +100,8 @@ class RepeatTrace:
                 if row.document < 0:
                     continue
                 n = int(scored[r].sum())
-                keys = call["local_keys"][r, :n].float().numpy()
-                if row.pass_ == 0:
+                if row.pass_ == 0:  # the second pass only compares against these
+                    keys = call["local_keys"][r, :n].float().numpy()
                     first = self._first.setdefault(
                         (i, row.document), np.zeros((self.lengths[row.document], keys.shape[-1]),
                                                     np.float32))

@@ -37,9 +37,9 @@ def make_memories(model: MemorizingTransformer, config: TrainConfig, servers: li
     if servers is not None:
         return model.create_knn_memories(batch_size=config.batch_size, servers=servers,
                                          namespace=namespace, index=config.index,
-                                         timeout=config.memory_timeout)
+                                         key_dtype=config.key_dtype, timeout=config.memory_timeout)
     # In-process even when MEMTRANS_SERVERS is set (create_knn_memories would follow it).
     return KNNMemoryList.create_memories(batch_size=config.batch_size,
                                          num_memory_layers=model.num_memory_layers)(
         dim=config.dim_head, max_memories=config.max_memories, multiprocessing=False,
-        index=config.index)
+        index=config.index, key_dtype=config.key_dtype)

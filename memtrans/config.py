@@ -14,6 +14,7 @@ KNN_COMBINES = ("joint", "gate")
 RECALL = "recall"
 """``--data recall``: the built-in long-range recall task (``memtrans.recall``)."""
 INDEX_KINDS = ("flat", "hnsw", "ivf")
+KEY_DTYPES = ("float32", "float16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -113,6 +114,9 @@ class TrainConfig:
     index: str = "flat"
     """kNN index: ``flat`` (exact, the paper's), ``ivf`` (approximate, fast at full memories) or
     ``hnsw`` (approximate, slower than ``flat`` here)."""
+    key_dtype: str = "float32"
+    """How the memory stores keys: ``float32``, or ``float16`` (about twice the memories per GiB;
+    ``flat`` stays exact over the stored keys, ``ivf`` rescores its candidates in float32)."""
     grad_accum: int = 1
     """Consecutive segments per optimizer step (gradients summed over them)."""
     lr: float = 1e-3
@@ -175,6 +179,7 @@ class TrainConfig:
         _require("max_document_bytes", self.max_document_bytes, lambda v: _is_int(v) and v >= 0,
                  "a non-negative integer (0: no limit)")
         _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
+        _require("key_dtype", self.key_dtype, lambda v: v in KEY_DTYPES, f"one of {KEY_DTYPES}")
         _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _require("lr", self.lr, lambda v: v > 0, "a positive number")
         _require("lr_schedule", self.lr_schedule, lambda v: v in LR_SCHEDULES,
@@ -316,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds --on-memory-failure wait waits for a server (default "
              f"{d.memory_wait_timeout:g})")
     add("--index", choices=INDEX_KINDS, help=f"kNN index (default {d.index})")
+    add("--key-dtype", choices=KEY_DTYPES,
+        help=f"how the memory stores keys; float16 holds about twice the memories per GiB "
+             f"(default {d.key_dtype})")
     add("--grad-accum", type=int, help=f"segments per optimizer step (default {d.grad_accum})")
     add("--lr", type=float, help=f"learning rate (default {d.lr:g})")
     add("--warmup-steps", type=int, help=f"linear warmup steps (default {d.warmup_steps})")

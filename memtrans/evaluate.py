@@ -2,7 +2,8 @@
 history length, and 95% intervals (``memtrans.bootstrap``) for every difference.
 
     memtrans-evaluate RUN [RUN ...] [--tokens N] [--repeat] [--max-memories N] [--index KIND]
-                      [--compare-index KIND] [--edges 2048,8192,32768] [--json PATH]
+                      [--num-retrieved K] [--compare-index KIND] [--edges 2048,8192,32768]
+                      [--json PATH]
 
 The trainer's own validation reads a fixed number of segments, which covers a few documents and
 gives one number with no error bar. This reads whole documents (all of the validation split, or
@@ -30,9 +31,10 @@ nats and tokens per history bucket, and so can resample documents:
   attention goes to it and to memory.
 
 Memory is in this process (as ``memtrans-generate``), with the checkpoint's kNN settings
-unless ``--max-memories`` or ``--index`` say otherwise; ``--compare-index ivf`` reads the same
-checkpoint through a second index too, which measures what the approximate index costs in bits
-per byte.
+unless ``--max-memories``, ``--index`` or ``--num-retrieved`` say otherwise (fewer retrieved
+entries leave the kNN layer's attention fewer look-alikes to spread over); ``--compare-index
+ivf`` reads the same checkpoint through a second index too, which measures what the approximate
+index costs in bits per byte.
 """
 
 from __future__ import annotations
@@ -223,6 +225,9 @@ class EvaluationSettings:
     a trained model, as the repeat probe needs when documents are longer than the memory."""
     index: str | None = None
     """kNN index for this reading (``flat``, ``ivf``, ...); None: the checkpoint's."""
+    num_retrieved: int | None = None
+    """Entries retrieved per query for this reading; None: the checkpoint's. Like the memory's
+    size, not a weight: a trained model can be read with fewer or more."""
     compare_index: str | None = None
     """Also read with retrieval on through this index (reading ``on-<index>``), to set against
     ``on``: what an approximate index costs in bits per byte on the same model."""
@@ -238,6 +243,9 @@ class EvaluationSettings:
         if self.max_memories is not None and self.max_memories < 1:
             raise TrainError(f"--max-memories must be a positive token count, got "
                              f"{self.max_memories}")
+        if self.num_retrieved is not None and self.num_retrieved < 1:
+            raise TrainError(f"--num-retrieved must be a positive integer, got "
+                             f"{self.num_retrieved}")
         for flag, kind in (("--index", self.index), ("--compare-index", self.compare_index)):
             if kind is not None and kind not in INDEX_KINDS:
                 raise TrainError(f"{flag} must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
@@ -256,7 +264,8 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
     config = resolve_config({}, state, path)
     config = dataclasses.replace(
         config, max_memories=settings.max_memories or config.max_memories,
-        index=settings.index or config.index)
+        index=settings.index or config.index,
+        num_retrieved=settings.num_retrieved or config.num_retrieved)
     if config.data == RECALL:
         raise TrainError(f"{run} was trained on the recall task; its evaluation is the "
                          f"trainer's (memtrans-train --data recall logs it)")
@@ -293,7 +302,8 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
                                                             retrieval=True, **kwargs)
         finally:
             other.cleanup()
-    label = f"{run} ({config.max_memories:,} kNN memories, {config.index})" if retrieval else \
+    label = f"{run} ({config.max_memories:,} kNN memories, {config.index}, top " \
+            f"{config.num_retrieved})" if retrieval else \
         f"{run} (no kNN memory)"
     return {"run": run, "label": label, "config": dataclasses.asdict(config),
             "readings": readings, "trace": trace}
@@ -411,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "documents)")
     parser.add_argument("--index", default=None, help=f"kNN index for this reading, one of "
                         f"{', '.join(INDEX_KINDS)} (default: the checkpoint's)")
+    parser.add_argument("--num-retrieved", type=int, default=None,
+                        help="entries retrieved per query for this reading (default: the "
+                             "checkpoint's)")
     parser.add_argument("--compare-index", default=None,
                         help="also read with retrieval on through this index and give its "
                              "difference from the checkpoint's (or --index's) index")
@@ -427,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvaluationSettings(tokens=args.tokens, repeat=args.repeat,
                                       batch_size=args.batch_size, edges=args.edges,
                                       max_memories=args.max_memories, index=args.index,
+                                      num_retrieved=args.num_retrieved,
                                       compare_index=args.compare_index)
         results = [evaluate_run(run, settings) for run in args.runs]
         lines = tables(results, settings.edges)

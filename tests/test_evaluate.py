@@ -79,6 +79,8 @@ def test_bad_settings_are_refused():
         EvaluationSettings(max_memories=0)
     with pytest.raises(TrainError, match="--compare-index must be one of flat, hnsw, ivf"):
         EvaluationSettings(compare_index="annoy")
+    with pytest.raises(TrainError, match="--num-retrieved must be a positive"):
+        EvaluationSettings(num_retrieved=0)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,7 @@ def test_command_prints_the_tables_and_writes_the_sums(run, tmp_path, capsys):
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "validation documents" in printed and "1000 bootstrap resamples" in printed
-    assert "(4,096 kNN memories, flat), retrieval on |" in printed
+    assert "(4,096 kNN memories, flat, top 8), retrieval on |" in printed
     assert ": on - off |" in printed and "repeat probe (retrieval on)" in printed
     assert "| documents |" in printed
     saved = json.loads(out.read_text())
@@ -202,9 +204,10 @@ def test_command_errors_are_one_line(tmp_path, capsys):
 
 
 def test_reading_time_memory_settings_and_a_second_index(run, capsys):
-    """--max-memories and --index override the checkpoint's kNN settings for the reading only;
-    --compare-index reads again through another index, on the same documents. A memory too
-    small to hold a segment's history retrieves less, so it reads differently."""
+    """--max-memories, --index and --num-retrieved override the checkpoint's kNN settings for the
+    reading only; --compare-index reads again through another index, on the same documents. A
+    memory too small to hold a segment's history retrieves less, and fewer retrieved entries
+    share the attention differently, so both read differently."""
     settings = EvaluationSettings(tokens=2_000, edges=EDGES, compare_index="ivf")
     result = evaluate_run(str(run), settings)
     readings = result["readings"]
@@ -216,6 +219,10 @@ def test_reading_time_memory_settings_and_a_second_index(run, capsys):
                                                       index="ivf"))
     assert small["config"]["max_memories"] == 64 and small["config"]["index"] == "ivf"
     assert small["readings"]["on"].bpb() != pytest.approx(readings["on"].bpb(), abs=1e-6)
+    fewer = evaluate_run(str(run), EvaluationSettings(tokens=2_000, edges=EDGES, num_retrieved=4))
+    assert fewer["config"]["num_retrieved"] == 4 and result["config"]["num_retrieved"] == 8
+    assert fewer["readings"]["on"].bpb() != pytest.approx(readings["on"].bpb(), abs=1e-6)
+    np.testing.assert_allclose(fewer["readings"]["off"].nats, readings["off"].nats, rtol=1e-5)
     assert main([str(run), "--tokens", "2000", "--compare-index", "ivf",
                  "--edges", "64,256,1024"]) == 0
     printed = capsys.readouterr().out

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from memory_server.client import MemoryClient
+from memory_server.snapshot import list_snapshots, read_snapshot
 from servers import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -173,6 +174,12 @@ def test_remote_starts_and_stops_local_server(corpus, tmp_path):
     assert processes_with(endpoint) == []
 
 
+def default_sigint() -> None:
+    """Undo an inherited SIG_IGN for SIGINT, which Python then keeps (no KeyboardInterrupt): a
+    shell without job control starts background commands so, e.g. ``.ci/run &``."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_stops_local_server(corpus, tmp_path):
     """Ctrl-C mid-run: exit 130, the auto-started server is gone, the checkpoint is kept."""
     out = tmp_path / "interrupted"
@@ -180,7 +187,8 @@ def test_interrupt_stops_local_server(corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "memtrans.train", "--data", str(corpus),
                              "--steps", "10000", "--checkpoint-every", "2", "--eval-every", "0",
                              "--out", str(out), *TINY], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
@@ -240,17 +248,17 @@ def test_fresh_run_does_not_overwrite_a_checkpoint(corpus, inproc_run):
     assert_clean_error(result, "already holds a checkpoint")
 
 
-def test_resume_with_remote_memory_continues_exactly(corpus, tmp_path):
+@pytest.mark.parametrize("key_dtype", ["float32", "float16"])
+def test_resume_with_remote_memory_continues_exactly(corpus, tmp_path, key_dtype):
     """Remote flat memory on an auto-started server: 8 steps uninterrupted, and 4 steps then
     --resume to 8 on a new server restored from the checkpoint's snapshot: the same per-step
-    losses (the ring of 96 entries wraps by then)."""
+    losses (the ring of 96 entries wraps by then), with keys stored as --key-dtype says."""
     env = {k: v for k, v in os.environ.items() if k != "MEMTRANS_SERVERS"}
     whole, out = tmp_path / "whole", tmp_path / "resumed"
-    result = run("--data", str(corpus), "--steps", "8", "--eval-every", "4", "--out", str(whole),
-                 *TINY, env=env)
+    common = ("--data", str(corpus), "--eval-every", "4", "--key-dtype", key_dtype, *TINY)
+    result = run(*common, "--steps", "8", "--out", str(whole), env=env)
     assert result.returncode == 0, result.stderr
-    first = run("--data", str(corpus), "--steps", "4", "--eval-every", "4", "--out", str(out),
-                *TINY, env=env)
+    first = run(*common, "--steps", "4", "--out", str(out), env=env)
     assert first.returncode == 0, first.stderr
     assert len(list((out / "memory").glob("*.snapshot"))) == 1
     second = run("--resume", str(out), "--steps", "8", env=env)
@@ -258,7 +266,10 @@ def test_resume_with_remote_memory_continues_exactly(corpus, tmp_path):
     resumed = [(r["step"], r["train_bpb"]) for r in records(out, "train")]
     assert resumed == [(r["step"], r["train_bpb"]) for r in records(whole, "train")]
     assert figures(out, "eval") == figures(whole, "eval")
-    assert len(list((out / "memory").glob("*.snapshot"))) == 2  # two slots, used in turn
+    snapshots = list_snapshots(out / "memory")
+    assert len(snapshots) == 2  # two slots, used in turn
+    state = read_snapshot(out / "memory", snapshots[0].namespace, snapshots[0].tag)
+    assert {m["keys"].dtype.name for m in state["memories"]} == {key_dtype}
 
 
 def test_resume_on_another_server_count_is_refused(corpus, tmp_path):

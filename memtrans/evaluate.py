@@ -389,6 +389,7 @@ def chain_table(result: dict, columns: list[tuple[str, int | None]]) -> str:
     figures = [("first pass: attention on memory", 0, "on_memory"),
                ("second pass: aligned entry retrieved", 1, "retrieved"),
                ("second pass: attention on the aligned entry", 1, "on_aligned"),
+               ("second pass: attention on its neighbours (+-1, 2)", 1, "on_neighbours"),
                ("second pass: attention on memory", 1, "on_memory")]
     rows = [[f"layer {layer}{'' if head is None else f' head {head}'}: {name}"]
             + [f"{100 * trace.rate(figure, pass_, layer, b, head):.1f}%" for _, b in columns]

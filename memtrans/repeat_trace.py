@@ -10,6 +10,10 @@ kNN layer, query head and history bucket this counts, over scored positions:
   key is the aligned key: keys are unit vectors, so a dot product of 1; a repeated passage's
   identical keys count too, since they carry the same tokens);
 - ``on_aligned``: the layer's attention on those entries;
+- ``on_neighbours``: its attention on the entries next to the aligned one (the first pass's at
+  ``p + 1 +- 1, 2``, ``NEIGHBOURS``), not the aligned key: their keys carry nearly the same
+  tokens shifted by one or two, and their values the tokens around the one to predict, so
+  attention here is a copy off by a place;
 - ``on_memory``: its attention on all retrieved entries (``knn_combine="joint"``: the memory's
   share of one softmax with the local context; with ``gate`` it is 1 and the gate weighs it).
 
@@ -33,7 +37,10 @@ SAME_KEY = 1 - 1e-3
 AHEAD = 1
 """The aligned entry of position ``p`` is the first pass's at ``p + AHEAD``."""
 
-FIGURES = ("counted", "retrieved", "on_aligned", "on_memory")
+NEIGHBOURS = (-2, -1, 1, 2)
+"""Offsets from the aligned entry whose attention ``on_neighbours`` counts."""
+
+FIGURES = ("counted", "retrieved", "on_aligned", "on_neighbours", "on_memory")
 
 
 @dataclass
@@ -119,13 +126,20 @@ class RepeatTrace:
         attention = call["mem_attn"][r, :, :n].float()
         history = row.offset + np.arange(n)
         keep = np.ones(n, bool)
-        found = None
+        found = near = None
         if aligned is not None:
             target = history + AHEAD
             keep = target < in_memory  # entries the first pass added to the kNN memory
-            wanted = torch.from_numpy(aligned[np.minimum(target, len(aligned) - 1)])
             mem_keys = call["mem_keys"].float()[positions]  # (heads, n, k, dim)
-            found = (torch.einsum("hnkd,nd->hnk", mem_keys, wanted) > SAME_KEY) & (positions > 0)
+
+            def same(entry: np.ndarray) -> torch.Tensor:  # (heads, n, k): key of ``entry``
+                wanted = torch.from_numpy(aligned[np.clip(entry, 0, len(aligned) - 1)])
+                valid = torch.from_numpy((entry >= 0) & (entry < in_memory))[None, :, None]
+                return (torch.einsum("hnkd,nd->hnk", mem_keys, wanted) > SAME_KEY) & valid
+
+            found = same(target) & (positions > 0)
+            near = torch.stack([same(target + o) for o in NEIGHBOURS]).any(0) & ~found & \
+                (positions > 0)
         bucket = np.searchsorted(self.edges, history, side="right")[keep]
         sums = {f: s[row.document, row.pass_, i] for f, s in self.sums.items()}
         for head in range(positions.shape[0]):
@@ -135,3 +149,5 @@ class RepeatTrace:
                 np.add.at(sums["retrieved"][head], bucket, found[head].any(-1).numpy()[keep])
                 np.add.at(sums["on_aligned"][head], bucket,
                           (attention[head] * found[head]).sum(-1).numpy()[keep])
+                np.add.at(sums["on_neighbours"][head], bucket,
+                          (attention[head] * near[head]).sum(-1).numpy()[keep])

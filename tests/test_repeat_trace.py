@@ -1,6 +1,7 @@
 """``memtrans.repeat_trace``: the repeat probe's chain figures, fed through the kNN layer's probe
 hook with retrievals whose answers are known (one head retrieves each position's aligned entry,
-one its own position's), over the segments ``memtrans.evaluate`` reads."""
+one its own position's, the aligned entry's neighbour), over the segments ``memtrans.evaluate``
+reads."""
 
 import numpy as np
 import pytest
@@ -57,6 +58,9 @@ def test_counts_the_aligned_entry_per_head_and_leaves_out_what_never_entered_mem
     assert result.rate("retrieved", 1, 1) == 0.5
     assert result.rate("on_aligned", 1, 1, head=0) == pytest.approx(0.6)
     assert result.rate("on_aligned", 1, 1, head=1) == 0.0
+    # Head 1's entry is the aligned one's left neighbour: a copy off by one place.
+    assert result.rate("on_neighbours", 1, 1, head=1) == pytest.approx(0.1)
+    assert result.rate("on_neighbours", 1, 1, head=0) == 0.0
     assert result.rate("on_memory", 0, 1, head=0) == pytest.approx(0.8)
     assert result.rate("retrieved", 0, 1) == 0.0  # nothing to retrieve on a first pass
     assert attn.probe is None  # unhooked on leaving

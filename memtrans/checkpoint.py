@@ -70,10 +70,11 @@ def resolve_config(given: dict, checkpoint: dict | None,
         return TrainConfig(**given)
     # Checkpoints from before smeared keys, kNN convolutions and the copy warm-up existed have
     # none of them; those from before package documents read uncut files; none of them was
-    # initialised from another run, and all stored float32 keys.
+    # initialised from another run, read spans twice or stored float16 keys.
     saved = {"smear_keys": False, "qk_conv": 0, "qk_conv_layers": None, "copy_warmup_steps": 0,
              "documents": "file", "max_document_bytes": 0, "init_from": None,
-             "key_dtype": "float32",
+             "key_dtype": "float32", "repeat_spans": 0.0,
+             "repeat_span": None,
              **checkpoint["config"]}
     saved = {**saved, "memorizing_layers": tuple(saved["memorizing_layers"]),
              "qk_conv_layers": None if saved["qk_conv_layers"] is None

@@ -92,6 +92,14 @@ class TrainConfig:
     by default, since it changes what a run of a given ``--steps`` reads; without it the memory
     went unused here (README: the experiment), so give a few hundred steps to any run with
     memory."""
+    repeat_spans: float = 0.0
+    """Share of the spans of training documents read twice in a row, the second read with the
+    first in its memories (``DocumentStream``'s ``repeat``): the copy-from-memory signal that a
+    corpus of distinct documents rarely gives. 0 (off) by default."""
+    repeat_span: int | None = None
+    """Tokens per span for ``repeat_spans``, a multiple of ``seq_len``; 0: whole documents;
+    None: ``max_memories`` rounded down to ``seq_len``, the longest whose first read the second
+    can retrieve to its end."""
     max_memories: int = 4096
     """kNN memory per row and layer, in tokens (16 segments of 256); oldest evicted first."""
     num_retrieved: int = 32
@@ -180,6 +188,10 @@ class TrainConfig:
                  "a non-negative integer (0: no limit)")
         _require("index", self.index, lambda v: v in INDEX_KINDS, f"one of {INDEX_KINDS}")
         _require("key_dtype", self.key_dtype, lambda v: v in KEY_DTYPES, f"one of {KEY_DTYPES}")
+        _require("repeat_spans", self.repeat_spans, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _require("repeat_span", self.repeat_span,
+                 lambda v: v is None or (_is_int(v) and v >= 0 and v % self.seq_len == 0),
+                 f"a multiple of seq_len={self.seq_len} tokens (0: whole documents)")
         _require("val_fraction", self.val_fraction, lambda v: 0 < v < 1, "in (0, 1)")
         _require("lr", self.lr, lambda v: v > 0, "a positive number")
         _require("lr_schedule", self.lr_schedule, lambda v: v in LR_SCHEDULES,
@@ -208,6 +220,13 @@ class TrainConfig:
         if bad:
             raise ValueError(f"memory_servers must be ZeroMQ endpoints like tcp://host:5555, got "
                              f"{', '.join(bad)}")
+
+    @property
+    def repeat_span_tokens(self) -> int:
+        """``repeat_span`` with None resolved (``DocumentStream``'s ``repeat_span``)."""
+        if self.repeat_span is not None:
+            return self.repeat_span
+        return max(self.seq_len, self.max_memories // self.seq_len * self.seq_len)
 
 
 def _require_layers(name: str, layers, depth: int, default: str) -> None:
@@ -304,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train the first N steps on a rotated-copy task (no memory), then the corpus: "
              f"teaches copying from context fast; without it the memory went unused here, so "
              f"give a few hundred (default {d.copy_warmup_steps})")
+    add("--repeat-spans", type=float,
+        help=f"share of spans of training documents read twice in a row, memory kept: teaches "
+             f"copying from memory (default {d.repeat_spans:g})")
+    add("--repeat-span", type=int,
+        help="tokens per span, a multiple of --seq-len; 0: whole documents (default: "
+             "--max-memories rounded down to --seq-len)")
     add("--max-memories", type=int, help=f"kNN memory per row and layer (default {d.max_memories})")
     add("--num-retrieved", type=int, help=f"top-k retrieved (default {d.num_retrieved})")
     add("--xl-max-memories", type=int, help=f"XL memory tokens, 0: none (default {d.xl_max_memories})")

@@ -268,13 +268,21 @@ class DocumentStream(Iterator[Segment]):
     row with nothing left is all ``PAD_ID`` (``reset`` false), and iteration stops once every row of
     this rank is done (ranks may stop at different steps).
 
+    ``repeat = f``: a document is read in spans of ``repeat_span`` tokens (a multiple of
+    ``seq_len``; 0: the whole document), and each span is, with probability ``f`` (fixed by the
+    seed and its place), read a second time right after the first, without ``reset``: the second
+    read finds the first in the row's memories, as the repeat probe's does
+    (``memtrans.evaluate``). A span no longer than the kNN memory is all in it. A corpus rarely
+    repeats a passage exactly, so without this training seldom rewards copying what the kNN
+    memory returns.
+
     ``state_dict()`` is the position after the last segment returned (plain ints, JSON-safe);
     ``load_state_dict`` on a stream built with the same documents and settings continues exactly.
     """
 
     def __init__(self, docs: Sequence[Document | str | os.PathLike], *, batch_size: int,
                  seq_len: int = 512, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epochs: int | None = None):
+                 epochs: int | None = None, repeat: float = 0.0, repeat_span: int = 0):
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
                             ("world_size", world_size)):
             if not isinstance(value, int) or value < 1:
@@ -283,9 +291,15 @@ class DocumentStream(Iterator[Segment]):
             raise CorpusError(f"rank must be in [0, {world_size}), got {rank!r}")
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise CorpusError(f"epochs must be a positive integer or None, got {epochs!r}")
+        if not 0 <= repeat <= 1:
+            raise CorpusError(f"repeat must be a probability in [0, 1], got {repeat!r}")
+        if not isinstance(repeat_span, int) or repeat_span < 0 or repeat_span % seq_len:
+            raise CorpusError(f"repeat_span must be a multiple of seq_len={seq_len} tokens (0: "
+                              f"whole documents), got {repeat_span!r}")
         self.docs = tuple(Document(Path(d), str(d)) if isinstance(d, (str, os.PathLike)) else d
                           for d in docs)
         self.batch_size, self.seq_len, self.seed, self.epochs = batch_size, seq_len, seed, epochs
+        self.repeat, self.repeat_span = repeat, repeat_span
         self.rank, self.world_size = rank, world_size
         self.num_rows = world_size * batch_size
         """Global rows ``R``: row ``g`` reads documents ``g, g + R, g + 2R, ...``."""
@@ -298,6 +312,10 @@ class DocumentStream(Iterator[Segment]):
         """Documents each local row has started; its current one is number ``started - 1``."""
         self._offset = [0] * batch_size
         """Next input position in the current document's tokens."""
+        self._span = [0] * batch_size
+        """Where the current span of a local row's document starts (``repeat``)."""
+        self._second = [False] * batch_size
+        """Whether the current read of that span is its repeat."""
         self._tokens: list[np.ndarray | None] = [None] * batch_size
         self._tokens_read = 0
         """Labelled tokens (targets) this rank's rows have been given, for ``coverage``."""
@@ -311,6 +329,19 @@ class DocumentStream(Iterator[Segment]):
             return None
         return self.docs[_epoch_order(self.seed, epoch, n)[position % n]]
 
+    def _repeats(self, row: int) -> bool:
+        """Whether local ``row``'s current span is read twice."""
+        if not self.repeat or self._second[row]:
+            return False
+        position = self.rank * self.batch_size + row + (self._started[row] - 1) * self.num_rows
+        span = self._span[row] // self.repeat_span if self.repeat_span else 0
+        return bool(np.random.default_rng([self.seed, position, span]).random() < self.repeat)
+
+    def _span_ended(self, row: int, length: int) -> bool:
+        offset = self._offset[row]
+        return offset >= length - 1 or (
+            self.repeat_span > 0 and offset - self._span[row] >= self.repeat_span)
+
     def __next__(self) -> Segment:
         b, length = self.batch_size, self.seq_len
         x = np.full((b, length), PAD_ID, dtype=np.int64)
@@ -319,13 +350,19 @@ class DocumentStream(Iterator[Segment]):
         documents, offsets = [None] * b, [0] * b
         for row in range(b):
             tokens = self._tokens[row]
+            if tokens is not None and self._span_ended(row, len(tokens)):
+                if self._repeats(row):  # the span again, its first read in memory
+                    self._offset[row], self._second[row] = self._span[row], True
+                else:
+                    self._span[row], self._second[row] = self._offset[row], False
             if tokens is None or self._offset[row] >= len(tokens) - 1:
                 doc = self._document(row, self._started[row])
                 if doc is None:
                     continue
                 tokens = self._tokens[row] = doc.tokens()
                 self._started[row] += 1
-                self._offset[row] = 0
+                self._offset[row] = self._span[row] = 0
+                self._second[row] = False
                 reset[row] = True
             start = self._offset[row]
             documents[row], offsets[row] = self._document(row, self._started[row] - 1), start
@@ -355,12 +392,16 @@ class DocumentStream(Iterator[Segment]):
                                 for row, j in enumerate(self._started))}
 
     def _settings(self) -> dict:
-        return {"corpus": self._fingerprint, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "rank": self.rank, "world_size": self.world_size,
-                "seed": self.seed, "epochs": self.epochs}
+        settings = {"corpus": self._fingerprint, "batch_size": self.batch_size,
+                    "seq_len": self.seq_len, "rank": self.rank, "world_size": self.world_size,
+                    "seed": self.seed, "epochs": self.epochs}
+        if self.repeat:  # streams from before repeats have neither
+            settings.update(repeat=self.repeat, repeat_span=self.repeat_span)
+        return settings
 
     def state_dict(self) -> dict:
         return {**self._settings(), "started": list(self._started), "offset": list(self._offset),
+                "span": list(self._span), "second": list(self._second),
                 "tokens_read": self._tokens_read}
 
     def load_state_dict(self, state: dict) -> None:
@@ -372,6 +413,8 @@ class DocumentStream(Iterator[Segment]):
                               + "; ".join(changed) + "); resume with the same corpus and settings")
         self._started = [int(j) for j in state["started"]]
         self._offset = [int(o) for o in state["offset"]]
+        self._span = [int(s) for s in state.get("span", [0] * self.batch_size)]
+        self._second = [bool(s) for s in state.get("second", [False] * self.batch_size)]
         self._tokens_read = int(state.get("tokens_read", 0))  # older positions: from here on
         self._tokens = [self._document(row, j - 1).tokens() if j else None
                         for row, j in enumerate(self._started)]
@@ -388,10 +431,12 @@ class DocumentStreams:
     __slots__ = ()
 
     def train_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
-                     world_size: int = 1, seed: int = 0) -> DocumentStream:
-        """Endless training segments, reshuffled every epoch."""
+                     world_size: int = 1, seed: int = 0, repeat: float = 0.0,
+                     repeat_span: int = 0) -> DocumentStream:
+        """Endless training segments, reshuffled every epoch (``repeat``: ``DocumentStream``)."""
         return DocumentStream(self.train, batch_size=batch_size, seq_len=seq_len, rank=rank,
-                              world_size=world_size, seed=seed)
+                              world_size=world_size, seed=seed, repeat=repeat,
+                              repeat_span=repeat_span)
 
     def val_stream(self, *, batch_size: int, seq_len: int = 512, rank: int = 0,
                    world_size: int = 1) -> DocumentStream:

@@ -278,7 +278,8 @@ class Trainer:
         self.config, self.corpus, self.place = config, corpus, place
         self.stream = corpus.train_stream(batch_size=config.batch_size, seq_len=config.seq_len,
                                           rank=place.rank, world_size=place.world_size,
-                                          seed=config.seed)
+                                          seed=config.seed, repeat=config.repeat_spans,
+                                          repeat_span=config.repeat_span_tokens)
         torch.manual_seed(config.seed)
         self.raw_model = build_model(config).to(place.device)
         self.optimizer = _optimizer(self.raw_model, config)

@@ -216,6 +216,76 @@ def test_resume_at_every_step_across_epochs(tmp_path):
     assert set(reader.done[0] + reader.done[1]) == contents
 
 
+def reads(segments: list, row: int) -> list[tuple[bool, bytes]]:
+    """Row ``row``'s reads of documents, as (reset at its start, its bytes); a read starts at SOS."""
+    found = []
+    for seg in segments:
+        k = int((seg.labels[row] != PAD_ID).sum())
+        x = seg.x[row, :k].numpy()
+        if k and x[0] == SOS_ID:
+            found.append((bool(seg.reset[row]), []))
+        if k:
+            found[-1][1].append(x)
+    return [(reset, decode(np.concatenate(pieces))) for reset, pieces in found]
+
+
+def test_repeated_documents_are_read_twice_without_reset_and_resume_exactly(tmp_path):
+    """repeat=1: every document twice in a row, the second read without reset (memories kept);
+    repeat=0.5: about half of them, chosen by the seed; resuming at any step continues exactly,
+    also in the middle of a second read; with repeat_span, each span twice instead."""
+    sizes = [3, 9, 5, 14, 6, 11, 2, 8] * 4
+    make_corpus(tmp_path, {f"f{i:02d}.txt": bytes([97 + i % 26]) * size
+                           for i, size in enumerate(sizes)})
+    corpus = load_corpus(tmp_path, val_fraction=0, documents="file")
+    always = [next(s) for s in [corpus.train_stream(batch_size=2, seq_len=4, repeat=1.0)]
+              for _ in range(120)]
+    for row in range(2):
+        found = reads(always, row)[:-1]  # the last may be cut off
+        assert len(found) > 10
+        for first, second in zip(found[::2], found[1::2]):
+            assert first[0] and not second[0] and first[1] == second[1]
+    plain = corpus.train_stream(batch_size=2, seq_len=4, seed=3)
+    unrepeated = corpus.train_stream(batch_size=2, seq_len=4, seed=3, repeat=0.0)
+    for _ in range(60):
+        a, b = next(plain), next(unrepeated)
+        assert torch.equal(a.x, b.x) and torch.equal(a.reset, b.reset)
+    half = [next(s) for s in [corpus.train_stream(batch_size=2, seq_len=4, seed=3, repeat=0.5)]
+            for _ in range(300)]
+    repeated = [not reset for row in range(2) for reset, _ in reads(half, row)]
+    assert 0.25 < sum(repeated) / (len(repeated) - sum(repeated)) < 0.75
+    for k in range(0, 60, 3):
+        stream = corpus.train_stream(batch_size=2, seq_len=4, seed=3, repeat=0.5)
+        for _ in range(k):
+            next(stream)
+        resumed = corpus.train_stream(batch_size=2, seq_len=4, seed=3, repeat=0.5)
+        resumed.load_state_dict(json.loads(json.dumps(stream.state_dict())))
+        for want in half[k:k + 12]:
+            got = next(resumed)
+            assert torch.equal(got.x, want.x) and torch.equal(got.reset, want.reset)
+    # Spans of 8 tokens (2 segments), each read twice: offsets 0, 4, 0, 4, 8, 12, 8, 12, ...
+    spans = corpus.train_stream(batch_size=2, seq_len=4, repeat=1.0, repeat_span=8)
+    segments = [next(spans) for _ in range(80)]
+    checked = 0
+    for row in range(2):
+        offsets, document = [], None
+        for seg in segments:
+            if seg.reset[row] and offsets:
+                length = len(document.tokens()) - 1  # labelled positions
+                starts = range(0, length, 8)
+                assert offsets == [o for s in starts for o in [s, s + 4] * 2 if o < length]
+                offsets, checked = [], checked + 1
+            document = seg.documents[row]
+            offsets.append(seg.offsets[row])
+    assert checked >= 6
+    with pytest.raises(CorpusError, match="repeat_span must be a multiple of seq_len=4"):
+        corpus.train_stream(batch_size=2, seq_len=4, repeat=1.0, repeat_span=6)
+    with pytest.raises(CorpusError, match="repeat: saved None, now 0.5"):
+        corpus.train_stream(batch_size=2, seq_len=4, seed=3, repeat=0.5).load_state_dict(
+            plain.state_dict())
+    with pytest.raises(CorpusError, match="repeat must be a probability"):
+        corpus.train_stream(batch_size=2, seq_len=4, repeat=1.5)
+
+
 def test_resume_refuses_another_stream(stdlib):
     state = stdlib.train_stream(batch_size=2, seq_len=64).state_dict()
     other = stdlib.train_stream(batch_size=2, seq_len=64, rank=1, world_size=2)

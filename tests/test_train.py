@@ -698,6 +698,46 @@ def test_documents_flags_and_old_checkpoints_read_uncut_files():
         TrainConfig(max_document_bytes=-1)
 
 
+def test_repeated_documents_reach_the_stream_and_resume_exactly(tmp_path):
+    """--repeat-spans 1 --repeat-span 0 on documents of 2-3 segments: every one read twice (half
+    as many started as without), and 4 steps then --resume to 8 give the uninterrupted run's
+    losses, also when stopped inside a second read; checkpoints from before it read each once.
+    The default span is the kNN memory rounded down to segments."""
+    from dataclasses import asdict
+
+    from memtrans.checkpoint import resolve_config
+    from memtrans.config import TrainConfig
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 5)
+    common = ("--data", str(corpus), "--memory", "inproc", "--eval-every", "0", *TINY)
+    outs = {name: tmp_path / name for name in ("once", "whole", "resumed")}
+    results = [run(*common, "--steps", "8", "--out", str(outs["once"])),
+               run(*common, "--steps", "8", "--repeat-spans", "1", "--repeat-span", "0",
+                   "--out", str(outs["whole"])),
+               run(*common, "--steps", "4", "--repeat-spans", "1", "--repeat-span", "0",
+                   "--out", str(outs["resumed"])),
+               run("--resume", str(outs["resumed"]), "--steps", "8")]
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    started = {name: records(out, "train")[-1]["coverage"]["documents_started"]
+               for name, out in outs.items()}
+    assert started["whole"] == started["resumed"] < started["once"]
+    assert [(r["step"], r["train_bpb"]) for r in records(outs["resumed"], "train")] == \
+        [(r["step"], r["train_bpb"]) for r in records(outs["whole"], "train")]
+    saved = asdict(TrainConfig(out="old"))
+    del saved["repeat_spans"], saved["repeat_span"]
+    assert resolve_config({}, {"config": saved}, Path("old/checkpoint.pt")).repeat_spans == 0
+    with pytest.raises(ValueError, match="repeat_spans must be in"):
+        TrainConfig(repeat_spans=2)
+    with pytest.raises(ValueError, match="repeat_span must be a multiple of seq_len=256"):
+        TrainConfig(repeat_span=1000)
+    assert TrainConfig(max_memories=5000, seq_len=512).repeat_span_tokens == 4608
+    assert TrainConfig(max_memories=96, seq_len=512).repeat_span_tokens == 512
+
+
 def test_copy_warmup_trains_on_the_copy_task_first_and_resumes_exactly(corpus, tmp_path):
     """--copy-warmup-steps 3 of 6: steps 1-3 on copy batches, then the corpus; stopped at step 2
     and resumed, the same per-step losses (the warm-up batches are a function of the step)."""

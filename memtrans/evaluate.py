@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .bootstrap import RESAMPLES, SEED, Interval, bpb_difference
 from .build import build_model, make_memories, open_corpus
@@ -176,13 +177,17 @@ def read(model: MemorizingTransformer, documents: Sequence[tuple[str, np.ndarray
     """Read ``documents`` (``choose_documents``) ``passes`` times each, with ``memories`` (and
     adding to them) when ``retrieval``, else with ``memories`` as an empty memory that stays so;
     per document, pass and history bucket, the sums of nats and tokens. ``trace`` (entered by
-    the caller) sees each segment."""
+    the caller) sees each segment. A progress bar on stderr counts the tokens scored."""
     was_training = model.training
     model.eval()
     shape = (len(documents), passes, len(edges) + 1)
     nats, tokens = np.zeros(shape), np.zeros(shape)
     memories.clear_memory()
     xl = None
+    bar = tqdm(total=passes * sum(len(ids) - 1 for _, ids in documents), unit="tok",
+               unit_scale=True, mininterval=2, leave=False, file=sys.stderr,
+               desc=f"reading, retrieval {'on' if retrieval else 'off'}"
+                    + (f", {passes} passes" if passes > 1 else ""))
     try:
         for rows, started, x, labels in _segments([ids for _, ids in documents], batch_size,
                                                   seq_len, passes):
@@ -204,8 +209,10 @@ def read(model: MemorizingTransformer, documents: Sequence[tuple[str, np.ndarray
                 scored = labels[r] != PAD_ID
                 np.add.at(nats[row.document, row.pass_], bucket[r, scored], loss[r, scored])
                 np.add.at(tokens[row.document, row.pass_], bucket[r, scored], 1)
+            bar.update(int((labels != PAD_ID).sum()))
         memories.collect_adds()
     finally:
+        bar.close()
         model.train(was_training)
     return Reading(tuple(name for name, _ in documents), nats, tokens)
 

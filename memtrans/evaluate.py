@@ -199,17 +199,17 @@ def read(model: MemorizingTransformer, documents: Sequence[tuple[str, np.ndarray
             logits, xl = out if isinstance(out, tuple) else (out, None)
             loss = F.cross_entropy(logits.transpose(1, 2).float(), torch.from_numpy(labels),
                                    ignore_index=PAD_ID, reduction="none").numpy()
+            scored = labels != PAD_ID
             if trace is not None:
-                trace.segment(rows, labels != PAD_ID)
+                trace.segment(rows, scored)
             history = offsets.numpy()[:, None] + np.arange(seq_len)
             bucket = np.searchsorted(edges, history, side="right")
             for r, row in enumerate(rows):
                 if row.document < 0:
                     continue
-                scored = labels[r] != PAD_ID
-                np.add.at(nats[row.document, row.pass_], bucket[r, scored], loss[r, scored])
-                np.add.at(tokens[row.document, row.pass_], bucket[r, scored], 1)
-            bar.update(int((labels != PAD_ID).sum()))
+                np.add.at(nats[row.document, row.pass_], bucket[r, scored[r]], loss[r, scored[r]])
+                np.add.at(tokens[row.document, row.pass_], bucket[r, scored[r]], 1)
+            bar.update(int(scored.sum()))
         memories.collect_adds()
     finally:
         bar.close()

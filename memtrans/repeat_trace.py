@@ -131,15 +131,13 @@ class RepeatTrace:
             target = history + AHEAD
             keep = target < in_memory  # entries the first pass added to the kNN memory
             mem_keys = call["mem_keys"].float()[positions]  # (heads, n, k, dim)
-
-            def same(entry: np.ndarray) -> torch.Tensor:  # (heads, n, k): key of ``entry``
-                wanted = torch.from_numpy(aligned[np.clip(entry, 0, len(aligned) - 1)])
-                valid = torch.from_numpy((entry >= 0) & (entry < in_memory))[None, :, None]
-                return (torch.einsum("hnkd,nd->hnk", mem_keys, wanted) > SAME_KEY) & valid
-
-            found = same(target) & (positions > 0)
-            near = torch.stack([same(target + o) for o in NEIGHBOURS]).any(0) & ~found & \
-                (positions > 0)
+            entries = target + np.array((0, *NEIGHBOURS))[:, None]  # aligned, then neighbours
+            wanted = torch.from_numpy(aligned[np.clip(entries, 0, len(aligned) - 1)])
+            valid = torch.from_numpy((entries >= 0) & (entries < in_memory))[:, None, :, None]
+            same = (torch.einsum("hnkd,ond->ohnk", mem_keys, wanted) > SAME_KEY) & valid & \
+                (positions > 0)  # (entries, heads, n, k): a retrieved key is that entry's
+            found = same[0]
+            near = same[1:].any(0) & ~found
         bucket = np.searchsorted(self.edges, history, side="right")[keep]
         sums = {f: s[row.document, row.pass_, i] for f, s in self.sums.items()}
         for head in range(positions.shape[0]):

@@ -269,10 +269,13 @@ def evaluate_run(run: str, settings: EvaluationSettings) -> dict:
     retrieval, and reading it again would only repeat it."""
     path, state = load_checkpoint(run)
     config = resolve_config({}, state, path)
-    config = dataclasses.replace(
-        config, max_memories=settings.max_memories or config.max_memories,
-        index=settings.index or config.index,
-        num_retrieved=settings.num_retrieved or config.num_retrieved)
+    try:
+        config = dataclasses.replace(
+            config, max_memories=settings.max_memories or config.max_memories,
+            index=settings.index or config.index,
+            num_retrieved=settings.num_retrieved or config.num_retrieved)
+    except ValueError as exc:  # the overrides clash with each other or with the checkpoint
+        raise TrainError(f"{run}: --max-memories/--index/--num-retrieved: {exc}") from exc
     if config.data == RECALL:
         raise TrainError(f"{run} was trained on the recall task; its evaluation is the "
                          f"trainer's (memtrans-train --data recall logs it)")

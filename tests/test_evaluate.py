@@ -203,6 +203,15 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert "--tokens must be a positive" in capsys.readouterr().err
 
 
+def test_overrides_that_clash_with_the_checkpoint_are_one_line_errors(run, capsys):
+    # The run retrieves 8: a memory of 4 cannot serve that, nor can 8 exceed a memory of 4.
+    assert main([str(run), "--max-memories", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "num_retrieved (8) cannot exceed max_memories (4)" in err and "Traceback" not in err
+    assert main([str(run), "--num-retrieved", "64", "--max-memories", "32"]) == 2
+    assert "num_retrieved (64) cannot exceed" in capsys.readouterr().err
+
+
 def test_reading_time_memory_settings_and_a_second_index(run, capsys):
     """--max-memories, --index and --num-retrieved override the checkpoint's kNN settings for the
     reading only; --compare-index reads again through another index, on the same documents. A

@@ -35,6 +35,7 @@ no GPU.
     python -m bench.step                  # the issue's configuration, every row (~10 minutes)
     python -m bench.step --quick          # tiny configuration, for smoke-testing (~30 s)
     python -m bench.step --rows none remote --segments 5 --prefill 8192
+    python -m bench.step --rows none seed remote --index ivf --max-memories 65536 --prefill 63488 --segments 4
     python -m bench.step --profile inproc # torch.profiler table of one row's warm steps
     python -m bench.step --device cuda    # the model on the GPU (needs CUDA)
 """
@@ -343,6 +344,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configuration (smoke test)")
     parser.add_argument("--segments", type=int)
     parser.add_argument("--prefill", type=int, help="random memories per row added before timing")
+    parser.add_argument("--max-memories", type=int, help="memories per row (default 16384)")
     parser.add_argument("--index", choices=["flat", "hnsw", "ivf"])
     parser.add_argument("--batch", type=int)
     parser.add_argument("--server-threads", type=int)
@@ -362,7 +364,8 @@ def main(argv=None) -> None:
         return
 
     cfg = StepConfig(**(QUICK if args.quick else {}))
-    for field in ("segments", "prefill", "index", "batch", "server_threads", "device"):
+    for field in ("segments", "prefill", "max_memories", "index", "batch", "server_threads",
+                  "device"):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
     if cfg.prefill + cfg.segments * cfg.seq_len > cfg.max_memories:

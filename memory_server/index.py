@@ -205,9 +205,11 @@ class IVFIndex:
       the last training (``max_memories`` entries later: none of the keys the centroids were
       fitted to is live), so the lists follow the keys as the model and the documents change.
     - An entry's id is its ring slot. Overwriting a slot first removes that id from its list
-      (``remove_ids`` through faiss's hash-table direct map, O(1) each: 4 ms per 512 at 64K
-      against 9 ms for the list scan without the map), so a search never returns an evicted
-      entry and the ring holds exactly ``max_memories`` slots, as ``flat``.
+      (``remove_ids`` with an ``IDSelectorBatch``, a hashed set: one pass over the lists, each
+      entry's id looked up in O(1)), so a search never returns an evicted entry and the ring
+      holds exactly ``max_memories`` slots, as ``flat``. There is no direct map: faiss's
+      hash-table map cost 128 bytes per entry and removed no faster (remove and add of 512:
+      2.8 against 3.0 ms at 64K, 12.9 against 6.3 ms at 262K; one thread).
     - Training is deterministic (faiss's k-means with its fixed seed on the ring's keys), and
       ``state``/``restore`` carry the centroids and when they were trained, so a restored memory
       has the same lists and gives the same results as the one it was saved from (up to the
@@ -265,7 +267,6 @@ class IVFIndex:
                 faiss.copy_array_to_vector(np.ascontiguousarray(centroids[self.nlist :]).ravel(),
                                            ivf.sq.trained)
             ivf.is_trained = True
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         self._quantizer = quantizer  # the IVF index does not own it: keep it alive
         self._ivf = ivf
 
@@ -293,7 +294,7 @@ class IVFIndex:
         slots = seqs % self.ring
         evicted = np.ascontiguousarray(slots[seqs >= self.ring])
         if evicted.size:
-            self._ivf.remove_ids(faiss.IDSelectorArray(evicted.size, faiss.swig_ptr(evicted)))
+            self._ivf.remove_ids(faiss.IDSelectorBatch(evicted.size, faiss.swig_ptr(evicted)))
         self._ivf.add_with_ids(float32_keys(keys), slots)
 
     def search(self, keys: np.ndarray, queries: np.ndarray, k: int, lo: int, hi: int) -> np.ndarray:
@@ -328,12 +329,12 @@ class IVFIndex:
     @property
     def bytes_per_entry(self) -> int:
         # Each list keeps a copy of the key (or its d-byte code) and its int64 id in vectors
-        # that grow by doubling (a quarter more on average), and the hash-table direct map about
-        # 128 bytes more: 458 bytes at dim 64 (218 compressed), where a server's RSS grew by 394
-        # (64K) to 475 (262K) bytes per entry more than flat's, and one memory's by 446 (228
-        # compressed) at 64K (bench.memory). The centroids (nlist x dim floats) are not counted.
+        # that grow by doubling and keep their capacity as entries leave (half more), and the
+        # allocator holds about 64 bytes per entry more: 460 bytes at dim 64 (172 compressed).
+        # Measured, one 64K memory's RSS: 918 (433 compressed) bytes per entry, booked 972
+        # (428) with the ring (bench.memory, README). The centroids (nlist x dim) are not counted.
         code = self.dim if self.compressed else self.dim * 4
-        return (code + 8) * 5 // 4 + 128
+        return (code + 8) * 3 // 2 + 64
 
 
 def _exact(keys: np.ndarray, queries: np.ndarray, k: int, live: int) -> np.ndarray:

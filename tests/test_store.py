@@ -788,5 +788,5 @@ def test_float16_keys_take_fewer_bytes_on_the_books(index):
         memory = store_module.Memory(NamespaceConfig(dim=64, max_memories=4096, num_layers=1,
                                                      num_rows=1, index=index, key_dtype=key_dtype))
         sizes[key_dtype] = memory.bytes_per_slot
-    lists = (4 * 64 + 8) * 5 // 4 - (64 + 8) * 5 // 4  # a list's code: 64 bytes, not 256
+    lists = (4 * 64 + 8) * 3 // 2 - (64 + 8) * 3 // 2  # a list's code: 64 bytes, not 256
     assert sizes["float32"] - sizes["float16"] == 2 * 64 + (lists if index == "ivf" else 0)

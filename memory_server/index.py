@@ -208,7 +208,8 @@ class IVFIndex:
       (``remove_ids`` with an ``IDSelectorBatch``, a hashed set: one pass over the lists, each
       entry's id looked up in O(1)), so a search never returns an evicted entry and the ring
       holds exactly ``max_memories`` slots, as ``flat``. There is no direct map: faiss's
-      hash-table map cost RAM (959 against 918 bytes per entry of a 64K memory's RSS) and
+      hash-table map cost RAM (a 64K memory's RSS: 959 bytes per entry with it, on an earlier
+      model's keys, 918 without; README) and
       removed no faster (remove and add of 512, one thread: 2.8 against 2.6 ms at 64K, 5.5 and
       5.5 ms at 262K; ``python -m bench.ivf_profile``).
     - Training is deterministic (faiss's k-means with its fixed seed on the ring's keys), and

@@ -81,17 +81,21 @@ def _chunk_rows(dim: int) -> int:
 
 def ivf_nlist(max_memories: int, nlist: int) -> int:
     """``nlist``, or when it is 0 the default: about 4 sqrt(max_memories) lists (the usual faiss
-    guidance, 4-16 sqrt(N)), fewer when the memory could not hold enough keys to train them."""
+    guidance, 4-16 sqrt(N)) up to 64K memories, one per 64 memories beyond (4,096 at 262K, where
+    2,048 lists needed nprobe 24 for the recall that 4,096 reach at 20, and scanned 2.4x the keys;
+    ``bench.ivf_profile``), fewer when the memory could not hold enough keys to train them."""
     if nlist:
         return nlist
-    return max(1, min(round(4 * math.sqrt(max_memories)), max_memories // IVF_TRAIN_PER_LIST))
+    lists = max(round(4 * math.sqrt(max_memories)), max_memories // 64)
+    return max(1, min(lists, max_memories // IVF_TRAIN_PER_LIST))
 
 
 def ivf_nprobe(nlist: int, nprobe: int) -> int:
-    """``nprobe``, or when it is 0 the default: 1/64 of the lists, at least 32 (measured on model
-    keys by ``bench.memory``: recall@32 0.96-0.98 at 16K-262K memories, where 16 lists gave 0.94
-    at 64K and 0.91 at 262K; README)."""
-    return nprobe or min(nlist, max(32, nlist // 64))
+    """``nprobe``, or when it is 0 the default: 8, and 4 + nlist / 256 beyond 1,024 lists (20 of
+    4,096). Fitted on model keys with ties counted (``bench.ivf_profile``): recall@32 0.95-0.96
+    at 16K (512 lists), 64K (1,024) and 262K (4,096), where one nprobe fewer fell below 0.95 at
+    262K (README)."""
+    return nprobe or min(nlist, max(8, 4 + nlist // 256))
 
 
 def hnsw_segment_size(max_memories: int, hnsw_segments: int) -> int:

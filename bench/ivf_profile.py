@@ -10,7 +10,7 @@ step's eviction) with faiss's hash-table direct map and without it (``IDSelector
 ``IVFIndex`` does). Keys are bench.memory's (cached model keys).
 
     python -m bench.ivf_profile                       # 64K and 262K (~3 minutes)
-    python -m bench.ivf_profile --sizes 65536 --nprobes 16 32
+    python -m bench.ivf_profile --sizes 65536 --nlists 256 1024 --nprobes 8 16
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def eviction_ms(index: faiss.IndexIVFFlat, keys: np.ndarray, direct_map: bool) -
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 262144])
+    parser.add_argument("--nlists", type=int, nargs="+",
+                        help="list counts to try (default: 4 and 8 sqrt(memories))")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 12, 16, 20, 24, 32])
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(1)
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
         keys = np.ascontiguousarray(all_keys[0, -size:])
         flat_ms, kth = best_ms(lambda: exact_kth(keys, queries, K), 2)
         rows.append([size, "flat", "-", f"{flat_ms:.0f}", "-", "-", size, "1.000", "1.0x"])
-        for nlist in (round(4 * np.sqrt(size)), round(8 * np.sqrt(size))):
+        for nlist in args.nlists or (round(4 * np.sqrt(size)), round(8 * np.sqrt(size))):
             index, train_seconds = ivf(keys, nlist, direct_map=False)
             trainings.append([size, nlist, min(size, IVF_TRAIN_PER_LIST * nlist),
                               f"{train_seconds:.1f}",

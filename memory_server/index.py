@@ -91,11 +91,13 @@ def ivf_nlist(max_memories: int, nlist: int) -> int:
 
 
 def ivf_nprobe(nlist: int, nprobe: int) -> int:
-    """``nprobe``, or when it is 0 the default: 8, and 4 + nlist / 256 beyond 1,024 lists (20 of
-    4,096). Fitted on model keys with ties counted (``bench.ivf_profile``): recall@32 0.95-0.96
-    at 16K (512 lists), 64K (1,024) and 262K (4,096), where one nprobe fewer fell below 0.95 at
-    262K (README)."""
-    return nprobe or min(nlist, max(8, 4 + nlist // 256))
+    """``nprobe``, or when it is 0 the default: 8; more with many lists (4 + nlist / 256: 20 of
+    4,096) and with few (6,144 / nlist: 12 of 512). Fitted on model keys with ties counted
+    (``bench.memory``, ``bench.ivf_profile``; README): recall@32 0.965 at 16K memories (512
+    lists; 0.947 at nprobe 8), 0.960 at 64K (1,024), 0.966 at 262K (4,096; 0.945-0.957 at 16).
+    Recall follows the lists probed more than the keys scanned: a query's neighbours spread over
+    several lists, and at 64K 8 of 256 lists (2,048 keys) found fewer than 8 of 1,024 (526)."""
+    return nprobe or min(nlist, max(8, 4 + nlist // 256, 6144 // nlist))
 
 
 def hnsw_segment_size(max_memories: int, hnsw_segments: int) -> int:

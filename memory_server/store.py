@@ -128,11 +128,12 @@ class NamespaceConfig:
     ef_construction: int = 64
     """HNSW build breadth."""
     nlist: int = 0
-    """IVF inverted lists; 0 picks about 4 sqrt(max_memories) (``index.ivf_nlist``). The index
-    trains once a memory holds ``IVF_TRAIN_PER_LIST`` (32) keys per list; it is exact before."""
+    """IVF inverted lists; 0 picks about 4 sqrt(max_memories), max_memories / 64 beyond 64K
+    (``index.ivf_nlist``). The index trains once a memory holds ``IVF_TRAIN_PER_LIST`` (32) keys
+    per list; it is exact before."""
     nprobe: int = 0
-    """IVF lists a query scans; 0 picks nlist / 64, at least 32 (``index.ivf_nprobe``). Recall and
-    search time grow with it."""
+    """IVF lists a query scans; 0 picks one from nlist (``index.ivf_nprobe``: 12 of 512, 8 of
+    1,024, 20 of 4,096). Recall and search time grow with it."""
 
     def __post_init__(self):
         for name, (lo, hi) in CONFIG_RANGES.items():

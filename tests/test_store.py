@@ -591,14 +591,14 @@ def test_ivf_recall_after_training_on_clustered_keys():
     centres = unit(rng, 256, 32).astype(np.float64)
     keys, queries = clustered(rng, 8192, 32, centres), clustered(rng, 256, 32, centres)
     found = {}
-    for index in ("flat", "ivf"):  # ivf defaults here: 256 lists, nprobe 8
+    for index in ("flat", "ivf"):  # ivf defaults here: 256 lists, nprobe 24
         store = make_store(index=index, max_memories=8192, rows=1, layers=1, dim=32)
         for start in range(0, 8192, 512):
             store.add("ns", 0, np.array([0]), keys[None, start : start + 512],
                       tagged_values(0, np.arange(start, start + 512), 32)[None])
         kv, mask = store.search("ns", 0, np.array([0]), queries[None], 32).dense()
         found[index] = np.where(mask[0], kv[0, :, :, 1, 1], -1)
-    assert ivf_of(store).trained and (ivf_of(store).nlist, ivf_of(store).nprobe) == (256, 8)
+    assert ivf_of(store).trained and (ivf_of(store).nlist, ivf_of(store).nprobe) == (256, 24)
     hits = sum(len(np.intersect1d(a[a >= 0], b)) for a, b in zip(found["ivf"], found["flat"]))
     recall = hits / found["flat"].size
     assert recall >= 0.9, f"ivf recall@32 {recall:.3f} below the 0.9 floor"

@@ -270,15 +270,20 @@ def _unpack(frame: Frame, *, max_str_len: int, max_array_len: int, max_map_len: 
                             f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_request(frames: Sequence[Frame], *,
-                   max_message_bytes: int = MAX_MESSAGE_BYTES) -> Request:
+def decode_request(frames: Sequence[Frame], *, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                   size: int | None = None) -> Request:
     """Parse and check a request; raises ``ProtocolError`` (``MessageTooLarge`` for size).
 
-    The error carries the request's id whenever the header could be read that far.
+    ``size`` is the message's size when ``frames`` holds only its start (a message refused while
+    it arrived keeps its header, or nothing when that alone was too large). The error carries
+    the request's id whenever the header could be read that far.
     """
+    if size is None:
+        size = sum(memoryview(f).nbytes for f in frames)
     if not frames:
+        if size > max_message_bytes:
+            raise _too_large(size, max_message_bytes)
         raise ProtocolError("empty message: expected a msgpack header frame")
-    size = sum(memoryview(f).nbytes for f in frames)
     head = frames[0]
     if memoryview(head).nbytes > MAX_HEADER_BYTES:
         raise MessageTooLarge(f"header frame is {memoryview(head).nbytes} bytes, over the limit "
@@ -292,9 +297,7 @@ def decode_request(frames: Sequence[Frame], *,
     request_id = _read_id(header)
     version = _read_version(header)
     if size > max_message_bytes:
-        raise MessageTooLarge(f"message is {size} bytes, over the server's limit "
-                              f"max_message_bytes={max_message_bytes} (--max-message-bytes); "
-                              f"send smaller batches", request_id, version)
+        raise _too_large(size, max_message_bytes, request_id, version)
     try:
         _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header",
                     optional=(_SESSION_FIELDS if version >= 2 else ())
@@ -323,6 +326,13 @@ def decode_request(frames: Sequence[Frame], *,
         exc.request_id, exc.version = request_id, version
         raise
     return Request(request_id, op, args, arrays, header["v"], session, seq, token)
+
+
+def _too_large(size: int, max_message_bytes: int, request_id: int | None = None,
+               version: int | None = None) -> MessageTooLarge:
+    return MessageTooLarge(f"message is {size} bytes, over the server's limit "
+                           f"max_message_bytes={max_message_bytes} (--max-message-bytes); send "
+                           f"smaller batches", request_id, version)
 
 
 def decode_reply(frames: Sequence[Frame]) -> Reply:

@@ -1,7 +1,11 @@
-"""The memory-server daemon: a ZeroMQ ROUTER socket in front of one ``MemoryStore``.
+"""The memory-server daemon: a ZeroMQ socket in front of one ``MemoryStore``.
+
+The socket speaks ZMTP to the clients' DEALER sockets: a STREAM socket with ZMTP parsed here
+(``zmtp.py``), so messages are read and bounded as they arrive, or with CURVE, whose
+cryptography is libzmq's, a ROUTER.
 
 Threads
-    - The I/O thread (the caller of ``Server.run``) owns the ROUTER socket, as ZeroMQ sockets are
+    - The I/O thread (the caller of ``Server.run``) owns the socket, as ZeroMQ sockets are
       not thread-safe. It receives and decodes requests, answers ``ping`` and ``shutdown`` itself,
       hands every other request to the sequencer, and sends the replies workers leave on a queue
       (workers wake it through a pipe that its poller watches).
@@ -37,8 +41,9 @@ Retries
     ``unavailable`` (whether it ran is unknown) rather than run again.
 
 Failure detection
-    The ROUTER sends ZeroMQ heartbeats (``protocol.HEARTBEAT_*``), so a client that died without
-    closing its connection has it closed within 2 s, and clients do the same towards the server.
+    The server sends ZMTP heartbeats (``protocol.HEARTBEAT_*``: ``zmtp.py``'s, or the ROUTER's),
+    so a client that died without closing its connection has it closed within 2 s, and clients
+    do the same towards the server.
     Every reply names this process's ``instance`` (random at start), so a client can tell a
     restarted server that lost its namespaces from the one it opened them on.
 
@@ -82,8 +87,10 @@ Bytes in flight
     ``max_inflight_bytes`` the I/O thread reads nothing until some are done. Requests sent
     together all pass the check at receipt, before any reply exists, so the reply of a read
     (``search``, ``stats``, ``snapshots``) whose connection is past its budget by then is
-    replaced with a ``limit_exceeded`` error. A message of more than ``MAX_FRAMES`` frames is
-    read frame by frame and refused, keeping none past the limit.
+    replaced with a ``limit_exceeded`` error. A message of more than ``MAX_FRAMES`` frames or
+    ``max_message_bytes`` is refused; over the STREAM socket none of it past the limit is kept
+    (its bytes are skipped as they come), and the bytes of messages still arriving count as in
+    flight: past ``max_inflight_bytes`` the connection holding most of them is closed.
 
 Shutdown
     SIGTERM or SIGINT (or the ``shutdown`` op) only sets a flag; the I/O thread then stops
@@ -114,7 +121,7 @@ from functools import partial
 import numpy as np
 import zmq
 
-from . import auth, connections, metrics, snapshot, tenants
+from . import auth, connections, metrics, snapshot, tenants, zmtp
 from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
                      ProtocolError, ServerUnavailable, SnapshotError, Unauthorized,
                      UnknownNamespace)
@@ -381,15 +388,21 @@ class Server:
         self._context = zmq.Context()
         self._auth = auth.start_authenticator(self._context, allowed.keys() | admins.keys()) \
             if keys else None
-        self._router = self._context.socket(zmq.ROUTER)
         self.public_key: bytes | None = keys.public if keys else None
-        if keys:
+        if keys:  # CURVE needs libzmq's engine: a ROUTER
+            self._router = self._context.socket(zmq.ROUTER)
             auth.make_curve_server(self._router, keys)
-        self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(config))
-        self._router.setsockopt(zmq.HANDSHAKE_IVL, connections.HANDSHAKE_MS)
-        # Connections of clients that died without closing them are closed within 2 s.
-        self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(config))
+            self._router.setsockopt(zmq.HANDSHAKE_IVL, connections.HANDSHAKE_MS)
+            # Connections of clients that died without closing them are closed within 2 s.
+            self._router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            self._router.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            self._zmtp = None
+        else:  # ZMTP spoken here, to read messages as they arrive (zmtp.py)
+            self._router = self._context.socket(zmq.STREAM)
+            self._router.setsockopt(zmq.RCVHWM, zmtp.RCVHWM)
+            self._zmtp = zmtp.ZmtpStream(self._router, config.max_message_bytes,
+                                         self._violation)
         try:
             with _owner_only(config.bind):
                 self._router.bind(config.bind)
@@ -497,6 +510,9 @@ class Server:
                 reading = want
                 wait_ms = _POLL_MS if deadline is None else \
                     max(0, min(_POLL_MS, math.ceil((deadline - time.monotonic()) * 1000)))
+                if self._zmtp is not None:  # its heartbeats and deadlines are ours to keep
+                    self._zmtp.tick(reading)
+                    wait_ms = min(wait_ms, HEARTBEAT_IVL_MS)
                 if self._unsent:  # nothing wakes the poll when ZeroMQ has sent a reply
                     wait_ms = min(wait_ms, _UNSENT_POLL_MS)
                 events = dict(poller.poll(wait_ms))
@@ -534,6 +550,9 @@ class Server:
     # I/O thread
 
     def _receive(self) -> None:
+        if self._zmtp is not None:
+            self._receive_stream()
+            return
         cfg = self.config
         for _ in range(_RECV_BATCH):
             if self._stopping or len(self._pending) >= cfg.max_pending \
@@ -545,19 +564,44 @@ class Server:
                 return
             identity = frames[0].bytes
             if count > MAX_FRAMES:
-                self._rejections("rejected a message of %d frames (at most %d)", count,
-                                 MAX_FRAMES)
-                self._send(identity, self._error(
-                    None, ProtocolError.code, f"message of {count} frames: a request is a header "
-                    f"and at most {MAX_FRAMES - 1} array frames"))
-                self._metrics.record("malformed", time.monotonic(), ok=False)
+                self._refuse_frames(identity, count)
                 continue
-            try:
-                self._accept(identity, frames[1:], time.monotonic())
-            except Exception as exc:  # a bug, not bad input: answer and keep serving
-                log.exception("internal error accepting a request")
-                self._send(identity, self._error(None, "internal",
-                                                 f"internal server error: {exc!r}"))
+            self._accept_safely(identity, frames[1:], time.monotonic())
+
+    def _receive_stream(self) -> None:
+        cfg = self.config
+        room = max(1, min(_RECV_BATCH, cfg.max_pending - len(self._pending)))
+        for message in self._zmtp.receive(room):
+            if message.count > MAX_FRAMES:
+                self._refuse_frames(message.identity, message.count)
+            else:  # whole, or refused for its size: then decode_request says so, with its id
+                self._accept_safely(message.identity, message.frames, time.monotonic(),
+                                    message.size)
+        while self._zmtp.buffered and \
+                self._held_total + self._zmtp.buffered > cfg.max_inflight_bytes:
+            kept = self._zmtp.close_largest()
+            self._rejections("closed the connection holding the most bytes of a message still "
+                             "arriving (%d): with the requests and replies in flight they passed "
+                             "max_inflight_bytes=%d (--max-inflight-bytes)", kept,
+                             cfg.max_inflight_bytes)
+
+    def _refuse_frames(self, identity: bytes, count: int) -> None:
+        self._rejections("rejected a message of %d frames (at most %d)", count, MAX_FRAMES)
+        self._send(identity, self._error(
+            None, ProtocolError.code, f"message of {count} frames: a request is a header "
+            f"and at most {MAX_FRAMES - 1} array frames"))
+        self._metrics.record("malformed", time.monotonic(), ok=False)
+
+    def _accept_safely(self, identity: bytes, body: list, received: float,
+                       size: int | None = None) -> None:
+        try:
+            self._accept(identity, body, received, size)
+        except Exception as exc:  # a bug, not bad input: answer and keep serving
+            log.exception("internal error accepting a request")
+            self._send(identity, self._error(None, "internal", f"internal server error: {exc!r}"))
+
+    def _violation(self, text: str, *args) -> None:
+        self._rejections(text, *args)
 
     def _recv_message(self) -> tuple[list, int]:
         """The next message (identity first) and its frame count besides the identity. Frames
@@ -576,9 +620,11 @@ class Server:
                 count += 1
         return frames, count
 
-    def _accept(self, identity: bytes, body: list, received: float) -> None:
+    def _accept(self, identity: bytes, body: list, received: float,
+                size: int | None = None) -> None:
         try:
-            request = decode_request(body, max_message_bytes=self.config.max_message_bytes)
+            request = decode_request(body, max_message_bytes=self.config.max_message_bytes,
+                                     size=size)
         except ProtocolError as exc:
             self._rejections("rejected a malformed request (id %s): %s", exc.request_id,
                              exc.message)
@@ -667,13 +713,16 @@ class Server:
     def _send(self, identity: bytes, frames: list) -> None:
         """Queue a reply; until ZeroMQ has transmitted (or dropped) its frames, its bytes count
         against its connection's and the server's in-flight budgets."""
-        parts = [identity, *frames]
         trackers = []
         try:
-            for i, part in enumerate(parts):
-                more = zmq.SNDMORE if i < len(parts) - 1 else 0
-                trackers.append(self._router.send(part, zmq.NOBLOCK | more, copy=False,
-                                                  track=True))
+            if self._zmtp is not None:
+                trackers = self._zmtp.send(identity, frames)
+            else:
+                parts = [identity, *frames]
+                for i, part in enumerate(parts):
+                    more = zmq.SNDMORE if i < len(parts) - 1 else 0
+                    trackers.append(self._router.send(part, zmq.NOBLOCK | more, copy=False,
+                                                      track=True))
         except zmq.ZMQError as exc:  # the peer's queue is full or it is gone: it will time out
             self._rejections("could not send a reply: %s", exc, level=logging.WARNING)
         waiting = [t for t in trackers if not t.done]  # small frames are copied: done at once

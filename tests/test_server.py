@@ -190,16 +190,19 @@ def test_clear_with_repeated_layers_is_refused_at_once(server, client):
     assert snapshot(client) == before
 
 
-def test_a_single_frame_over_the_hard_ceiling_disconnects_and_the_server_lives_on(server, client):
-    big = np.zeros(4 << 20, np.uint8)  # over 2 * max_message_bytes + header: dropped by ZeroMQ
+def test_a_frame_over_the_message_limit_is_refused_as_it_arrives(server, client):
+    big = np.zeros(4 << 20, np.uint8)  # over max_message_bytes: refused before it is all in
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(server.endpoint)
         sock.send_multipart([msgpack.packb(_header()), big])
-        assert not sock.poll(300)
+        assert sock.poll(10_000)
+        reply = decode_reply(sock.recv_multipart())
     finally:
         sock.close()
+    assert (reply.ok, reply.code) == (False, "limit_exceeded")
+    assert "--max-message-bytes" in reply.message and reply.id == _header()["id"]
     assert client.ping()
 
 

@@ -230,11 +230,25 @@ def idle_connections(endpoint: str, client: MemoryClient) -> str:
             f"{written >> 20} MiB")
 
 
+def _settled_connections(client: MemoryClient, wait: float = 10.0) -> dict:
+    """The server's connection stats once the closes of an earlier attack have reached its
+    count (its open connections unchanged for half a second, or ``wait`` passed)."""
+    stats = client.stats()[0]["connections"]
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = client.stats()[0]["connections"]
+        if now["open"] == stats["open"]:
+            return now
+        stats = now
+    return stats
+
+
 def one_host(endpoint: str, client: MemoryClient) -> str:
     """One host opens 1,100 ZeroMQ connections, which keep what they get (heartbeats) and, when
     refused, retry every 100 ms (ZeroMQ's default); a client of another host, arriving after
     them, is still let in (without the per-host cap it would wait for a free connection)."""
-    before = client.stats()[0]["connections"]
+    before = _settled_connections(client)
     context = zmq.Context()
     context.set(zmq.MAX_SOCKETS, 2048)
     socks = []

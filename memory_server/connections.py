@@ -169,7 +169,7 @@ class ConnectionGuard:
                         self._per_host[host] = self._per_host.get(host, 0) + 1
             if gone or not (full or crowded):
                 continue
-            _shut_down(fd)
+            shut_down(fd)
             if full:
                 self._rejections("refused a connection: %d are open, the most this server takes "
                                  "(--max-connections)", self.max_connections)
@@ -223,7 +223,7 @@ def host_of(address: str) -> str:
     return str(ip)
 
 
-def _shut_down(fd: int) -> None:
+def shut_down(fd: int) -> None:
     """End the connection on ``fd`` without closing the descriptor, which ZeroMQ owns."""
     try:
         sock = socket.socket(fileno=fd)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
 
-from .connections import HANDSHAKE_MS
+from .connections import HANDSHAKE_MS, shut_down
 from .protocol import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES
 
 GREETING = (b"\xff" + bytes(8) + b"\x7f"  # signature
@@ -45,6 +46,8 @@ RCVHWM = 64
 """Chunks of up to 8 KiB a connection's pipe holds while the server does not read it."""
 SMALL_FRAME = 64 << 10
 """Frames below this are copied into one send with their headers; larger ones go zero-copy."""
+CLOSED_REMEMBERED = 4096
+"""Connections closed here whose disconnect notices are still told from new connections."""
 
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 _GREETING, _READY, _OPEN = range(3)  # handshake stages
@@ -106,10 +109,11 @@ class ProtocolViolation(Exception):
 
 
 class _Peer:
-    __slots__ = ("stage", "head", "header_size", "flags", "body", "need", "frames",
+    __slots__ = ("fd", "stage", "head", "header_size", "flags", "body", "need", "frames",
                  "count", "size", "refused", "heard", "since")
 
-    def __init__(self, now: float):
+    def __init__(self, now: float, fd: int = -1):
+        self.fd = fd  # the connection's descriptor (ZeroMQ's), -1 if unknown
         self.stage = _GREETING
         self.head = bytearray()  # the greeting or a frame header being read
         self.header_size = len(GREETING)  # bytes head must reach
@@ -144,6 +148,7 @@ class ZmtpStream:
         self.max_message_bytes = max_message_bytes
         self._on_violation = on_violation
         self._peers: dict[bytes, _Peer] = {}
+        self._closed: OrderedDict[bytes, None] = OrderedDict()
         self.buffered = 0
         self._last_tick = time.monotonic()
         self._reading = True
@@ -155,22 +160,25 @@ class ZmtpStream:
         deadline = time.monotonic() + budget_s
         while len(done) < max_messages:
             try:
-                identity, chunk = self.sock.recv_multipart(zmq.NOBLOCK)
+                identity, chunk = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            identity = identity.bytes
             now = time.monotonic()
             peer = self._peers.get(identity)
             if not len(chunk):  # a connection made or lost
-                if peer is None:
-                    self._connect(identity, now)
-                else:
+                if peer is not None:
                     self._forget(identity)
+                elif identity in self._closed:  # the end of one closed here
+                    del self._closed[identity]
+                else:
+                    self._connect(identity, now, chunk.get(zmq.SRCFD))
                 continue
             if peer is None:  # the tail of a connection closed here
                 continue
             peer.heard = now
             try:
-                self._feed(identity, peer, memoryview(chunk), done)
+                self._feed(identity, peer, memoryview(chunk.buffer), done)
             except ProtocolViolation as exc:
                 self.close(identity)
                 self._on_violation("closed a connection that broke ZMTP: %s", exc)
@@ -228,8 +236,17 @@ class ZmtpStream:
                 pass  # closed by _write, or gone: its disconnect is on its way
 
     def close(self, identity: bytes) -> None:
-        """Close a connection (what was queued to it is sent first)."""
+        """Close a connection. Its descriptor is shut down, so that ZeroMQ sees it end as if
+        the peer had closed it and the connection caps (``connections.py``, from the socket
+        monitor, which a close asked of the STREAM socket does not reach) count it gone."""
+        peer = self._peers.get(identity)
         self._forget(identity)
+        self._closed[identity] = None
+        if len(self._closed) > CLOSED_REMEMBERED:
+            self._closed.popitem(last=False)
+        if peer is not None and peer.fd >= 0:
+            shut_down(peer.fd)
+            return
         try:
             self.sock.send_multipart([identity, b""], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -243,8 +260,8 @@ class ZmtpStream:
         self.close(identity)
         return kept
 
-    def _connect(self, identity: bytes, now: float) -> None:
-        self._peers[identity] = _Peer(now)
+    def _connect(self, identity: bytes, now: float, fd: int) -> None:
+        self._peers[identity] = _Peer(now, fd)
         try:
             self._write(identity, [GREETING + ready(b"ROUTER")])
         except zmq.ZMQError:

@@ -21,6 +21,7 @@ import numpy as np
 
 from memory_server import MemoryClient, NamespaceConfig
 from memory_server.local import start_servers
+from memory_server.store import MAX_K
 
 NAMESPACE = "load"
 DIM, TOKENS, QUERIES, K = 32, 8, 16, 8
@@ -44,8 +45,10 @@ class LoadResult:
 
 
 def config(clients: int, requests: int) -> NamespaceConfig:
-    # Room for every add a client could send to one memory: nothing is evicted, counts are exact.
-    return NamespaceConfig(dim=DIM, max_memories=max(K, requests * TOKENS), num_layers=LAYERS,
+    # Room for every add a client could send to one memory, up to what one search may return
+    # (MAX_K), so that a final search sees every live entry; a fuller ring keeps its newest.
+    return NamespaceConfig(dim=DIM, max_memories=max(K, min(requests * TOKENS, MAX_K)),
+                           num_layers=LAYERS,
                            num_rows=clients * ROWS_PER_CLIENT)
 
 
@@ -85,7 +88,8 @@ def _client(endpoints: list[str], index: int, requests: int, cfg: NamespaceConfi
     with lock:
         for op, values in latencies.items():
             result.latencies.setdefault(op, []).extend(values)
-        result.expected.update(counts)
+        result.expected.update({key: min(count, cfg.max_memories)
+                                for key, count in counts.items()})
         result.found.update(found)
 
 

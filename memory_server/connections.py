@@ -2,7 +2,7 @@
 
 ZeroMQ accepts every TCP (or ipc) connection it is offered and has no cap of its own, so 1,100
 idle connections once took every descriptor a server had: new clients were locked out and
-``snapshot`` failed with "Too many open files". Here a thread watches the ROUTER socket's monitor
+``snapshot`` failed with "Too many open files". Here a thread watches the server socket's monitor
 (``ACCEPTED`` and ``DISCONNECTED`` events, which carry the connection's descriptor) and counts
 the open connections; one accepted past ``max_connections`` is shut down at once, before its
 handshake (``shutdown(2)`` on its descriptor: ZeroMQ sees the end of the stream and closes it
@@ -21,7 +21,8 @@ every peer is on this machine). A peer whose address cannot be
 read (already gone) counts towards ``max_connections`` only.
 
 A connection that never completes its handshake (a stranger on a CURVE server, a raw TCP peer)
-is closed by ZeroMQ after ``HANDSHAKE_MS``.
+is closed after ``HANDSHAKE_MS``: by ZeroMQ on a CURVE server's ROUTER, else by ``zmtp.py``, which
+shuts down the descriptors of the connections it closes, so that their ends reach the monitor.
 
 At start, ``reserve_descriptors`` makes sure the process may open ``max_connections`` plus
 ``FD_RESERVE`` descriptors (raising its soft limit when the hard one allows), so that connections

@@ -14,7 +14,7 @@ Every request and every reply is one ZeroMQ multipart message::
     error reply    {"v": PROTOCOL_VERSION, "id": int | nil, "ok": false, "code": str,
                     "message": str, "instance": str | nil}
 
-(the ROUTER socket of the server adds the peer's identity frame in front; that is the server's
+(the server's socket tells peers apart by an identity of its own; that is the server's
 business, not the protocol's). A reply carries the id of its request, or nil when the request was
 too broken for its id to be read. ``code`` is one of ``errors.ERRORS_BY_CODE``.
 

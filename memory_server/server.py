@@ -75,7 +75,8 @@ Security and limits
     ``max_bytes=`` on its token line; booked by the store per tenant prefix) with
     ``quota_exceeded``; connections past ``--max-connections``, or past
     ``--max-connections-per-host`` from one host, are shut down before their handshake
-    (``connections.py``), and ZeroMQ's frame cap applies before it too (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
+    (``connections.py``), and on a CURVE server ZeroMQ's frame cap applies before it too
+    (``max_frame_bytes``); what clients did wrong is logged at a bounded rate, clipped
     (``ratelog.py``); with ``--namespace-ttl`` a thread drops idle namespaces and a later
     request for one is told it expired.
 
@@ -125,7 +126,7 @@ from . import auth, connections, metrics, snapshot, tenants, zmtp
 from .errors import (ConfigMismatch, InvalidRequest, LimitExceeded, MemoryServerError,
                      ProtocolError, ServerUnavailable, SnapshotError, Unauthorized,
                      UnknownNamespace)
-from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES, MAX_HEADER_BYTES,
+from .protocol import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES,
                        MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Request, decode_request, encode_error,
                        encode_reply)
 from .ratelog import RateLimitedLog
@@ -321,20 +322,18 @@ authenticator and flags (33 bytes by the CurveZMQ RFC)."""
 
 
 def max_frame_bytes(config: ServerConfig) -> int:
-    """ZeroMQ's cap on one incoming frame (ZMQ_MAXMSGSIZE): a peer that announces a larger one
-    is disconnected at once, without a reply and before anything is allocated for the frame.
+    """ZeroMQ's cap on one incoming frame (ZMQ_MAXMSGSIZE) on a CURVE server's ROUTER: a peer
+    that announces a larger one is disconnected at once, without a reply and before anything is
+    allocated for the frame.
 
     ZeroMQ applies it from the first frame a connection sends, before the handshake, CURVE's
-    included (libzmq issue 4436). So on a CURVE server, whose peers are strangers until their
-    handshake, it is the largest frame a request may hold (``max_message_bytes``) plus CURVE's
-    framing: a stranger can make the server hold at most one such frame per connection, and for
-    at most ``connections.HANDSHAKE_MS``. On other servers (loopback, ipc, ``--insecure``) it is
-    twice that plus a header, so that a request somewhat too large is received and refused with
-    a reply that says so.
+    included (libzmq issue 4436), and a CURVE server's peers are strangers until their
+    handshake, so it is the largest frame a request may hold (``max_message_bytes``) plus
+    CURVE's framing: a stranger can make the server hold at most one such frame per connection,
+    and for at most ``connections.HANDSHAKE_MS``. (Other servers read frames themselves,
+    ``zmtp.py``.)
     """
-    if config.curve:
-        return config.max_message_bytes + CURVE_FRAME_BYTES
-    return min(2 * config.max_message_bytes + MAX_HEADER_BYTES, 2**63 - 1)
+    return config.max_message_bytes + CURVE_FRAME_BYTES
 
 
 def is_loopback(endpoint: str) -> bool:

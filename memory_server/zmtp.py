@@ -34,10 +34,14 @@ import zmq
 from .connections import HANDSHAKE_MS, shut_down
 from .protocol import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES
 
-GREETING = (b"\xff" + bytes(8) + b"\x7f"  # signature
-            + b"\x03\x01"  # version 3.1
-            + b"NULL".ljust(20, b"\0")  # mechanism
-            + b"\0" + bytes(31))  # as-server (unused by NULL), filler
+
+def greeting(mechanism: bytes = b"NULL") -> bytes:
+    """A ZMTP 3.1 greeting: signature, version, mechanism, as-server flag (unused by NULL),
+    filler."""
+    return b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + mechanism.ljust(20, b"\0") + bytes(32)
+
+
+GREETING = greeting()
 PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")
 """The socket types a ROUTER talks to (ZMTP 3.1, RFC 23)."""
 MAX_COMMAND_BYTES = 4096

@@ -19,6 +19,7 @@ from memory_server.cli import main
 from memory_server.connections import FD_RESERVE, host_of
 from memory_server.local import launch as local_launch
 from memory_server.protocol import PROTOCOL_VERSION, encode_request
+from memory_server.zmtp import greeting
 from servers import free_port, launch
 
 pytestmark = pytest.mark.timeout(120)
@@ -202,12 +203,6 @@ def test_the_default_cap_follows_a_low_open_file_limit():
     assert f"allows {400 - FD_RESERVE} connections, not 1024" in server.output()
 
 
-def _zmtp_greeting(mechanism: bytes) -> bytes:
-    """A ZMTP 3.0 client greeting: signature, version, mechanism, as-server flag, filler."""
-    return (b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + mechanism.ljust(20, b"\0")
-            + b"\0" + b"\0" * 31)
-
-
 def test_a_stranger_cannot_send_a_curve_server_a_large_frame_before_its_handshake(tmp_path):
     """ZeroMQ's frame cap applies before the handshake: on a CURVE server it is
     --max-message-bytes (plus CURVE's framing), so a stranger announcing a 30 MiB frame is cut
@@ -224,7 +219,7 @@ def test_a_stranger_cannot_send_a_curve_server_a_large_frame_before_its_handshak
         try:
             # A command frame (flags 0x06: command, 8-byte size) in place of HELLO.
             with pytest.raises(OSError):  # reset or broken pipe: the server closed it
-                sock.sendall(_zmtp_greeting(b"CURVE") + b"\x06" + struct.pack(">Q", frame)
+                sock.sendall(greeting(b"CURVE") + b"\x06" + struct.pack(">Q", frame)
                              + b"\0" * frame)
         finally:
             sock.close()

@@ -34,12 +34,23 @@ close that connection and the number to be reused within those microseconds, the
 hit the new holder: a socket (another connection, which then reconnects) or nothing (on a file
 or a pipe ``shutdown`` fails with ENOTSOCK and is ignored). The peer is read at the same moment,
 so the same reuse would count the connection against the new holder's host.
+
+``zmtp.py`` closes connections long after their accept (a handshake that did not finish, a
+peer that broke ZMTP or went silent), from the descriptor their connect notice carried. By then
+ZeroMQ may have closed that connection and given its number to another, whose notice is read
+later (the old one's end waits unread in the socket's queue), so it shuts a descriptor down only
+while it still holds the socket it held when the notice was read (``socket_id``: its inode, which
+no other open socket has); else the connection is gone already and nothing is shut down. A
+greeting that cannot be written at a connect notice means the connection is gone before its
+notice was read: it is forgotten, not shut down. What is left: a notice read only after its
+connection ended and its number went to another would remember the other's socket.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import resource
 import socket
 import struct
@@ -224,15 +235,30 @@ def host_of(address: str) -> str:
     return str(ip)
 
 
-def shut_down(fd: int) -> None:
-    """End the connection on ``fd`` without closing the descriptor, which ZeroMQ owns."""
+def socket_id(fd: int) -> tuple[int, int] | None:
+    """What tells the socket on ``fd`` from one given the same number later (its device and
+    inode); None when ``fd`` is not open."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def shut_down(fd: int, expected: tuple[int, int] | None = None) -> bool:
+    """End the connection on ``fd`` without closing the descriptor, which ZeroMQ owns; with
+    ``expected`` (its ``socket_id`` when it was that connection's), only if ``fd`` still holds
+    that socket. Returns whether it was shut down."""
+    if expected is not None and socket_id(fd) != expected:
+        return False  # closed by ZeroMQ and the number reused: not ours to end
     try:
         sock = socket.socket(fileno=fd)
     except OSError:  # not a socket (any more)
-        return
+        return False
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
-        pass
+        return False
     finally:
         sock.detach()
+    return True

@@ -271,18 +271,22 @@ def _unpack(frame: Frame, *, max_str_len: int, max_array_len: int, max_map_len: 
 
 
 def decode_request(frames: Sequence[Frame], *, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                   size: int | None = None) -> Request:
+                   size: int | None = None, count: int | None = None) -> Request:
     """Parse and check a request; raises ``ProtocolError`` (``MessageTooLarge`` for size).
 
-    ``size`` is the message's size when ``frames`` holds only its start (a message refused while
-    it arrived keeps its header, or nothing when that alone was too large). The error carries
-    the request's id whenever the header could be read that far.
+    ``size`` and ``count`` are the message's bytes and frames when ``frames`` holds only its
+    start (a message refused while it arrived keeps its header, or nothing when that alone was
+    too large). The error carries the request's id whenever the header could be read that far.
     """
     if size is None:
         size = sum(memoryview(f).nbytes for f in frames)
+    if count is None:
+        count = len(frames)
     if not frames:
         if size > max_message_bytes:
             raise _too_large(size, max_message_bytes)
+        if count > MAX_FRAMES:
+            raise _too_many_frames(count)
         raise ProtocolError("empty message: expected a msgpack header frame")
     head = frames[0]
     if memoryview(head).nbytes > MAX_HEADER_BYTES:
@@ -298,6 +302,8 @@ def decode_request(frames: Sequence[Frame], *, max_message_bytes: int = MAX_MESS
     version = _read_version(header)
     if size > max_message_bytes:
         raise _too_large(size, max_message_bytes, request_id, version)
+    if count > MAX_FRAMES:
+        raise _too_many_frames(count, request_id, version)
     try:
         _check_keys(header, ("v", "id", "op", "args", "arrays"), "request header",
                     optional=(_SESSION_FIELDS if version >= 2 else ())
@@ -326,6 +332,12 @@ def decode_request(frames: Sequence[Frame], *, max_message_bytes: int = MAX_MESS
         exc.request_id, exc.version = request_id, version
         raise
     return Request(request_id, op, args, arrays, header["v"], session, seq, token)
+
+
+def _too_many_frames(count: int, request_id: int | None = None,
+                     version: int | None = None) -> ProtocolError:
+    return ProtocolError(f"message of {count} frames: a request is a header and at most "
+                         f"{MAX_FRAMES - 1} array frames", request_id, version)
 
 
 def _too_large(size: int, max_message_bytes: int, request_id: int | None = None,

@@ -561,21 +561,15 @@ class Server:
                 frames, count = self._recv_message()
             except zmq.Again:
                 return
-            identity = frames[0].bytes
-            if count > MAX_FRAMES:
-                self._refuse_frames(identity, count)
-                continue
-            self._accept_safely(identity, frames[1:], time.monotonic())
+            self._accept_safely(frames[0].bytes, frames[1:], time.monotonic(), count=count)
 
     def _receive_stream(self) -> None:
         cfg = self.config
         room = max(1, min(_RECV_BATCH, cfg.max_pending - len(self._pending)))
         for message in self._zmtp.receive(room):
-            if message.count > MAX_FRAMES:
-                self._refuse_frames(message.identity, message.count)
-            else:  # whole, or refused for its size: then decode_request says so, with its id
-                self._accept_safely(message.identity, message.frames, time.monotonic(),
-                                    message.size)
+            # Whole, or refused for its size or frames: then decode_request says so, with its id.
+            self._accept_safely(message.identity, message.frames, time.monotonic(),
+                                message.size, message.count)
         while self._zmtp.buffered and \
                 self._held_total + self._zmtp.buffered > cfg.max_inflight_bytes:
             kept = self._zmtp.close_largest()
@@ -584,17 +578,10 @@ class Server:
                              "max_inflight_bytes=%d (--max-inflight-bytes)", kept,
                              cfg.max_inflight_bytes)
 
-    def _refuse_frames(self, identity: bytes, count: int) -> None:
-        self._rejections("rejected a message of %d frames (at most %d)", count, MAX_FRAMES)
-        self._send(identity, self._error(
-            None, ProtocolError.code, f"message of {count} frames: a request is a header "
-            f"and at most {MAX_FRAMES - 1} array frames"))
-        self._metrics.record("malformed", time.monotonic(), ok=False)
-
     def _accept_safely(self, identity: bytes, body: list, received: float,
-                       size: int | None = None) -> None:
+                       size: int | None = None, count: int | None = None) -> None:
         try:
-            self._accept(identity, body, received, size)
+            self._accept(identity, body, received, size, count)
         except Exception as exc:  # a bug, not bad input: answer and keep serving
             log.exception("internal error accepting a request")
             self._send(identity, self._error(None, "internal", f"internal server error: {exc!r}"))
@@ -620,10 +607,10 @@ class Server:
         return frames, count
 
     def _accept(self, identity: bytes, body: list, received: float,
-                size: int | None = None) -> None:
+                size: int | None = None, count: int | None = None) -> None:
         try:
             request = decode_request(body, max_message_bytes=self.config.max_message_bytes,
-                                     size=size)
+                                     size=size, count=count)
         except ProtocolError as exc:
             self._rejections("rejected a malformed request (id %s): %s", exc.request_id,
                              exc.message)

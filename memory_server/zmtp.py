@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from .connections import HANDSHAKE_MS, shut_down
+from .connections import HANDSHAKE_MS, shut_down, socket_id
 from .protocol import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_FRAMES
 
 
@@ -113,11 +113,12 @@ class ProtocolViolation(Exception):
 
 
 class _Peer:
-    __slots__ = ("fd", "stage", "head", "header_size", "flags", "body", "need", "frames",
+    __slots__ = ("fd", "socket_id", "stage", "head", "header_size", "flags", "body", "need", "frames",
                  "count", "size", "refused", "heard", "since")
 
     def __init__(self, now: float, fd: int = -1):
         self.fd = fd  # the connection's descriptor (ZeroMQ's), -1 if unknown
+        self.socket_id = socket_id(fd) if fd >= 0 else None  # the socket fd holds for it
         self.stage = _GREETING
         self.head = bytearray()  # the greeting or a frame header being read
         self.header_size = len(GREETING)  # bytes head must reach
@@ -242,14 +243,15 @@ class ZmtpStream:
     def close(self, identity: bytes) -> None:
         """Close a connection. Its descriptor is shut down, so that ZeroMQ sees it end as if
         the peer had closed it and the connection caps (``connections.py``, from the socket
-        monitor, which a close asked of the STREAM socket does not reach) count it gone."""
+        monitor, which a close asked of the STREAM socket does not reach) count it gone; when
+        that descriptor holds another socket by now, the connection is gone already."""
         peer = self._peers.get(identity)
         self._forget(identity)
         self._closed[identity] = None
         if len(self._closed) > CLOSED_REMEMBERED:
             self._closed.popitem(last=False)
-        if peer is not None and peer.fd >= 0:
-            shut_down(peer.fd)
+        if peer is not None and peer.socket_id is not None \
+                and shut_down(peer.fd, peer.socket_id):
             return
         try:
             self.sock.send_multipart([identity, b""], zmq.NOBLOCK)
@@ -267,8 +269,8 @@ class ZmtpStream:
     def _connect(self, identity: bytes, now: float, fd: int) -> None:
         self._peers[identity] = _Peer(now, fd)
         try:
-            self._write(identity, [GREETING + ready(b"ROUTER")])
-        except zmq.ZMQError:
+            self.sock.send_multipart([identity, GREETING + ready(b"ROUTER")], zmq.NOBLOCK)
+        except zmq.ZMQError:  # gone before its notice was read: its descriptor may be another's
             self._forget(identity)
 
     def _forget(self, identity: bytes) -> None:

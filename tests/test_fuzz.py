@@ -3,18 +3,25 @@
 100,000 generated malformed requests. Every request is broken on purpose (so none may change
 anything): random bytes, truncated headers, a wrong type in each header field and each argument,
 missing and extra fields, bad array specs, huge declared shapes, frame-count and frame-size
-mismatches, oversized messages, and well-formed requests with out-of-range values. Requests are
-pipelined in windows; each must get an error reply within a bounded wait, the server must stay
-up, and every memory (stats and the full search results of a pre-filled namespace) must be the
-same before and after.
+mismatches, messages of many frames, oversized messages, well-formed requests with out-of-range
+values, well-formed requests refused for what they would cost (a huge k, a reply past the message
+limit, new memories past --max-bytes, repeated layers, configs past their caps), and snapshots and
+restores that must fail (unknown names, bad tags, corrupt, renamed, refused or too-large
+snapshots). Requests are pipelined in windows; each must get an error reply within a bounded
+wait, carrying its request's id whenever its header has a readable one (and nil otherwise), the
+server must stay up, and every memory (stats and the full search results of a pre-filled
+namespace) must be the same before and after.
 
 10,000 random namespace configs, by ``open`` and by ``restore`` of a snapshot holding them: each
 is refused with a clean error or works for an add and a search. The server is the child process
 that would crash (hnsw_m=1 once made faiss segfault), so a crash fails the test with its output.
 """
 
+import itertools
 import random
 import time
+from collections import Counter
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -23,7 +30,9 @@ import zmq
 
 from memory_server import MemoryClient, NamespaceConfig
 from memory_server.errors import ERRORS_BY_CODE
-from memory_server.protocol import OPS, PROTOCOL_VERSION, decode_reply, encode_request
+from memory_server.protocol import (MAX_HEADER_BYTES, MAX_HEADER_ITEMS, OPS, PROTOCOL_VERSION,
+                                    decode_reply, encode_request)
+from memory_server.snapshot import snapshot_path
 from snapshots import forge_snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -34,6 +43,11 @@ REPLY_TIMEOUT_MS = 10_000
 MAX_MESSAGE = 64 << 10
 NS = "fuzz"
 CONFIG = NamespaceConfig(dim=8, max_memories=32, num_layers=2, num_rows=4)
+WIDE_NS = "wide"  # rows enough for an add that creates more memories than --max-bytes holds
+WIDE = NamespaceConfig(dim=1, max_memories=16, num_layers=1, num_rows=1 << 17)
+MAX_BYTES = 1 << 20
+K_CAP = 2048  # the documented cap on k (README, Limits)
+BROKEN_SNAPSHOTS = ["flipped", "truncated", "renamed", "refused-config", "other-dim", "too-large"]
 
 # Values of each wire type, to put where another type belongs.
 VALUES = {
@@ -60,6 +74,7 @@ class Fuzzer:
         self.rng = random.Random(seed)
         self.np = np.random.default_rng(seed)
         self.kinds = [getattr(self, name) for name in dir(self) if name.startswith("k_")]
+        self.ids = itertools.count(1)  # unique, so that each reply can be matched to its request
 
     def request(self) -> tuple[str, list[bytes]]:
         if self.rng.random() < 0.0005:
@@ -85,9 +100,13 @@ class Fuzzer:
         elif op == "clear" and self.rng.random() < 0.5:
             args["layers"] = [0]
         specs = [[name, a.dtype.name, list(a.shape)] for name, a in arrays.items()]
-        header = {"v": PROTOCOL_VERSION, "id": self.rng.randrange(1 << 32), "op": op,
-                  "args": args, "arrays": specs}
+        header = {"v": PROTOCOL_VERSION, "id": next(self.ids), "op": op, "args": args,
+                  "arrays": specs}
         return header, [a.tobytes() for a in arrays.values()]
+
+    def message(self, op: str, args: dict, arrays: dict | None = None) -> list[bytes]:
+        """A well-formed request (whatever its values ask for)."""
+        return [bytes(f) for f in encode_request(next(self.ids), op, args, arrays)]
 
     def wrong(self, expected: str):
         return VALUES[self.rng.choice(WRONG_FOR[expected])]
@@ -157,8 +176,8 @@ class Fuzzer:
 
     def k_args_on_argless_ops(self):
         op = self.rng.choice(["ping", "stats", "shutdown"])
-        header = {"v": PROTOCOL_VERSION, "id": 1, "op": op, "args": {"namespace": NS},
-                  "arrays": []}
+        header = {"v": PROTOCOL_VERSION, "id": next(self.ids), "op": op,
+                  "args": {"namespace": NS}, "arrays": []}
         if self.rng.random() < 0.5:  # or an array it does not take
             header["args"] = {}
             header["arrays"] = [["rows", "int64", [1]]]
@@ -260,10 +279,10 @@ class Fuzzer:
         elif choice == 2:
             config["dim"] = CONFIG.dim * 2  # the namespace exists with another config
         else:
-            header = {"v": PROTOCOL_VERSION, "id": 3, "op": "drop",
+            header = {"v": PROTOCOL_VERSION, "id": next(self.ids), "op": "drop",
                       "args": {"namespace": "never-opened"}, "arrays": []}
             return [self.pack(header)]
-        header = {"v": PROTOCOL_VERSION, "id": 2, "op": "open",
+        header = {"v": PROTOCOL_VERSION, "id": next(self.ids), "op": "open",
                   "args": {"namespace": NS, "config": config}, "arrays": []}
         return [self.pack(header)]
 
@@ -282,8 +301,54 @@ class Fuzzer:
             return [self.pack({1: 2, 3: 4})]
         if choice == 2:  # an ext type, and a declared length past the end
             return [self.rng.choice([b"\xd4\x01\x00", b"\xdb\xff\xff\xff\xff", b"\xdd\x00\x01"])]
-        return [self.pack({"v": 1, "id": 1, "op": "search", "args": {"namespace": "a" * 70000},
-                           "arrays": []})]
+        return [self.pack({"v": 1, "id": next(self.ids), "op": "search",
+                           "args": {"namespace": "a" * 70000}, "arrays": []})]
+
+    def k_many_frames(self):
+        """More frames than any request has (a header and 16 arrays): skipped as they come."""
+        header, frames = self.valid()
+        count = 10**5 if self.rng.random() < 0.003 else self.rng.choice([18, 19, 64, 1000])
+        return [self.pack(header), *frames, *[b""] * (count - 1 - len(frames))]
+
+    def k_expensive(self):
+        """Well formed, and refused for what it would cost before any of it is spent."""
+        choice = self.rng.randrange(5)
+        rows = np.arange(CONFIG.num_rows)
+        if choice == 0:  # k far past MAX_K
+            header, frames = self.valid("search")
+            header["args"]["k"] = self.rng.choice([K_CAP + 1, 2**26, 2**40])
+            return [self.pack(header), *frames]
+        if choice == 1:  # a reply (rows x queries x k) larger than --max-message-bytes
+            queries = self.np.standard_normal((CONFIG.num_rows, 128, CONFIG.dim),
+                                              dtype=np.float32)
+            return self.message("search", {"namespace": NS, "layer": 0,
+                                           "k": CONFIG.max_memories},
+                                {"rows": rows, "queries": queries})
+        if choice == 2:  # 2,000 new memories, past --max-bytes
+            new = np.array(self.rng.sample(range(WIDE.num_rows), 2000))
+            keys = self.np.standard_normal((len(new), 1, WIDE.dim), dtype=np.float32)
+            return self.message("add", {"namespace": WIDE_NS, "layer": 0},
+                                {"rows": new, "keys": keys, "values": keys})
+        if choice == 3:  # a layer named many times
+            layers = [0] * self.rng.choice([2, 100, MAX_HEADER_ITEMS])
+            return self.message("clear", {"namespace": NS, "layers": layers}, {"rows": rows})
+        field = self.rng.choice(["dim", "max_memories", "num_layers", "num_rows", "hnsw_m",
+                                 "hnsw_segments", "ef_search", "nlist"])
+        config = CONFIG.to_dict() | {field: self.rng.choice([10**15, 2**40, 2**63 - 1])}
+        return self.message("open", {"namespace": "huge", "config": config})
+
+    def k_snapshot_or_restore(self):
+        """Snapshots that cannot be taken, snapshots that must not be restored."""
+        choice = self.rng.randrange(4)
+        if choice == 0:
+            return self.message(self.rng.choice(["snapshot", "restore"]),
+                                {"namespace": "never-opened", "tag": "t"})
+        if choice == 1:
+            tag = self.rng.choice(["", "../up", "a/b", "x" * 300, "t\x00", ".", "t@u"])
+            return self.message(self.rng.choice(["snapshot", "restore"]),
+                                {"namespace": NS, "tag": tag})
+        tag = "missing" if choice == 2 else self.rng.choice(BROKEN_SNAPSHOTS)
+        return self.message("restore", {"namespace": NS, "tag": tag})
 
     def oversized(self):
         header, frames = self.valid("add")
@@ -304,27 +369,69 @@ def fingerprint(client: MemoryClient) -> tuple:
     return totals, found
 
 
-def test_100k_malformed_requests_all_answered_and_nothing_changes(memory_server):
-    (server,) = memory_server(1, "--max-message-bytes", str(MAX_MESSAGE), "--log-level", "WARNING")
+def readable_id(header: bytes) -> int | None:
+    """The id a reply must carry, by the protocol's rule: a header frame of at most
+    MAX_HEADER_BYTES that is a msgpack map within the header limits, with an integer id in
+    [0, 2**64); None (nil) for any other."""
+    if len(header) > MAX_HEADER_BYTES:
+        return None
+    try:
+        value = msgpack.unpackb(header, raw=False, strict_map_key=True, max_ext_len=0,
+                                max_array_len=MAX_HEADER_ITEMS, max_map_len=256)
+    except Exception:  # anything msgpack refuses: no id to read
+        return None
+    request_id = value.get("id") if isinstance(value, dict) else None
+    ok = type(request_id) is int and 0 <= request_id < 1 << 64
+    return request_id if ok else None
+
+
+def break_snapshots(data_dir, client: MemoryClient) -> None:
+    """Snapshots of NS that a restore must refuse whole, leaving NS as it was."""
+    (written,) = client.snapshot(NS, "good")
+    good = Path(written["path"]).read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    for tag, data in (("flipped", bytes(flipped)), ("truncated", good[: len(good) // 2]),
+                      ("renamed", good)):  # its header names another tag
+        snapshot_path(data_dir, NS, tag).write_bytes(data)
+    forge_snapshot(data_dir, NS, "refused-config", CONFIG.to_dict() | {"index": "hnsw",
+                                                                       "hnsw_m": 1})
+    forge_snapshot(data_dir, NS, "other-dim", CONFIG.to_dict() | {"dim": CONFIG.dim * 2})
+    rows, keys = 600, np.ones((CONFIG.max_memories, CONFIG.dim), np.float32)
+    wide = CONFIG.to_dict() | {"num_rows": rows}  # 600 memories of 32 entries: over MAX_BYTES
+    forge_snapshot(data_dir, NS, "too-large", wide,
+                   [(0, row, CONFIG.max_memories, keys, keys) for row in range(rows)])
+
+
+def test_100k_malformed_requests_all_answered_and_nothing_changes(memory_server, tmp_path):
+    (server,) = memory_server(1, "--max-message-bytes", str(MAX_MESSAGE), "--max-bytes",
+                              str(MAX_BYTES), "--data-dir", str(tmp_path), "--log-level",
+                              "WARNING")
     rng = np.random.default_rng(0)
     with MemoryClient(server.endpoint, timeout=20) as client:
         client.open(NS, CONFIG)
+        client.open(WIDE_NS, WIDE)
         for layer in range(CONFIG.num_layers):
             keys = rng.standard_normal((CONFIG.num_rows, 40, CONFIG.dim), dtype=np.float32)
             client.add(NS, layer, np.arange(CONFIG.num_rows), keys, -keys)
+        break_snapshots(tmp_path, client)
         before = fingerprint(client)
 
         fuzzer = Fuzzer(seed=1234)
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(server.endpoint)
-        codes: dict[str, int] = {}
+        codes: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
         try:
             sent = 0
             while sent < REQUESTS:
                 window = [fuzzer.request() for _ in range(min(WINDOW, REQUESTS - sent))]
-                for _, frames in window:
+                ids = [readable_id(frames[0]) for _, frames in window]
+                answered: Counter[int | None] = Counter()
+                for kind, frames in window:
                     sock.send_multipart(frames)
+                    kinds[kind] += 1
                 for i in range(len(window)):
                     assert sock.poll(REPLY_TIMEOUT_MS), (
                         f"no reply within {REPLY_TIMEOUT_MS} ms after {sent + i} replies; this "
@@ -333,22 +440,31 @@ def test_100k_malformed_requests_all_answered_and_nothing_changes(memory_server)
                     reply = decode_reply(sock.recv_multipart())
                     assert not reply.ok and reply.code in ERRORS_BY_CODE, reply
                     assert reply.code != "internal", reply.message
-                    codes[reply.code] = codes.get(reply.code, 0) + 1
+                    codes[reply.code] += 1
+                    answered[reply.id] += 1
+                # Each request answered once, under its own id (or nil when it had none).
+                expected = Counter(ids)
+                unanswered = [(kind, i) for (kind, _), i in zip(window, ids)
+                              if i in expected - answered]
+                assert answered == expected, (f"replies under ids not sent, or too many: "
+                                              f"{dict(answered - expected)}; unanswered "
+                                              f"(kind, id): {unanswered[:10]}")
                 sent += len(window)
         finally:
             sock.close()
 
         assert server.proc.poll() is None, server.output()[-3000:]
-        assert sum(codes.values()) == REQUESTS
-        assert {"protocol_error", "invalid_request", "unknown_namespace",
-                "config_mismatch", "limit_exceeded"} <= set(codes), codes
+        assert codes.total() == REQUESTS
+        assert {"protocol_error", "invalid_request", "unknown_namespace", "config_mismatch",
+                "limit_exceeded", "snapshot_error"} <= set(codes), codes
+        assert min(kinds[k.__name__[2:]] for k in fuzzer.kinds) > REQUESTS // (
+            2 * len(fuzzer.kinds)), kinds
         assert fingerprint(client) == before
         assert client.stats()[0]["requests"]["malformed"]["count"] >= REQUESTS // 2
 
 
 CONFIGS = 10_000
 RESTORE_EVERY = 10  # every tenth config comes in by restore instead of open
-K_CAP = 2048  # the documented cap on k (README, Limits)
 # Typical valid values of each integer field, then edges and values of other types.
 TYPICAL = {"dim": (1, 65), "max_memories": (1, 500), "num_layers": (1, 5), "num_rows": (1, 9),
            "hnsw_m": (2, 49), "hnsw_segments": (1, 9), "ef_search": (1, 257),

@@ -171,7 +171,7 @@ def test_a_message_of_too_many_frames_is_refused_and_the_server_lives(memory_ser
         reply = decode_reply(sock.recv_multipart())
     finally:
         sock.close()
-    assert (reply.ok, reply.code) == (False, "protocol_error")
+    assert (reply.ok, reply.code, reply.id) == (False, "protocol_error", 7)
     assert "message of 100001 frames: a request is a header and at most 16 array frames" \
         in reply.message
     with MemoryClient(server.endpoint, timeout=10) as client:

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memory_server.errors import LimitExceeded, ProtocolError
-from memory_server.protocol import (DTYPES, MAX_HEADER_BYTES, PROTOCOL_VERSION, MessageTooLarge,
-                                    decode_reply, decode_request, encode_error, encode_reply,
-                                    encode_request)
+from memory_server.protocol import (DTYPES, MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION,
+                                    MessageTooLarge, decode_reply, decode_request, encode_error,
+                                    encode_reply, encode_request)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -180,6 +180,17 @@ def test_message_over_the_limit_is_refused_with_its_id():
         decode_request(frames, max_message_bytes=size - 1)
     assert isinstance(info.value, LimitExceeded) and info.value.code == "limit_exceeded"
     assert info.value.request_id == 7
+
+
+def test_message_of_too_many_frames_is_refused_with_its_id():
+    """A message refused as it arrived keeps only its header; its frame count says the rest."""
+    frames = _bytes(_add_frames())
+    with pytest.raises(ProtocolError, match="message of 18 frames") as info:
+        decode_request(frames[:1], size=sum(len(f) for f in frames), count=MAX_FRAMES + 1)
+    assert (info.value.code, info.value.request_id) == ("protocol_error", 7)
+    with pytest.raises(ProtocolError, match="message of 18 frames") as info:
+        decode_request([], size=0, count=MAX_FRAMES + 1)  # no header kept: no id
+    assert info.value.request_id is None
 
 
 def test_clear_layers_is_optional_but_typed():

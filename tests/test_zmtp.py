@@ -3,6 +3,7 @@ none of what is refused is kept, peers that break ZMTP or fall silent are closed
 still arriving are bounded by ``--max-inflight-bytes``, and the frames of any byte stream cut
 anywhere are the frames sent."""
 
+import os
 import socket
 import struct
 import threading
@@ -14,10 +15,10 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memory_server import MemoryClient
-from memory_server.protocol import decode_reply, encode_request
-from memory_server.zmtp import (_OPEN, GREETING, ZmtpStream, _Peer, command, frame_header,
-                                 greeting, ready)
+from memory_server import MemoryClient, zmtp
+from memory_server.protocol import HEARTBEAT_IVL_MS, decode_reply, encode_request
+from memory_server.zmtp import (_OPEN, GREETING, SMALL_FRAME, ZmtpStream, _Peer, command,
+                                 frame_header, greeting, ready)
 from servers import peak_over
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,6 +191,72 @@ def test_messages_still_arriving_count_against_the_inflight_budget(memory_server
         for sock in peers:
             sock.close()
     assert "--max-inflight-bytes" in server.output()
+
+
+def _sockets_held() -> dict[int, str]:
+    """This process's socket descriptors, and the socket each holds (``socket:[inode]``)."""
+    held = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:"):
+            held[int(name)] = link
+    return held
+
+
+def _until(condition, what: str, wait: float = 10.0):
+    deadline = time.monotonic() + wait
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return value
+
+
+def test_a_close_spares_the_connection_that_took_the_descriptor_since(monkeypatch):
+    """A connection gone while its end waits unread may have had its descriptor given to a new
+    one; closing the old one must not end the new (shut down by number, it did: a connection of
+    another host was dropped now and then)."""
+    monkeypatch.setattr(zmtp, "HANDSHAKE_MS", 100)
+    sock = zmq.Context.instance().socket(zmq.STREAM)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    stream = ZmtpStream(sock, MiB, on_violation=lambda *args: None)
+    first, *others = peers = [socket.socket() for _ in range(8)]  # numbered now, not later
+    zmq.Frame(bytes(SMALL_FRAME), copy=False, track=True)  # pyzmq's own sockets made now too
+    try:
+        before = _sockets_held()
+        first.connect(("127.0.0.1", port))
+        ((fd, old),) = _until(lambda: set(_sockets_held().items()) - set(before.items()),
+                              "the server's accept")
+        first.settimeout(0.05)
+
+        def greeted() -> bool:
+            stream.receive(10)  # reads the connect notice, remembering fd
+            try:
+                return bool(first.recv(len(GREETING)))
+            except TimeoutError:
+                return False
+        _until(greeted, "the server's greeting")
+        first.shutdown(socket.SHUT_RDWR)  # ZeroMQ closes fd; the end of this waits unread
+        _until(lambda: _sockets_held().get(fd) != old, "ZeroMQ to close the descriptor")
+        for second in others:  # until the server's accept takes fd (it may take a lower one)
+            second.connect(("127.0.0.1", port))
+            time.sleep(0.2)  # not reading /proc meanwhile: its own descriptor could take fd
+            if _sockets_held().get(fd) not in (None, old):
+                break
+        else:
+            pytest.fail(f"no new connection was given descriptor {fd}")
+        time.sleep(HEARTBEAT_IVL_MS / 1000 + 0.1)
+        stream.tick(reading=True)  # closes the first: its handshake is overdue
+        second.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # open, and silent (its notice is unread)
+            second.recv(1)
+    finally:
+        for peer in peers:
+            peer.close()
+        sock.close()
 
 
 def _encoded(messages: list[list[bytes]]) -> bytes:

@@ -113,8 +113,8 @@ class ProtocolViolation(Exception):
 
 
 class _Peer:
-    __slots__ = ("fd", "socket_id", "stage", "head", "header_size", "flags", "body", "need", "frames",
-                 "count", "size", "refused", "heard", "since")
+    __slots__ = ("fd", "socket_id", "stage", "head", "header_size", "flags", "body", "need",
+                 "frames", "count", "size", "refused", "heard", "since")
 
     def __init__(self, now: float, fd: int = -1):
         self.fd = fd  # the connection's descriptor (ZeroMQ's), -1 if unknown
